@@ -1,0 +1,54 @@
+//! `GET /write-checkpoint2.json`: record the source's current WAL head for this user/client,
+//! then emit a marker so replication produces a checkpoint past it even on an idle source.
+
+use crate::error::ServiceError;
+use crate::server::AppState;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use ferrosync_storage::SyncStorage;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+pub struct WriteCheckpointQuery {
+    client_id: Option<String>,
+}
+
+/// `<sub>/<client_id>`, or `<sub>` without a client id (protocol spec §8).
+pub fn user_key(sub: &str, client_id: Option<&str>) -> String {
+    match client_id {
+        Some(c) if !c.is_empty() => format!("{sub}/{c}"),
+        _ => sub.to_string(),
+    }
+}
+
+pub async fn write_checkpoint(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<WriteCheckpointQuery>,
+) -> Result<Json<serde_json::Value>, ServiceError> {
+    let auth = state
+        .keys
+        .verify_authorization(headers.get("authorization").and_then(|h| h.to_str().ok()))
+        .await?;
+    let source = state
+        .source
+        .as_ref()
+        .ok_or_else(|| ServiceError::new("PSYNC_S2302", 500, "No replication source is configured"))?;
+    let head = ferrosync_source::setup::current_lsn(source)
+        .await
+        .map_err(|e| ServiceError::internal(e.to_string()))?;
+    let key = user_key(&auth.user_id, query.client_id.as_deref());
+    let id = state
+        .hub
+        .storage()
+        .create_write_checkpoint(&key, head.0)
+        .await
+        .map_err(|e| ServiceError::internal(e.to_string()))?;
+    ferrosync_source::setup::emit_ping(source)
+        .await
+        .map_err(|e| ServiceError::internal(e.to_string()))?;
+    Ok(Json(json!({ "data": { "write_checkpoint": id.to_string() } })))
+}

@@ -1,0 +1,9 @@
+//! HTTP API: sync stream, write checkpoints, probes, auth.
+pub mod auth;
+pub mod checkpoint;
+pub mod error;
+pub mod probes;
+pub mod server;
+pub mod stream;
+
+pub use server::{router, AppState};

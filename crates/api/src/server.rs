@@ -1,0 +1,56 @@
+//! The HTTP server: routes, shared state, CORS, and the PowerSync error envelope for unknown routes.
+
+use crate::auth::KeyStore;
+use crate::error::ServiceError;
+use crate::{checkpoint, probes, stream};
+use axum::http::{header, HeaderName, Method};
+use axum::routing::{get, post};
+use axum::Router;
+use ferrosync_storage::PgStorage;
+use ferrosync_sync::{CheckpointHub, Limits};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tower_http::cors::{Any, CorsLayer};
+
+/// Source access the API needs: reading the WAL head and nudging replication for write checkpoints.
+pub type SourceClient = tokio_postgres::Client;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub hub: Arc<CheckpointHub<PgStorage>>,
+    pub keys: Arc<KeyStore>,
+    pub source: Option<SourceClient>,
+    pub limits: Limits,
+    /// One permit per open sync stream (`max_concurrent_connections`).
+    pub connections: Arc<Semaphore>,
+    pub probes: probes::ProbeState,
+}
+
+/// The router with every route and CORS for browser SDKs.
+pub fn router(state: Arc<AppState>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::USER_AGENT,
+            HeaderName::from_static("x-user-agent"),
+        ])
+        .expose_headers([header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(3600));
+    Router::new()
+        .route("/sync/stream", post(stream::sync_stream))
+        .route("/write-checkpoint2.json", get(checkpoint::write_checkpoint))
+        .route("/probes/liveness", get(probes::liveness))
+        .route("/probes/startup", get(probes::startup))
+        .route("/probes/readiness", get(probes::readiness))
+        .fallback(not_found)
+        .layer(cors)
+        .with_state(state)
+}
+
+async fn not_found() -> ServiceError {
+    ServiceError::new("PSYNC_S2002", 404, "Route not found")
+}

@@ -1,0 +1,127 @@
+//! `POST /sync/stream`: validate, authenticate, negotiate NDJSON vs BSON, then stream lines
+//! produced by the sync layer.
+
+use crate::checkpoint::user_key;
+use crate::error::ServiceError;
+use crate::server::AppState;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use ferrosync_rules::RequestParameters;
+use ferrosync_sync::{run_connection, ConnectionRequest, LineFormat};
+use serde::Deserialize;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// The request body (protocol spec §2.3); unknown fields are ignored.
+#[derive(Deserialize)]
+pub struct StreamingSyncRequest {
+    #[serde(default)]
+    pub buckets: Option<Vec<BucketRequest>>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+pub struct BucketRequest {
+    pub name: String,
+    pub after: String,
+}
+
+/// Pick BSON only when the client prefers it over NDJSON (by q-value); NDJSON otherwise.
+pub fn negotiate(accept: Option<&str>) -> LineFormat {
+    let Some(accept) = accept else { return LineFormat::Ndjson };
+    let q = |mime: &str| {
+        accept
+            .split(',')
+            .filter_map(|part| {
+                let mut pieces = part.split(';').map(str::trim);
+                (pieces.next()? == mime).then(|| pieces.find_map(|p| p.strip_prefix("q=")?.parse::<f32>().ok()).unwrap_or(1.0))
+            })
+            .fold(None, |best: Option<f32>, q| Some(best.map_or(q, |b| b.max(q))))
+    };
+    match (q(LineFormat::Bson.content_type()), q(LineFormat::Ndjson.content_type())) {
+        (Some(b), Some(n)) if b > n => LineFormat::Bson,
+        (Some(_), None) => LineFormat::Bson,
+        _ => LineFormat::Ndjson,
+    }
+}
+
+pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ServiceError> {
+    let request: StreamingSyncRequest =
+        serde_json::from_slice(&body).map_err(|e| ServiceError::validation(format!("invalid sync request body: {e}")))?;
+    let mut buckets = Vec::new();
+    for b in request.buckets.unwrap_or_default() {
+        let after = b
+            .after
+            .parse::<i64>()
+            .map_err(|_| ServiceError::validation(format!("bucket {:?}: after must be a decimal op id", b.name)))?;
+        buckets.push((b.name, after));
+    }
+    if let Some(p) = &request.parameters {
+        if !p.is_object() && !p.is_null() {
+            return Err(ServiceError::validation("parameters must be an object"));
+        }
+    }
+    let auth = state
+        .keys
+        .verify_authorization(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
+        .await?;
+    let permit = state
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ServiceError::new("PSYNC_S2304", 429, "Maximum active concurrent connections reached"))?;
+    if state.hub.subscribe().borrow().is_none() {
+        tracing::debug!("no active sync config yet; client waits for the first checkpoint");
+    }
+    let format = negotiate(headers.get(header::ACCEPT).and_then(|h| h.to_str().ok()));
+    let req = ConnectionRequest {
+        user_key: user_key(&auth.user_id, request.client_id.as_deref()),
+        parameters: RequestParameters::new(auth.payload.clone(), request.parameters.filter(|p| !p.is_null())),
+        buckets,
+        expires_at: auth.expires_at,
+        format,
+        keepalive_lines: true,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let hub = state.hub.clone();
+    let limits = state.limits;
+    let user = auth.user_id.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = run_connection(hub, req, limits, tx).await {
+            tracing::warn!(user = %user, error = %e, "sync stream ended with an error");
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        let sdk = "application/vnd.powersync.bson-stream;q=0.9,application/x-ndjson;q=0.8";
+        assert_eq!(negotiate(Some(sdk)), LineFormat::Bson);
+        assert_eq!(negotiate(Some("application/x-ndjson")), LineFormat::Ndjson);
+        assert_eq!(negotiate(None), LineFormat::Ndjson);
+        assert_eq!(
+            negotiate(Some("application/vnd.powersync.bson-stream;q=0.5,application/x-ndjson")),
+            LineFormat::Ndjson
+        );
+        assert_eq!(negotiate(Some("*/*")), LineFormat::Ndjson);
+    }
+}

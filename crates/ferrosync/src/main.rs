@@ -1,0 +1,79 @@
+//! `ferrosync`: a PowerSync-compatible sync service.
+//!
+//! Subcommands: `serve` (replication + sync API), `validate` (config and sync rules),
+//! `migrate` (storage schema), `demo` (a local Postgres with a sample todo app, then serve).
+
+mod demo;
+mod replicator;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ferrosync", version, about = "PowerSync-compatible sync service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run replication and the sync API.
+    Serve {
+        /// PowerSync service config (YAML or JSON).
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
+        /// Override the listen address (default: `bind_address` from config, else 0.0.0.0).
+        #[arg(long)]
+        bind: Option<String>,
+    },
+    /// Check the config file and its sync rules, print problems, exit non-zero on errors.
+    Validate {
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
+    },
+    /// Apply storage schema migrations and exit.
+    Migrate {
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
+    },
+    /// Start a local Postgres with a sample todo database (in `--dir`) and serve it.
+    Demo {
+        #[arg(long, default_value = ".ferrosync-demo")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config, bind } => serve::serve(&config, bind).await,
+            Command::Validate { config } => serve::validate(&config),
+            Command::Migrate { config } => serve::migrate(&config).await,
+            Command::Demo { dir, port } => demo::run(&dir, port).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

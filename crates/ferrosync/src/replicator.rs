@@ -1,0 +1,346 @@
+//! The replication pipeline: source (snapshot + pgoutput) -> rules -> storage.
+//!
+//! One replicator per sync config, guarded by a lease in storage. Storage writes are batched
+//! across source transactions: every event already decoded is applied before one flush and
+//! one checkpoint, and the LSN is acknowledged to Postgres only after that commit returns.
+
+use anyhow::{bail, Context, Result};
+use ferrosync_config::PostgresConnectionConfig;
+use ferrosync_rules::{SyncRules, SyncRulesOptions};
+use ferrosync_source::relation::RelationInfo;
+use ferrosync_source::setup;
+use ferrosync_source::snapshot::{copy_table, estimate_rows};
+use ferrosync_source::{ChangeStream, Lsn, SourceEvent, SourceRow, StreamOptions};
+use ferrosync_storage::streams;
+use ferrosync_storage::{BucketWriter, RecordOp, TableHandle};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Rows per snapshot chunk (one storage flush and one progress save each).
+const SNAPSHOT_CHUNK: usize = 10_000;
+/// Records applied from already-decoded events before forcing a commit.
+const MAX_BATCH_RECORDS: usize = 50_000;
+
+/// What the replicator needs from the config.
+#[derive(Clone)]
+pub struct ReplicatorConfig {
+    pub source: PostgresConnectionConfig,
+    pub storage_conn: String,
+    pub rules_content: String,
+    pub rules_options: SyncRulesOptions,
+    pub owner: String,
+}
+
+/// Run forever, restarting after errors with a delay that depends on the error.
+pub async fn run(config: ReplicatorConfig) {
+    loop {
+        match replicate(&config).await {
+            Ok(()) => return,
+            Err(e) => {
+                let delay = if format!("{e:#}").contains("locked by another process") {
+                    5
+                } else {
+                    2
+                };
+                tracing::error!(error = %format!("{e:#}"), retry_in_s = delay, "replication stopped");
+                tokio::time::sleep(Duration::from_secs(delay)).await;
+            }
+        }
+    }
+}
+
+async fn connect_source(cfg: &PostgresConnectionConfig) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(&cfg.connection_string(), tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to source {}:{}/{}", cfg.hostname, cfg.port, cfg.database))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.batch_execute(ferrosync_source::types::SESSION_SETTINGS).await?;
+    Ok(client)
+}
+
+struct Replication {
+    source: Arc<tokio_postgres::Client>,
+    writer: BucketWriter,
+    rules: Arc<SyncRules>,
+    config: ReplicatorConfig,
+    /// Relation oid -> table handle (None: not used by the sync rules) and key columns.
+    tables: HashMap<u32, (Option<Arc<TableHandle>>, Vec<String>)>,
+}
+
+async fn replicate(config: &ReplicatorConfig) -> Result<()> {
+    let source = Arc::new(connect_source(&config.source).await?);
+    setup::check_source(&source).await?;
+    let storage = ferrosync_storage::connect(&config.storage_conn).await?;
+    let stream = streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?;
+    if !streams::try_lease(&storage, stream.id, &config.owner, 30).await? {
+        bail!(ferrosync_storage::StorageError::Locked(stream.id));
+    }
+    let lease = spawn_lease_renewal(config.storage_conn.clone(), stream.id, config.owner.clone());
+    let mut options = config.rules_options.clone();
+    options.sync_rules_id = stream.id as u64;
+    let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
+    let slot = stream.slot_name.clone();
+    let snapshot_done = stream.snapshot_done;
+    let slot_status = setup::slot_status(&source, &slot).await?;
+    tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
+    let writer_client = ferrosync_storage::connect(&config.storage_conn).await?;
+    let mut repl = Replication {
+        source,
+        writer: BucketWriter::new(writer_client, stream, rules.clone()),
+        rules,
+        config: config.clone(),
+        tables: HashMap::new(),
+    };
+    if !snapshot_done {
+        if slot_status.is_none() {
+            // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
+            streams::clear_group(&storage, repl.writer.stream().id).await?;
+            repl.writer = BucketWriter::new(
+                ferrosync_storage::connect(&config.storage_conn).await?,
+                streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?,
+                repl.rules.clone(),
+            );
+            setup::create_slot(&repl.source, &slot).await?;
+        }
+        repl.initial_snapshot().await?;
+    } else if slot_status.as_deref().is_none_or(|s| s == "lost") {
+        bail!(ferrosync_source::SourceError::SlotInvalid {
+            slot,
+            reason: "the slot is missing or lost; redeploy to rebuild".into()
+        });
+    }
+    let result = repl.stream_changes().await;
+    lease.abort();
+    result
+}
+
+fn spawn_lease_renewal(conn: String, id: i64, owner: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(client) = ferrosync_storage::connect(&conn).await else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            match streams::try_lease(&client, id, &owner, 30).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!(
+                        stream = id,
+                        "replication lease lost to another process; exiting so only one replicator writes"
+                    );
+                    std::process::exit(3);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew replication lease"),
+            }
+        }
+    })
+}
+
+impl Replication {
+    /// Copy every table the sync rules use, resuming where an earlier attempt stopped.
+    async fn initial_snapshot(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let tag = self.config.source.tag.clone();
+        for (oid, name, ident) in setup::published_tables(&self.source, &tag).await? {
+            if !self.rules.is_table_used(&name) {
+                continue;
+            }
+            let rel = setup::describe_table(&self.source, oid, name, ident).await?;
+            self.register_table(&rel, true).await?;
+        }
+        let lsn = setup::current_lsn(&self.source).await?;
+        self.writer.mark_snapshot_done(lsn.0).await?;
+        setup::emit_ping(&self.source).await?;
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot done");
+        Ok(())
+    }
+
+    /// Resolve a table's storage record (dropping data of a stale mapping) and copy it if needed.
+    async fn register_table(&mut self, rel: &RelationInfo, initial: bool) -> Result<()> {
+        let keys = rel.key_column_names();
+        let group = self.writer.stream().id;
+        let (record, stale) = streams::resolve_table(self.writer.client(), group, rel.oid, &rel.name.schema, &rel.name.name, &keys).await?;
+        if let Some(old) = stale {
+            let name = ferrosync_rules::SourceTableName {
+                connection_tag: rel.name.connection_tag.clone(),
+                schema: old.schema,
+                name: old.name,
+            };
+            self.writer
+                .truncate(Arc::new(TableHandle {
+                    id: old.id,
+                    name,
+                    store_image: true,
+                }))
+                .await?;
+        }
+        let handle = Arc::new(TableHandle {
+            id: record.id,
+            name: rel.name.clone(),
+            store_image: rel.replica_identity != b'f',
+        });
+        self.tables.insert(rel.oid, (Some(handle.clone()), keys));
+        if !record.snapshot_done {
+            self.copy(rel, handle, record.snapshot_last_key, record.snapshot_rows).await?;
+            if !initial {
+                setup::emit_ping(&self.source).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn copy(&mut self, rel: &RelationInfo, table: Arc<TableHandle>, resume: Option<String>, mut done_rows: i64) -> Result<()> {
+        let total = estimate_rows(&self.source, rel.oid).await.unwrap_or(0);
+        tracing::info!(table = %rel.name.name, total_estimate = total, resume_after_rows = done_rows, "snapshotting table");
+        let started = Instant::now();
+        let (tx, mut rx) = mpsc::channel(2);
+        // The copy runs on its own connection so reading overlaps with storage writes.
+        let reader_source = connect_source(&self.config.source).await?;
+        let compat = self.rules.compatibility().clone();
+        let reader_rel = rel.clone();
+        let reader = tokio::spawn(async move { copy_table(&reader_source, &reader_rel, resume, SNAPSHOT_CHUNK, &compat, tx).await });
+        let keys = rel.key_column_names();
+        self.writer.set_snapshot_mode(true);
+        let mut last_log = Instant::now();
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk?;
+            done_rows += chunk.rows.len() as i64;
+            for row in chunk.rows {
+                self.save_upsert(&table, &keys, row, None).await?;
+            }
+            self.writer.flush().await?;
+            streams::save_table_progress(self.writer.client(), table.id, chunk.last_key.as_deref(), done_rows, false).await?;
+            if last_log.elapsed() > Duration::from_secs(2) || chunk.done {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(table = %rel.name.name, rows = done_rows, total_estimate = total, rows_per_s = (done_rows as f64 / secs) as u64, "snapshot progress");
+                last_log = Instant::now();
+            }
+        }
+        reader.await.context("snapshot reader task")??;
+        self.writer.set_snapshot_mode(false);
+        let lsn = setup::current_lsn(&self.source).await?;
+        self.writer.block_checkpoints_until(lsn.0).await?;
+        streams::save_table_progress(self.writer.client(), table.id, None, done_rows, true).await?;
+        Ok(())
+    }
+
+    async fn save_upsert(&mut self, table: &Arc<TableHandle>, keys: &[String], new: SourceRow, old: Option<SourceRow>) -> Result<()> {
+        let key = new.replica_key(keys);
+        let before_key = old.map(|o| o.replica_key(keys));
+        let (row, unchanged) = new.into_row();
+        self.writer
+            .save(RecordOp::Upsert {
+                table: table.clone(),
+                key,
+                before_key,
+                row,
+                unchanged,
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn table(&self, relation: u32) -> Option<(Arc<TableHandle>, Vec<String>)> {
+        match self.tables.get(&relation) {
+            Some((Some(t), keys)) => Some((t.clone(), keys.clone())),
+            _ => None,
+        }
+    }
+
+    async fn stream_changes(&mut self) -> Result<()> {
+        let s = &self.config.source;
+        let mut stream = ChangeStream::start(StreamOptions {
+            host: s.hostname.clone(),
+            port: s.port,
+            user: s.username.clone(),
+            password: s.password.clone().unwrap_or_default(),
+            database: s.database.clone(),
+            slot: self.writer.stream().slot_name.clone(),
+            connection_tag: s.tag.clone(),
+            compatibility: self.rules.compatibility().clone(),
+        })
+        .await?;
+        tracing::info!("streaming changes");
+        let mut in_tx = false;
+        loop {
+            let first = stream.recv().await.context("replication stream ended")??;
+            let mut commit: Option<Lsn> = None;
+            let mut ping: Option<Lsn> = None;
+            let mut keepalive: Option<Lsn> = None;
+            let mut records = 0;
+            let mut next = Some(first);
+            while let Some(event) = next.take() {
+                match event {
+                    SourceEvent::Begin => in_tx = true,
+                    SourceEvent::Commit { lsn } => {
+                        in_tx = false;
+                        commit = Some(lsn);
+                    }
+                    SourceEvent::Ping { lsn } => ping = Some(lsn),
+                    SourceEvent::Keepalive { lsn } => keepalive = Some(lsn),
+                    other => {
+                        records += 1;
+                        self.apply(other).await?;
+                    }
+                }
+                if records < MAX_BATCH_RECORDS {
+                    next = stream.try_recv().transpose()?;
+                }
+            }
+            if in_tx {
+                continue;
+            }
+            if let Some(lsn) = commit.max(ping) {
+                if let Some(cp) = self.writer.commit(lsn.0, ping.is_some()).await? {
+                    tracing::debug!(op_id = cp.op_id, lsn = %lsn, "checkpoint");
+                }
+                stream.ack(lsn);
+            } else if let Some(lsn) = keepalive {
+                self.writer.flush().await?;
+                stream.ack(lsn);
+            }
+        }
+    }
+
+    async fn apply(&mut self, event: SourceEvent) -> Result<()> {
+        match event {
+            SourceEvent::Relation(rel) => {
+                if self.rules.is_table_used(&rel.name) {
+                    self.writer.flush().await?;
+                    self.register_table(&rel, false).await?;
+                } else {
+                    self.tables.insert(rel.oid, (None, Vec::new()));
+                }
+            }
+            SourceEvent::Insert { relation, new } => {
+                if let Some((table, keys)) = self.table(relation) {
+                    self.save_upsert(&table, &keys, new, None).await?;
+                }
+            }
+            SourceEvent::Update { relation, old, new } => {
+                if let Some((table, keys)) = self.table(relation) {
+                    self.save_upsert(&table, &keys, new, old).await?;
+                }
+            }
+            SourceEvent::Delete { relation, old } => {
+                if let Some((table, keys)) = self.table(relation) {
+                    let key = old.replica_key(&keys);
+                    self.writer.save(RecordOp::Delete { table, key }).await?;
+                }
+            }
+            SourceEvent::Truncate { relations } => {
+                for relation in relations {
+                    if let Some((table, _)) = self.table(relation) {
+                        self.writer.truncate(table).await?;
+                    }
+                }
+            }
+            SourceEvent::Begin | SourceEvent::Commit { .. } | SourceEvent::Ping { .. } | SourceEvent::Keepalive { .. } => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! `serve`, `validate` and `migrate`: load the config, wire the stages together, run.
+
+use crate::replicator::{self, ReplicatorConfig};
+use anyhow::{bail, Context, Result};
+use ferrosync_api::auth::KeyStore;
+use ferrosync_api::probes::ProbeState;
+use ferrosync_api::AppState;
+use ferrosync_config::{load_config_file, LoadedConfig};
+use ferrosync_rules::{SyncRules, SyncRulesOptions};
+use ferrosync_storage::PgStorage;
+use ferrosync_sync::{CheckpointHub, Limits};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+fn load(path: &Path) -> Result<LoadedConfig> {
+    let loaded = load_config_file(path, &|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for warning in &loaded.warnings {
+        tracing::warn!("{}: {warning}", path.display());
+    }
+    Ok(loaded)
+}
+
+fn rules_options() -> SyncRulesOptions {
+    SyncRulesOptions {
+        default_schema: "public".into(),
+        sync_rules_id: 1,
+        default_storage_version: 2,
+    }
+}
+
+/// Parse the sync rules, printing warnings; errors name every problem.
+fn check_rules(content: &str) -> Result<SyncRules> {
+    let rules = SyncRules::parse(content, &rules_options()).map_err(|e| anyhow::anyhow!("sync rules are invalid:\n{e}"))?;
+    for w in rules.warnings() {
+        tracing::warn!("sync rules: {w}");
+    }
+    Ok(rules)
+}
+
+pub fn validate(path: &Path) -> Result<()> {
+    let loaded = load(path)?;
+    let Some(sync) = &loaded.config.sync_config else {
+        bail!("no sync_config in {}", path.display())
+    };
+    let rules = check_rules(&sync.content)?;
+    println!("config OK: {} bucket definition(s)", rules.bucket_sources().len());
+    Ok(())
+}
+
+pub async fn migrate(path: &Path) -> Result<()> {
+    let loaded = load(path)?;
+    let client = ferrosync_storage::connect(&loaded.config.storage.connection_string())
+        .await
+        .context("connecting to bucket storage")?;
+    ferrosync_storage::schema::migrate(&client).await?;
+    println!("storage schema is up to date");
+    Ok(())
+}
+
+pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
+    let config = load(path)?.config;
+    let sync = config
+        .sync_config
+        .as_ref()
+        .context("no sync_config/sync_rules in the config: nothing to serve")?;
+    check_rules(&sync.content)?;
+    let storage_conn = config.storage.connection_string();
+    let storage_client = ferrosync_storage::connect(&storage_conn)
+        .await
+        .context("connecting to bucket storage")?;
+    if !config.migrations.disable_auto_migration {
+        ferrosync_storage::schema::migrate(&storage_client).await?;
+    }
+    let mut source_client = None;
+    if let Some(source) = &config.replication {
+        let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+        tokio::spawn(replicator::run(ReplicatorConfig {
+            source: source.clone(),
+            storage_conn: storage_conn.clone(),
+            rules_content: sync.content.clone(),
+            rules_options: rules_options(),
+            owner,
+        }));
+        let (client, conn) = tokio_postgres::connect(&source.connection_string(), tokio_postgres::NoTls)
+            .await
+            .context("connecting to source")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        source_client = Some(client);
+    }
+    let storage = Arc::new(PgStorage::connect(&storage_conn, 4).await?);
+    let hub = CheckpointHub::start(storage, storage_conn, rules_options()).await;
+    let keys = Arc::new(KeyStore::from_config(&config.client_auth).map_err(|e| anyhow::anyhow!("client_auth: {e}"))?);
+    let params = &config.api.parameters;
+    let state = Arc::new(AppState {
+        hub,
+        keys,
+        source: source_client,
+        limits: Limits {
+            max_buckets: params.max_buckets_per_connection,
+            max_parameter_results: params.max_parameter_query_results,
+        },
+        connections: Arc::new(Semaphore::new(params.max_concurrent_connections)),
+        probes: ProbeState::default(),
+    });
+    let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "ferrosync listening");
+    state.probes.started.store(true, Ordering::Relaxed);
+    axum::serve(listener, ferrosync_api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "ferrosync".into())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

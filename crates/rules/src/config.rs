@@ -1,0 +1,287 @@
+//! YAML structure of a sync rules file: root keys, the `config:` block
+//! (edition, storage version, compatibility switches) and the raw bucket
+//! definitions, with the reference's structural error messages.
+
+use crate::errors::RuleIssue;
+use serde_yaml_ng::{Mapping, Value};
+
+/// Compatibility switches (spec §1.2).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Compatibility {
+    /// Timestamps rendered as ISO 8601 with `T`.
+    pub timestamps_iso8601: bool,
+    /// Bucket ids prefixed with `<sync_rules_id>#`.
+    pub versioned_bucket_ids: bool,
+    /// `->`/`->>`/`json_extract` only split `$`-prefixed paths.
+    pub fixed_json_extract: bool,
+    /// Postgres custom types synced structurally.
+    pub custom_postgres_types: bool,
+}
+
+/// Parse-time options supplied by the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncRulesOptions {
+    /// Schema for unqualified table names (`public` for Postgres).
+    pub default_schema: String,
+    /// Numeric id of the persisted sync rules deployment.
+    pub sync_rules_id: u64,
+    /// Storage version when the file does not set `config.storage_version`.
+    pub default_storage_version: u32,
+}
+
+impl Default for SyncRulesOptions {
+    fn default() -> Self {
+        SyncRulesOptions {
+            default_schema: "public".to_string(),
+            sync_rules_id: 1,
+            default_storage_version: 2,
+        }
+    }
+}
+
+/// A raw bucket definition from YAML.
+pub(crate) struct RawDefinition {
+    pub name: String,
+    pub parameters: Option<Vec<String>>,
+    pub data: Vec<String>,
+    pub priority: Option<u8>,
+    pub accept_dangerous: bool,
+}
+
+/// The structurally-validated file.
+pub(crate) struct RawRules {
+    pub compatibility: Compatibility,
+    pub storage_version: u32,
+    pub definitions: Vec<RawDefinition>,
+}
+
+const PRIORITY_ERROR: &str = "Invalid priority, expected a number between 0 and 3 (inclusive).";
+
+fn key_str(k: &Value) -> String {
+    match k {
+        Value::String(s) => s.clone(),
+        other => serde_yaml_ng::to_string(other).map(|s| s.trim().to_string()).unwrap_or_default(),
+    }
+}
+
+fn parse_config(
+    map: &Mapping,
+    options: &SyncRulesOptions,
+    errors: &mut Vec<RuleIssue>,
+    warnings: &mut Vec<RuleIssue>,
+) -> (u32, Compatibility, u32) {
+    let mut edition = 1u32;
+    let mut storage_version = options.default_storage_version;
+    let mut overrides: [Option<bool>; 4] = [None; 4];
+    let mut iso = None;
+    let mut has_precision = false;
+    for (k, v) in map {
+        let key = key_str(k);
+        match key.as_str() {
+            "edition" => match v.as_u64() {
+                Some(e @ 1..=3) => edition = e as u32,
+                _ => errors.push(RuleIssue::new("config.edition must be an integer between 1 and 3")),
+            },
+            "storage_version" => match v.as_u64() {
+                Some(2) => storage_version = 2,
+                Some(3) => {
+                    storage_version = 3;
+                    warnings.push(RuleIssue::new("Storage version 3 is unstable and may change in future releases."));
+                }
+                Some(n) => errors.push(RuleIssue::new(format!("Storage version {n} is not supported"))),
+                None => errors.push(RuleIssue::new("config.storage_version must be an integer")),
+            },
+            "timestamp_max_precision" => {
+                has_precision = true;
+                if !matches!(v.as_str(), Some("seconds" | "milliseconds" | "microseconds" | "nanoseconds")) {
+                    errors.push(RuleIssue::new(
+                        "config.timestamp_max_precision must be one of seconds, milliseconds, microseconds, nanoseconds",
+                    ));
+                }
+            }
+            "timestamps_iso8601"
+            | "versioned_bucket_ids"
+            | "fixed_json_extract"
+            | "custom_postgres_types"
+            | "unstable_sqlite_expression_engine" => {
+                let Some(b) = v.as_bool() else {
+                    errors.push(RuleIssue::new(format!("config.{key} must be a boolean")));
+                    continue;
+                };
+                match key.as_str() {
+                    "timestamps_iso8601" => {
+                        overrides[0] = Some(b);
+                        iso = Some(b);
+                    }
+                    "versioned_bucket_ids" => overrides[1] = Some(b),
+                    "fixed_json_extract" => overrides[2] = Some(b),
+                    "custom_postgres_types" => overrides[3] = Some(b),
+                    _ if b => errors.push(RuleIssue::new("Enabling unstable_sqlite_expression_engine requires edition: 3")),
+                    _ => {}
+                }
+            }
+            other => errors.push(RuleIssue::new(format!(
+                "Unknown config option '{other}' (must NOT have additional properties)"
+            ))),
+        }
+    }
+    let default = edition >= 2;
+    let compat = Compatibility {
+        timestamps_iso8601: overrides[0].unwrap_or(default),
+        versioned_bucket_ids: overrides[1].unwrap_or(default),
+        fixed_json_extract: overrides[2].unwrap_or(default),
+        custom_postgres_types: overrides[3].unwrap_or(default),
+    };
+    if has_precision && !iso.unwrap_or(default) {
+        errors.push(RuleIssue::new(
+            "'timestamp_max_precision' requires 'timestamps_iso8601' to be enabled.",
+        ));
+    }
+    (edition, compat, storage_version)
+}
+
+fn string_list(v: &Value, what: &str, name: &str, errors: &mut Vec<RuleIssue>) -> Vec<String> {
+    let items: Vec<&Value> = match v {
+        Value::Sequence(s) => s.iter().collect(),
+        _ => {
+            errors.push(RuleIssue::at(format!("'{what}' must be an array"), name, None));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match item.as_str() {
+            Some(s) => out.push(s.to_string()),
+            None => errors.push(RuleIssue::at(format!("'{what}' entries must be strings"), name, None)),
+        }
+    }
+    out
+}
+
+fn parse_definition(name: String, v: &Value, errors: &mut Vec<RuleIssue>) -> Option<RawDefinition> {
+    let Value::Mapping(map) = v else {
+        errors.push(RuleIssue::at(format!("'{name}' bucket definition must be an object"), &name, None));
+        return None;
+    };
+    let mut def = RawDefinition {
+        name: name.clone(),
+        parameters: None,
+        data: Vec::new(),
+        priority: None,
+        accept_dangerous: false,
+    };
+    let mut has_data = false;
+    for (k, v) in map {
+        match key_str(k).as_str() {
+            "parameters" => {
+                def.parameters = Some(match v {
+                    Value::String(s) => vec![s.clone()],
+                    other => string_list(other, "parameters", &name, errors),
+                })
+            }
+            "data" => {
+                has_data = true;
+                def.data = string_list(v, "data", &name, errors);
+            }
+            "priority" => match v.as_u64() {
+                Some(p @ 0..=3) => def.priority = Some(p as u8),
+                _ => errors.push(RuleIssue::at(PRIORITY_ERROR, &name, None)),
+            },
+            "accept_potentially_dangerous_queries" => match v.as_bool() {
+                Some(b) => def.accept_dangerous = b,
+                None => errors.push(RuleIssue::at("accept_potentially_dangerous_queries must be a boolean", &name, None)),
+            },
+            other => errors.push(RuleIssue::at(
+                format!("Unknown key '{other}' in bucket definition (must NOT have additional properties)"),
+                &name,
+                None,
+            )),
+        }
+    }
+    if !has_data {
+        errors.push(RuleIssue::at("must have required property 'data'", &name, None));
+    }
+    Some(def)
+}
+
+/// Parses the YAML structure. Errors and warnings are appended.
+pub(crate) fn parse_yaml(
+    yaml: &str,
+    options: &SyncRulesOptions,
+    errors: &mut Vec<RuleIssue>,
+    warnings: &mut Vec<RuleIssue>,
+) -> Option<RawRules> {
+    let doc: Value = match serde_yaml_ng::from_str(yaml) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(RuleIssue::new(format!("Invalid YAML: {e}")));
+            return None;
+        }
+    };
+    let Value::Mapping(root) = doc else {
+        errors.push(RuleIssue::new("Sync Config must be a YAML map."));
+        return None;
+    };
+    let mut config = None;
+    let mut buckets = None;
+    let mut has_streams = false;
+    let mut has_with = false;
+    for (k, v) in &root {
+        match key_str(k).as_str() {
+            "config" => config = Some(v),
+            "bucket_definitions" => buckets = Some(v),
+            "streams" => has_streams = true,
+            "with" => has_with = true,
+            "event_definitions" => {}
+            other => errors.push(RuleIssue::new(format!(
+                "Unknown top-level key '{other}' (must NOT have additional properties)"
+            ))),
+        }
+    }
+    let (edition, compatibility, storage_version) = match config {
+        None => (1, Compatibility::default(), options.default_storage_version),
+        Some(Value::Mapping(m)) => parse_config(m, options, errors, warnings),
+        Some(Value::Null) => (1, Compatibility::default(), options.default_storage_version),
+        Some(_) => {
+            errors.push(RuleIssue::new("'config' must be an object"));
+            (1, Compatibility::default(), options.default_storage_version)
+        }
+    };
+    if edition >= 3 {
+        if buckets.is_some() {
+            errors.push(RuleIssue::new(
+                "'bucket_definitions' are not supported by the new compiler. Consider using https://powersync-community.github.io/bucket-definitions-to-sync-streams/ to migrate to Sync Streams.",
+            ));
+        }
+        if !has_streams {
+            errors.push(RuleIssue::new("'streams' are required."));
+        }
+    } else {
+        if has_with {
+            errors.push(RuleIssue::new("Common table expressions require edition 3."));
+        }
+        if buckets.is_none() && !has_streams {
+            errors.push(RuleIssue::new("'bucket_definitions' or 'streams' is required"));
+        }
+    }
+    if has_streams {
+        errors.push(RuleIssue::new("Sync streams are not supported yet"));
+    }
+    let mut definitions = Vec::new();
+    match buckets {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(m)) => {
+            for (k, v) in m {
+                if let Some(d) = parse_definition(key_str(k), v, errors) {
+                    definitions.push(d);
+                }
+            }
+        }
+        Some(_) => errors.push(RuleIssue::new("'bucket_definitions' must be an object")),
+    }
+    Some(RawRules {
+        compatibility,
+        storage_version,
+        definitions,
+    })
+}

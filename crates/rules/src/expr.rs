@@ -1,0 +1,267 @@
+//! Compiled expression tree and its evaluation with the reference's
+//! JavaScript semantics (two-valued AND/OR, `NOT NULL` = 1, JSON operators).
+
+use crate::functions::{call, Func};
+use crate::json::{self, Json};
+use crate::request::RequestParameters;
+use crate::value::{cast_integer, cast_numeric, cast_real, compare, sqlite_bool, to_blob, to_text, Row, SqliteValue};
+use std::cmp::Ordering;
+
+/// A request-derived value in a parameter query.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RequestRef {
+    UserId,
+    Jwt,
+    Parameters,
+    Token(String),
+    User(String),
+}
+
+/// Binary operators supported by the legacy dialect.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum BinOp {
+    Eq,
+    NotEq,
+    Lt,
+    Gt,
+    LtEq,
+    GtEq,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Concat,
+    And,
+    Or,
+    Arrow,
+    LongArrow,
+    Is,
+    IsNot,
+}
+
+/// CAST target types.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum CastType {
+    Text,
+    Integer,
+    Real,
+    Numeric,
+    Blob,
+}
+
+/// A compiled expression.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Expr {
+    Lit(SqliteValue),
+    Column(String),
+    TableSuffix,
+    Request(RequestRef),
+    EachKey,
+    EachValue,
+    /// `bucket.<name>` (data queries; only appears as a filter key).
+    Bucket(String),
+    Not(Box<Expr>),
+    Bin(BinOp, Box<Expr>, Box<Expr>),
+    IsNull(Box<Expr>, bool),
+    JsonIn(Box<Expr>, Box<Expr>),
+    Cast(Box<Expr>, CastType),
+    Call(Func, Vec<Expr>),
+}
+
+/// Everything an expression may read while being evaluated.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Ctx<'a> {
+    pub row: Option<&'a Row>,
+    pub suffix: Option<&'a str>,
+    pub request: Option<&'a RequestParameters>,
+    pub each: Option<(&'a SqliteValue, &'a SqliteValue)>,
+    pub fixed_json: bool,
+}
+
+type EvalResult = Result<SqliteValue, String>;
+
+impl Expr {
+    /// Evaluates the expression.
+    pub(crate) fn eval(&self, ctx: &Ctx<'_>) -> EvalResult {
+        Ok(match self {
+            Expr::Lit(v) => v.clone(),
+            Expr::Column(name) => ctx.row.and_then(|r| r.get(name)).cloned().unwrap_or(SqliteValue::Null),
+            Expr::TableSuffix => ctx.suffix.map(|s| SqliteValue::Text(s.to_string())).unwrap_or(SqliteValue::Null),
+            Expr::Request(r) => match ctx.request {
+                None => SqliteValue::Null,
+                Some(req) => match r {
+                    RequestRef::UserId => req.user_id.clone(),
+                    RequestRef::Jwt => SqliteValue::Text(req.jwt_text.clone()),
+                    RequestRef::Parameters => SqliteValue::Text(req.parameters_text.clone()),
+                    RequestRef::Token(k) => req.token_parameter(k),
+                    RequestRef::User(k) => req.user_parameter(k),
+                },
+            },
+            Expr::EachKey => ctx.each.map(|e| e.0.clone()).unwrap_or(SqliteValue::Null),
+            Expr::EachValue => ctx.each.map(|e| e.1.clone()).unwrap_or(SqliteValue::Null),
+            Expr::Bucket(name) => return Err(format!("bucket.{name} cannot be evaluated here")),
+            Expr::Not(e) => SqliteValue::from(!sqlite_bool(&e.eval(ctx)?)),
+            Expr::IsNull(e, negated) => SqliteValue::from(e.eval(ctx)?.is_null() != *negated),
+            Expr::Cast(e, t) => cast(&e.eval(ctx)?, *t),
+            Expr::JsonIn(l, r) => json_in(&l.eval(ctx)?, &r.eval(ctx)?)?,
+            Expr::Call(f, args) => {
+                let vals = args.iter().map(|a| a.eval(ctx)).collect::<Result<Vec<_>, _>>()?;
+                call(*f, &vals, ctx.fixed_json)?
+            }
+            Expr::Bin(op, l, r) => {
+                let a = l.eval(ctx)?;
+                match op {
+                    BinOp::And if !sqlite_bool(&a) => return Ok(SqliteValue::Integer(0)),
+                    BinOp::Or if sqlite_bool(&a) => return Ok(SqliteValue::Integer(1)),
+                    _ => {}
+                }
+                binary(*op, &a, &r.eval(ctx)?, ctx.fixed_json)?
+            }
+        })
+    }
+}
+
+/// Applies a CAST.
+pub(crate) fn cast(v: &SqliteValue, t: CastType) -> SqliteValue {
+    match t {
+        CastType::Text => to_text(v).map_or(SqliteValue::Null, SqliteValue::Text),
+        CastType::Blob => to_blob(v).map_or(SqliteValue::Null, SqliteValue::Blob),
+        CastType::Integer => cast_integer(v),
+        CastType::Real => cast_real(v),
+        CastType::Numeric => cast_numeric(v),
+    }
+}
+
+/// Evaluates a binary operator on two values.
+pub(crate) fn binary(op: BinOp, a: &SqliteValue, b: &SqliteValue, fixed_json: bool) -> EvalResult {
+    use SqliteValue::*;
+    let cmp = |f: fn(Ordering) -> bool| -> EvalResult {
+        if a.is_null() || b.is_null() {
+            return Ok(Null);
+        }
+        Ok(SqliteValue::from(f(compare(a, b)?)))
+    };
+    match op {
+        BinOp::And => Ok(SqliteValue::from(sqlite_bool(a) && sqlite_bool(b))),
+        BinOp::Or => Ok(SqliteValue::from(sqlite_bool(a) || sqlite_bool(b))),
+        BinOp::Eq => cmp(|o| o == Ordering::Equal),
+        BinOp::NotEq => cmp(|o| o != Ordering::Equal),
+        BinOp::Lt => cmp(|o| o == Ordering::Less),
+        BinOp::Gt => cmp(|o| o == Ordering::Greater),
+        BinOp::LtEq => cmp(|o| o != Ordering::Greater),
+        BinOp::GtEq => cmp(|o| o != Ordering::Less),
+        BinOp::Is | BinOp::IsNot => {
+            let same = match (a.is_null(), b.is_null()) {
+                (true, true) => true,
+                (false, false) => compare(a, b)? == Ordering::Equal,
+                _ => false,
+            };
+            Ok(SqliteValue::from(same == (op == BinOp::Is)))
+        }
+        BinOp::Concat => Ok(match (to_text(a), to_text(b)) {
+            (Some(x), Some(y)) => Text(x + &y),
+            _ => Null,
+        }),
+        BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div => Ok(arith(op, a, b)),
+        BinOp::Arrow | BinOp::LongArrow => {
+            let found = json_path(a, b, fixed_json, false)?;
+            Ok(match found {
+                None => Null,
+                Some(Json::Null) if op == BinOp::Arrow => {
+                    if fixed_json {
+                        Text("null".into())
+                    } else {
+                        Null
+                    }
+                }
+                Some(v) if op == BinOp::Arrow => Text(v.to_text()),
+                Some(v) => v.to_sqlite(!fixed_json),
+            })
+        }
+    }
+}
+
+fn arith(op: BinOp, a: &SqliteValue, b: &SqliteValue) -> SqliteValue {
+    use SqliteValue::*;
+    if a.is_null() || b.is_null() {
+        return Null;
+    }
+    let (x, y) = (cast_numeric(a), cast_numeric(b));
+    if let (Integer(i), Integer(j)) = (&x, &y) {
+        let r = match op {
+            BinOp::Add => i.checked_add(*j),
+            BinOp::Sub => i.checked_sub(*j),
+            BinOp::Mul => i.checked_mul(*j),
+            _ if *j == 0 => return Null,
+            _ => i.checked_div(*j),
+        };
+        if let Some(r) = r {
+            return Integer(r);
+        }
+    }
+    let f = |v: &SqliteValue| match v {
+        Integer(i) => *i as f64,
+        Real(r) => *r,
+        _ => 0.0,
+    };
+    let (p, q) = (f(&x), f(&y));
+    Real(match op {
+        BinOp::Add => p + q,
+        BinOp::Sub => p - q,
+        BinOp::Mul => p * q,
+        _ if q == 0.0 => return Null,
+        _ => p / q,
+    })
+}
+
+/// Resolves a JSON path on `source`. `Ok(None)` means NULL/missing.
+pub(crate) fn json_path(source: &SqliteValue, path: &SqliteValue, fixed_json: bool, require_dollar: bool) -> Result<Option<Json>, String> {
+    let (Some(text), Some(path)) = (to_text(source), to_text(path)) else {
+        return Ok(None);
+    };
+    if require_dollar && !path.starts_with('$') {
+        return Err("JSON path must start with $.".into());
+    }
+    let doc = json::parse(&text)?;
+    let mut parts: Vec<&str> = if fixed_json && !path.starts_with('$') {
+        vec![path.as_str()]
+    } else {
+        path.split('.').collect()
+    };
+    if parts.first().is_some_and(|p| p.starts_with('$')) {
+        parts.remove(0);
+    }
+    let mut cur = &doc;
+    for p in parts {
+        match cur.member(p) {
+            Some(next) => cur = next,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(cur.clone()))
+}
+
+/// `x IN json_array_text`.
+fn json_in(x: &SqliteValue, arr: &SqliteValue) -> EvalResult {
+    if x.is_null() || arr.is_null() {
+        return Ok(SqliteValue::Null);
+    }
+    let items = json_array_values(arr)?;
+    for item in &items {
+        if !item.is_null() && compare(x, item)? == Ordering::Equal {
+            return Ok(SqliteValue::Integer(1));
+        }
+    }
+    Ok(SqliteValue::Integer(0))
+}
+
+/// Parses TEXT holding a JSON array into SQLite values.
+pub(crate) fn json_array_values(v: &SqliteValue) -> Result<Vec<SqliteValue>, String> {
+    let SqliteValue::Text(t) = v else {
+        return Err("IN is only supported on JSON arrays".into());
+    };
+    match json::parse(t) {
+        Ok(Json::Array(items)) => Ok(items.iter().map(|i| i.to_sqlite(false)).collect()),
+        _ => Err("IN is only supported on JSON arrays".into()),
+    }
+}

@@ -1,0 +1,31 @@
+//! Sync rules (legacy `bucket_definitions` dialect, editions 1/2) for
+//! ferrosync: YAML parsing, SQL compilation, replication-time row and
+//! parameter evaluation, and request-time bucket resolution, wire-compatible
+//! with the PowerSync service.
+
+mod compile;
+mod config;
+mod data_query;
+mod errors;
+mod expr;
+mod filter;
+mod functions;
+mod json;
+mod param_query;
+mod querier;
+mod request;
+mod rules;
+mod sql;
+mod table;
+mod value;
+
+pub use config::{Compatibility, SyncRulesOptions};
+pub use errors::{EvaluationError, RuleIssue, SyncRulesError};
+pub use querier::{BucketDescription, LookupKey, Querier};
+pub use request::RequestParameters;
+pub use rules::{BucketSourceInfo, EvaluatedParameters, EvaluatedRow, SyncRules};
+pub use table::{SourceTableName, TablePattern};
+pub use value::{Row, SqliteValue};
+
+#[cfg(test)]
+mod eval_tests;

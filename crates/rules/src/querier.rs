@@ -1,0 +1,158 @@
+//! Request-time bucket resolution: static buckets plus the parameter lookups
+//! needed for dynamic buckets, and [`LookupKey`], their canonical key.
+
+use crate::json::{self, serialize_params, Json};
+use crate::value::SqliteValue;
+use std::collections::HashMap;
+
+/// Canonical key of a parameter lookup: the JSON text of
+/// `[definition, query_id, values...]` with integral REALs as INTEGERs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LookupKey(String);
+
+impl LookupKey {
+    pub(crate) fn new(definition: &str, query_id: &str, values: &[SqliteValue]) -> Self {
+        let head = [SqliteValue::Text(definition.to_string()), SqliteValue::Text(query_id.to_string())];
+        let normalized: Vec<SqliteValue> = values.iter().map(SqliteValue::normalized).collect();
+        LookupKey(serialize_params(head.iter().chain(normalized.iter())))
+    }
+
+    /// The canonical text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps a key previously obtained from [`LookupKey::as_str`].
+    pub fn from_stored(s: String) -> Self {
+        LookupKey(s)
+    }
+}
+
+/// A bucket a connection should sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketDescription {
+    /// Full bucket id (with any `<id>#` prefix).
+    pub bucket: String,
+    /// 0 (highest) ..= 3.
+    pub priority: u8,
+    /// Index into `SyncRules::bucket_sources()`.
+    pub source_index: usize,
+}
+
+/// A lookup whose stored rows produce dynamic buckets.
+#[derive(Debug)]
+pub(crate) struct PendingLookup {
+    pub lookup: LookupKey,
+    pub prefix: String,
+    pub priority: u8,
+    pub source_index: usize,
+    /// The definition's bucket parameter order.
+    pub order: Vec<String>,
+    /// Query columns: `None` = read from the stored parameter row.
+    pub columns: Vec<(String, Option<SqliteValue>)>,
+}
+
+/// Buckets for one request, built by `SyncRules::querier`.
+#[derive(Debug, Default)]
+pub struct Querier {
+    pub(crate) static_buckets: Vec<BucketDescription>,
+    pub(crate) lookups: Vec<LookupKey>,
+    pub(crate) pending: Vec<PendingLookup>,
+    pub(crate) errors: Vec<String>,
+}
+
+/// Bucket id from a parameter set, in the definition's parameter order.
+pub(crate) fn bucket_id(prefix: &str, order: &[String], set: &[(String, SqliteValue)]) -> String {
+    let values: Vec<SqliteValue> = order
+        .iter()
+        .map(|p| {
+            set.iter()
+                .find(|(n, _)| n == p)
+                .map(|(_, v)| v.clone())
+                .unwrap_or(SqliteValue::Null)
+        })
+        .collect();
+    format!("{prefix}{}", serialize_params(&values))
+}
+
+/// Accumulates bucket descriptions, deduplicated by id (minimum priority).
+#[derive(Default)]
+pub(crate) struct BucketSet {
+    list: Vec<BucketDescription>,
+    index: HashMap<String, usize>,
+}
+
+impl BucketSet {
+    pub(crate) fn add(&mut self, b: BucketDescription) {
+        match self.index.get(&b.bucket) {
+            Some(&i) => {
+                if b.priority < self.list[i].priority {
+                    self.list[i].priority = b.priority;
+                }
+            }
+            None => {
+                self.index.insert(b.bucket.clone(), self.list.len());
+                self.list.push(b);
+            }
+        }
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<BucketDescription> {
+        self.list
+    }
+}
+
+impl Querier {
+    /// Buckets known from the request alone.
+    pub fn static_buckets(&self) -> &[BucketDescription] {
+        &self.static_buckets
+    }
+
+    /// Parameter lookups needed to resolve dynamic buckets.
+    pub fn lookups(&self) -> &[LookupKey] {
+        &self.lookups
+    }
+
+    /// Request-time evaluation problems (not fatal).
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    /// All buckets (static first, then dynamic) given the stored
+    /// `bucket_parameters` JSON of the live rows for each lookup.
+    pub fn resolve(&self, lookup_results: &HashMap<LookupKey, Vec<String>>) -> Vec<BucketDescription> {
+        let mut set = BucketSet::default();
+        for b in &self.static_buckets {
+            set.add(b.clone());
+        }
+        for p in &self.pending {
+            let Some(rows) = lookup_results.get(&p.lookup) else {
+                continue;
+            };
+            for text in rows {
+                let Ok(Json::Array(objects)) = json::parse(text) else {
+                    continue;
+                };
+                for obj in &objects {
+                    let params: Vec<(String, SqliteValue)> = p
+                        .columns
+                        .iter()
+                        .map(|(name, v)| {
+                            let value = match v {
+                                Some(v) => v.clone(),
+                                None => obj.member(name).map(|j| j.to_sqlite(false)).unwrap_or(SqliteValue::Null),
+                            };
+                            (name.clone(), value)
+                        })
+                        .collect();
+                    set.add(BucketDescription {
+                        bucket: bucket_id(&p.prefix, &p.order, &params),
+                        priority: p.priority,
+                        source_index: p.source_index,
+                    });
+                }
+            }
+        }
+        set.into_vec()
+    }
+}

@@ -1,0 +1,290 @@
+//! [`SyncRules`]: a parsed legacy sync rules file, with replication-time row
+//! evaluation and request-time queriers.
+
+use crate::config::{parse_yaml, Compatibility, SyncRulesOptions};
+use crate::data_query::DataQuery;
+use crate::errors::{EvaluationError, RuleIssue, SyncRulesError};
+use crate::expr::Ctx;
+use crate::param_query::{Kind, ParamQuery};
+use crate::querier::{bucket_id, BucketDescription, BucketSet, LookupKey, PendingLookup, Querier};
+use crate::request::RequestParameters;
+use crate::table::{SourceTableName, TablePattern};
+use crate::value::Row;
+use std::collections::HashSet;
+
+const DANGEROUS: &str = "Potentially dangerous query based on parameters set by the client. The client can send any value for these parameters so it's not a good place to do authorization.";
+
+/// Public description of one bucket definition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketSourceInfo {
+    /// Definition name.
+    pub name: String,
+    /// Default priority of its buckets.
+    pub priority: u8,
+}
+
+/// A row placed in a bucket by a data query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvaluatedRow {
+    /// Bucket id.
+    pub bucket: String,
+    /// Output table name.
+    pub table: String,
+    /// Row id (text).
+    pub id: String,
+    /// Compact JSON object of the output columns.
+    pub data: String,
+}
+
+/// A parameter lookup entry produced from a source row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvaluatedParameters {
+    /// Lookup key.
+    pub lookup: LookupKey,
+    /// JSON array of parameter objects stored for this lookup.
+    pub bucket_parameters: String,
+}
+
+#[derive(Debug)]
+struct Definition {
+    name: String,
+    prefix: String,
+    priority: u8,
+    params: Vec<String>,
+    param_queries: Vec<ParamQuery>,
+    data_queries: Vec<DataQuery>,
+}
+
+/// A parsed sync rules file.
+#[derive(Debug)]
+pub struct SyncRules {
+    compatibility: Compatibility,
+    warnings: Vec<RuleIssue>,
+    definitions: Vec<Definition>,
+    sources: Vec<BucketSourceInfo>,
+}
+
+impl SyncRules {
+    /// Parses and validates a sync rules YAML file, collecting all errors.
+    pub fn parse(yaml: &str, options: &SyncRulesOptions) -> Result<SyncRules, SyncRulesError> {
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        let raw = parse_yaml(yaml, options, &mut errors, &mut warnings);
+        let Some(raw) = raw else {
+            return Err(SyncRulesError { errors });
+        };
+        let versioned = raw.compatibility.versioned_bucket_ids || raw.storage_version >= 2;
+        let mut definitions = Vec::new();
+        for def in raw.definitions {
+            let name = def.name.clone();
+            let prefix = if versioned {
+                format!("{}#{name}", options.sync_rules_id)
+            } else {
+                name.clone()
+            };
+            let mut param_queries = Vec::new();
+            match &def.parameters {
+                None => param_queries.push(ParamQuery::global("1".to_string())),
+                Some(list) => {
+                    for (i, sql) in list.iter().enumerate() {
+                        let issue = |m: String| RuleIssue::at(m, &name, Some(sql));
+                        match ParamQuery::parse(sql, (i + 1).to_string(), &options.default_schema) {
+                            Ok(q) => {
+                                if q.priority.is_some() && def.priority.is_some() {
+                                    errors.push(issue("Cannot set priority multiple times.".into()));
+                                }
+                                if q.dangerous && !def.accept_dangerous {
+                                    warnings.push(issue(DANGEROUS.into()));
+                                }
+                                param_queries.push(q);
+                            }
+                            Err(m) => errors.push(issue(m)),
+                        }
+                    }
+                }
+            }
+            let params = param_queries.first().map(ParamQuery::param_names).unwrap_or_default();
+            let first: HashSet<&String> = params.iter().collect();
+            for q in param_queries.iter().skip(1) {
+                let names = q.param_names();
+                if names.iter().collect::<HashSet<_>>() != first {
+                    errors.push(RuleIssue::at(
+                        "Bucket parameters must match for each parameter query within a bucket",
+                        &name,
+                        None,
+                    ));
+                    break;
+                }
+            }
+            let mut data_queries = Vec::new();
+            for sql in &def.data {
+                match DataQuery::parse(sql, &params, &options.default_schema) {
+                    Ok(q) => data_queries.push(q),
+                    Err(m) => errors.push(RuleIssue::at(m, &name, Some(sql))),
+                }
+            }
+            let priority = def.priority.or_else(|| param_queries.iter().find_map(|q| q.priority)).unwrap_or(3);
+            definitions.push(Definition {
+                name,
+                prefix,
+                priority,
+                params,
+                param_queries,
+                data_queries,
+            });
+        }
+        if !errors.is_empty() {
+            return Err(SyncRulesError { errors });
+        }
+        let sources = definitions
+            .iter()
+            .map(|d| BucketSourceInfo {
+                name: d.name.clone(),
+                priority: d.priority,
+            })
+            .collect();
+        Ok(SyncRules {
+            compatibility: raw.compatibility,
+            warnings,
+            definitions,
+            sources,
+        })
+    }
+
+    /// Non-fatal issues found while parsing.
+    pub fn warnings(&self) -> &[RuleIssue] {
+        &self.warnings
+    }
+
+    /// Effective compatibility switches.
+    pub fn compatibility(&self) -> &Compatibility {
+        &self.compatibility
+    }
+
+    /// Table patterns used by data and parameter queries (deduplicated).
+    pub fn source_patterns(&self) -> Vec<TablePattern> {
+        let mut out: Vec<TablePattern> = Vec::new();
+        for d in &self.definitions {
+            let data = d.data_queries.iter().map(|q| &q.pattern);
+            let params = d.param_queries.iter().filter_map(|q| match &q.kind {
+                Kind::Table { pattern, .. } => Some(pattern),
+                _ => None,
+            });
+            for p in data.chain(params) {
+                if !out.contains(p) {
+                    out.push(p.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// True when any query reads from the table.
+    pub fn is_table_used(&self, t: &SourceTableName) -> bool {
+        self.source_patterns().iter().any(|p| p.matches(t))
+    }
+
+    /// Replication time: the buckets a source row belongs to.
+    pub fn evaluate_row(&self, t: &SourceTableName, row: &Row) -> Vec<Result<EvaluatedRow, EvaluationError>> {
+        let fixed = self.compatibility.fixed_json_extract;
+        let mut out = Vec::new();
+        for d in &self.definitions {
+            for q in d.data_queries.iter().filter(|q| q.pattern.matches(t)) {
+                match q.evaluate(t, row, &d.prefix, fixed) {
+                    Ok(rows) => out.extend(rows.into_iter().map(Ok)),
+                    Err(message) => out.push(Err(EvaluationError { message })),
+                }
+            }
+        }
+        out
+    }
+
+    /// Replication time: the parameter lookup entries of a source row.
+    pub fn evaluate_parameter_row(&self, t: &SourceTableName, row: &Row) -> Vec<Result<EvaluatedParameters, EvaluationError>> {
+        let fixed = self.compatibility.fixed_json_extract;
+        let mut out = Vec::new();
+        for d in &self.definitions {
+            for q in &d.param_queries {
+                let Kind::Table { pattern, .. } = &q.kind else {
+                    continue;
+                };
+                if !pattern.matches(t) {
+                    continue;
+                }
+                let suffix = pattern.is_wildcard().then(|| pattern.suffix(t));
+                match q.evaluate_row(row, suffix, fixed) {
+                    Ok(entries) => out.extend(entries.into_iter().map(|(values, stored)| {
+                        Ok(EvaluatedParameters {
+                            lookup: LookupKey::new(&d.name, &q.id, &values),
+                            bucket_parameters: stored,
+                        })
+                    })),
+                    Err(message) => out.push(Err(EvaluationError { message })),
+                }
+            }
+        }
+        out
+    }
+
+    /// One entry per bucket definition, in file order.
+    pub fn bucket_sources(&self) -> &[BucketSourceInfo] {
+        &self.sources
+    }
+
+    /// Request time: static buckets and the lookups for dynamic ones.
+    pub fn querier(&self, request: &RequestParameters) -> Querier {
+        let ctx = Ctx {
+            request: Some(request),
+            fixed_json: self.compatibility.fixed_json_extract,
+            ..Ctx::default()
+        };
+        let mut statics = BucketSet::default();
+        let mut querier = Querier::default();
+        let mut seen = HashSet::new();
+        for (index, d) in self.definitions.iter().enumerate() {
+            for q in &d.param_queries {
+                let priority = q.priority.unwrap_or(d.priority);
+                if let Kind::Table { .. } = q.kind {
+                    let plan = match q.lookup_values(&ctx) {
+                        Ok(Some(plan)) => plan,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            querier.errors.push(format!("{}: {e}", d.name));
+                            continue;
+                        }
+                    };
+                    for values in &plan.tuples {
+                        let lookup = LookupKey::new(&d.name, &q.id, values);
+                        if !seen.insert(lookup.clone()) {
+                            continue;
+                        }
+                        querier.lookups.push(lookup.clone());
+                        querier.pending.push(PendingLookup {
+                            lookup,
+                            prefix: d.prefix.clone(),
+                            priority,
+                            source_index: index,
+                            order: d.params.clone(),
+                            columns: plan.columns.clone(),
+                        });
+                    }
+                    continue;
+                }
+                match q.static_sets(&ctx) {
+                    Ok(sets) => {
+                        for set in sets {
+                            statics.add(BucketDescription {
+                                bucket: bucket_id(&d.prefix, &d.params, &set),
+                                priority,
+                                source_index: index,
+                            });
+                        }
+                    }
+                    Err(e) => querier.errors.push(format!("{}: {e}", d.name)),
+                }
+            }
+        }
+        querier.static_buckets = statics.into_vec();
+        querier
+    }
+}

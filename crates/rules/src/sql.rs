@@ -1,0 +1,299 @@
+//! SQL front end: a Postgres-flavoured `sqlparser` dialect that also accepts
+//! PowerSync's `x IN <expr>` (JSON-array IN), plus extraction of the single
+//! `SELECT` shape the legacy dialect accepts.
+
+use sqlparser::ast::{
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, SelectItem, SetExpr, Statement,
+    TableFactor,
+};
+use sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence};
+use sqlparser::keywords::Keyword;
+use sqlparser::parser::{Parser, ParserError};
+use sqlparser::tokenizer::Token;
+use std::any::TypeId;
+
+/// PostgreSQL dialect with an infix hook for unparenthesised `IN <expr>`.
+#[derive(Debug, Default)]
+struct SyncRulesDialect(PostgreSqlDialect);
+
+impl Dialect for SyncRulesDialect {
+    fn dialect(&self) -> TypeId {
+        TypeId::of::<PostgreSqlDialect>()
+    }
+    fn identifier_quote_style(&self, identifier: &str) -> Option<char> {
+        self.0.identifier_quote_style(identifier)
+    }
+    fn is_delimited_identifier_start(&self, ch: char) -> bool {
+        self.0.is_delimited_identifier_start(ch)
+    }
+    fn is_identifier_start(&self, ch: char) -> bool {
+        self.0.is_identifier_start(ch)
+    }
+    fn is_identifier_part(&self, ch: char) -> bool {
+        self.0.is_identifier_part(ch)
+    }
+    fn supports_unicode_string_literal(&self) -> bool {
+        self.0.supports_unicode_string_literal()
+    }
+    fn is_reserved_for_identifier(&self, kw: Keyword) -> bool {
+        self.0.is_reserved_for_identifier(kw)
+    }
+    fn is_table_alias(&self, kw: &Keyword, parser: &mut Parser) -> bool {
+        self.0.is_table_alias(kw, parser)
+    }
+    fn is_custom_operator_part(&self, ch: char) -> bool {
+        self.0.is_custom_operator_part(ch)
+    }
+    fn get_next_precedence(&self, parser: &Parser) -> Option<Result<u8, ParserError>> {
+        self.0.get_next_precedence(parser)
+    }
+    fn prec_value(&self, prec: Precedence) -> u8 {
+        self.0.prec_value(prec)
+    }
+    fn prec_unknown(&self) -> u8 {
+        self.0.prec_unknown()
+    }
+    fn supports_empty_projections(&self) -> bool {
+        true
+    }
+    fn supports_string_escape_constant(&self) -> bool {
+        self.0.supports_string_escape_constant()
+    }
+    fn supports_notnull_operator(&self) -> bool {
+        self.0.supports_notnull_operator()
+    }
+    fn supports_filter_during_aggregation(&self) -> bool {
+        self.0.supports_filter_during_aggregation()
+    }
+    fn supports_group_by_expr(&self) -> bool {
+        self.0.supports_group_by_expr()
+    }
+
+    fn parse_infix(&self, parser: &mut Parser, expr: &SqlExpr, precedence: u8) -> Option<Result<SqlExpr, ParserError>> {
+        let is_kw = |t: &Token, k: Keyword| matches!(t, Token::Word(w) if w.keyword == k);
+        let (negated, skip) = if is_kw(&parser.peek_token_ref().token, Keyword::IN) {
+            (false, 1)
+        } else if is_kw(&parser.peek_token_ref().token, Keyword::NOT) && is_kw(&parser.peek_nth_token_ref(1).token, Keyword::IN) {
+            (true, 2)
+        } else {
+            return None;
+        };
+        if parser.peek_nth_token_ref(skip).token == Token::LParen {
+            return None;
+        }
+        for _ in 0..skip {
+            parser.advance_token();
+        }
+        Some(parser.parse_subexpr(precedence).map(|right| SqlExpr::InList {
+            expr: Box::new(expr.clone()),
+            list: vec![right],
+            negated,
+        }))
+    }
+}
+
+/// Folds an identifier the Postgres way (unquoted → lower case).
+pub(crate) fn fold(i: &Ident) -> String {
+    if i.quote_style.is_some() {
+        i.value.clone()
+    } else {
+        i.value.to_lowercase()
+    }
+}
+
+/// Folded identifier parts of an object name.
+pub(crate) fn object_parts(name: &ObjectName) -> Result<Vec<String>, String> {
+    name.0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(i) => Ok(fold(i)),
+            ObjectNamePart::Function(_) => Err(format!("Unsupported name {name}")),
+        })
+        .collect()
+}
+
+/// The FROM item of a supported query.
+pub(crate) enum FromItem {
+    Table {
+        schema: Option<String>,
+        name: String,
+        alias: Option<String>,
+    },
+    Function {
+        name: String,
+        args: Vec<SqlExpr>,
+        alias: Option<String>,
+    },
+}
+
+/// A single-table `SELECT` after the unsupported-feature checks.
+pub(crate) struct ParsedSelect {
+    pub projection: Vec<SelectItem>,
+    pub from: Option<FromItem>,
+    pub selection: Option<SqlExpr>,
+}
+
+/// Unwraps plain function arguments.
+pub(crate) fn plain_args(args: &[FunctionArg]) -> Result<Vec<SqlExpr>, String> {
+    args.iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e.clone()),
+            other => Err(format!("{other} not supported here")),
+        })
+        .collect()
+}
+
+/// Rewrites `SELECT` / `SELECT WHERE …` (empty projection without FROM,
+/// which sqlparser rejects) into a parseable form; returns whether it did.
+fn rewrite_empty_projection(sql: &str) -> Option<String> {
+    let t = sql.trim_start();
+    let head = t.get(..6)?;
+    if !head.eq_ignore_ascii_case("select") {
+        return None;
+    }
+    let rest = &t[6..];
+    if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
+        return None;
+    }
+    let r = rest.trim();
+    let r = r.strip_suffix(';').unwrap_or(r).trim_end();
+    let is_where =
+        r.get(..5).is_some_and(|w| w.eq_ignore_ascii_case("where")) && r[5..].starts_with(|c: char| c.is_whitespace() || c == '(');
+    if r.is_empty() || is_where {
+        Some(format!("SELECT FROM __ferrosync_none {r}"))
+    } else {
+        None
+    }
+}
+
+/// Parses one sync-rules query into its parts, rejecting unsupported SQL.
+pub(crate) fn parse_select(sql: &str) -> Result<ParsedSelect, String> {
+    let dialect = SyncRulesDialect::default();
+    let rewritten = rewrite_empty_projection(sql);
+    let text = rewritten.as_deref().unwrap_or(sql);
+    let statements = Parser::parse_sql(&dialect, text).map_err(|e| match e {
+        ParserError::ParserError(m) | ParserError::TokenizerError(m) => m,
+        ParserError::RecursionLimitExceeded => "Query is too deeply nested".to_string(),
+    })?;
+    let [statement] = statements.as_slice() else {
+        return Err("Only a single SELECT statement is supported".into());
+    };
+    let Statement::Query(query) = statement else {
+        return Err("Only SELECT statements are supported".into());
+    };
+    let mut parsed = check_query(query)?;
+    if rewritten.is_some() {
+        parsed.from = None;
+    }
+    Ok(parsed)
+}
+
+fn check_query(query: &Query) -> Result<ParsedSelect, String> {
+    if query.with.is_some() {
+        return Err("WITH is not supported".into());
+    }
+    if query.limit_clause.is_some() || query.fetch.is_some() {
+        return Err("LIMIT is not supported".into());
+    }
+    if query.order_by.is_some() {
+        return Err("ORDER BY is not supported".into());
+    }
+    if !query.locks.is_empty() || query.for_clause.is_some() {
+        return Err("SELECT FOR is not supported".into());
+    }
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return Err("Only a single SELECT statement is supported".into());
+    };
+    if select.distinct.is_some() {
+        return Err("DISTINCT is not supported".into());
+    }
+    let has_group_by = match &select.group_by {
+        GroupByExpr::All(_) => true,
+        GroupByExpr::Expressions(e, _) => !e.is_empty(),
+    };
+    if has_group_by {
+        return Err("GROUP BY is not supported".into());
+    }
+    if select.having.is_some() {
+        return Err("HAVING is not supported".into());
+    }
+    if select.top.is_some() {
+        return Err("LIMIT is not supported".into());
+    }
+    let from = match select.from.as_slice() {
+        [] => None,
+        [single] if single.joins.is_empty() => Some(from_item(&single.relation)?),
+        _ => return Err("Must SELECT from a single table".into()),
+    };
+    Ok(ParsedSelect {
+        projection: select.projection.clone(),
+        from,
+        selection: select.selection.clone(),
+    })
+}
+
+fn from_item(t: &TableFactor) -> Result<FromItem, String> {
+    match t {
+        TableFactor::Table { name, alias, args, .. } => {
+            let parts = object_parts(name)?;
+            let alias = alias.as_ref().map(|a| fold(&a.name));
+            if let Some(args) = args {
+                return Ok(FromItem::Function {
+                    name: parts.join("."),
+                    args: plain_args(&args.args)?,
+                    alias,
+                });
+            }
+            let (schema, name) = match parts.as_slice() {
+                [name] => (None, name.clone()),
+                [schema, name] => (Some(schema.clone()), name.clone()),
+                _ => return Err(format!("Invalid table name: {name}")),
+            };
+            Ok(FromItem::Table { schema, name, alias })
+        }
+        TableFactor::Function { name, args, alias, .. } => Ok(FromItem::Function {
+            name: object_parts(name)?.join("."),
+            args: plain_args(args)?,
+            alias: alias.as_ref().map(|a| fold(&a.name)),
+        }),
+        TableFactor::Derived { .. } => Err("Subqueries are not supported yet".into()),
+        _ => Err("Must SELECT from a single table".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_json_in() {
+        let p = parse_select("SELECT id FROM t WHERE owner_id IN request.parameters() -> 'ids' AND x = 1").unwrap();
+        let Some(SqlExpr::BinaryOp { left, .. }) = p.selection else {
+            panic!("expected AND");
+        };
+        assert!(matches!(*left, SqlExpr::InList { ref list, .. } if list.len() == 1));
+    }
+
+    #[test]
+    fn empty_projection() {
+        let p = parse_select("SELECT").unwrap();
+        assert!(p.projection.is_empty() && p.from.is_none() && p.selection.is_none());
+        let p = parse_select("select where token_parameters.is_admin").unwrap();
+        assert!(p.projection.is_empty() && p.from.is_none() && p.selection.is_some());
+        let p = parse_select("SELECT FROM users WHERE users.id = 1").unwrap();
+        assert!(parse_select("SELECT wher€").is_ok());
+        assert!(parse_select("SELECT\twhere(1)").is_ok());
+        assert!(p.projection.is_empty() && p.from.is_some());
+    }
+
+    #[test]
+    fn rejects() {
+        let err = |s: &str| parse_select(s).err().unwrap_or_default();
+        assert_eq!(err("SELECT a FROM t LIMIT 1"), "LIMIT is not supported");
+        assert_eq!(err("SELECT a FROM t OFFSET 10"), "LIMIT is not supported");
+        assert_eq!(err("SELECT DISTINCT a FROM t"), "DISTINCT is not supported");
+        assert_eq!(err("SELECT a FROM t ORDER BY a"), "ORDER BY is not supported");
+        assert_eq!(err("SELECT a FROM t GROUP BY a"), "GROUP BY is not supported");
+        assert_eq!(err("SELECT a FROM t, u"), "Must SELECT from a single table");
+    }
+}

@@ -1,0 +1,812 @@
+//! End-to-end tests of the legacy sync rules dialect: spec §7.1 cases,
+//! a todo-list app through replication and request time, and error messages.
+
+// 3.14 is a literal value from the reference fixtures, not an approximation of PI.
+#![allow(clippy::approx_constant)]
+
+use ferrosync_rules::*;
+use serde_json::json;
+use std::collections::HashMap;
+
+fn unversioned() -> SyncRulesOptions {
+    SyncRulesOptions {
+        default_schema: "test_schema".into(),
+        sync_rules_id: 1,
+        default_storage_version: 1,
+    }
+}
+
+fn parse(yaml: &str) -> SyncRules {
+    SyncRules::parse(yaml, &unversioned()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn parse_err(yaml: &str) -> Vec<String> {
+    match SyncRules::parse(yaml, &unversioned()) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.errors.into_iter().map(|i| i.message).collect(),
+    }
+}
+
+fn table(name: &str) -> SourceTableName {
+    SourceTableName {
+        connection_tag: "default".into(),
+        schema: "test_schema".into(),
+        name: name.into(),
+    }
+}
+
+fn row(cols: &[(&str, SqliteValue)]) -> Row {
+    let mut r = Row::new();
+    for (n, v) in cols {
+        r.push(*n, v.clone());
+    }
+    r
+}
+
+fn t(s: &str) -> SqliteValue {
+    SqliteValue::Text(s.into())
+}
+
+fn i(v: i64) -> SqliteValue {
+    SqliteValue::Integer(v)
+}
+
+fn eval(rules: &SyncRules, tbl: &str, r: &Row) -> Vec<EvaluatedRow> {
+    rules
+        .evaluate_row(&table(tbl), r)
+        .into_iter()
+        .map(|x| x.unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+fn buckets_of(rows: &[EvaluatedRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.bucket.as_str()).collect()
+}
+
+fn static_buckets(rules: &SyncRules, jwt: serde_json::Value, client: Option<serde_json::Value>) -> Vec<String> {
+    let q = rules.querier(&RequestParameters::new(jwt, client));
+    assert!(q.errors().is_empty(), "{:?}", q.errors());
+    q.static_buckets().iter().map(|b| b.bucket.clone()).collect()
+}
+
+// 1
+#[test]
+fn global_bucket() {
+    let rules = parse("bucket_definitions:\n  mybucket:\n    data:\n      - SELECT id, description FROM assets\n");
+    let rows = eval(&rules, "assets", &row(&[("id", t("asset1")), ("description", t("test"))]));
+    assert_eq!(
+        rows,
+        vec![EvaluatedRow {
+            bucket: "mybucket[]".into(),
+            table: "assets".into(),
+            id: "asset1".into(),
+            data: r#"{"id":"asset1","description":"test"}"#.into(),
+        }]
+    );
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None));
+    assert_eq!(
+        q.static_buckets(),
+        &[BucketDescription {
+            bucket: "mybucket[]".into(),
+            priority: 3,
+            source_index: 0
+        }]
+    );
+    assert!(q.lookups().is_empty());
+    assert_eq!(rules.bucket_sources()[0].name, "mybucket");
+    assert!(rules.evaluate_row(&table("other"), &row(&[("id", t("x"))])).is_empty());
+    assert!(rules.is_table_used(&table("assets")));
+    assert!(!rules.is_table_used(&table("other")));
+}
+
+// 2
+#[test]
+fn static_filter() {
+    let rules = parse("bucket_definitions:\n  mybucket:\n    parameters: SELECT WHERE token_parameters.is_admin\n    data: []\n");
+    let p = |params: serde_json::Value| static_buckets(&rules, json!({"sub": "u", "parameters": params}), None);
+    assert_eq!(p(json!({"is_admin": true})), vec!["mybucket[]"]);
+    assert!(p(json!({"is_admin": false})).is_empty());
+    assert!(p(json!({})).is_empty());
+}
+
+// 3
+#[test]
+fn token_and_user_parameters() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    parameters: SELECT token_parameters.user_id, user_parameters.device_id
+    data:
+      - SELECT id, description FROM assets WHERE assets.user_id = bucket.user_id AND assets.device_id = bucket.device_id AND NOT assets.archived
+"#,
+    );
+    assert_eq!(
+        static_buckets(&rules, json!({"sub": "user1"}), Some(json!({"device_id": "device1"}))),
+        vec![r#"mybucket["user1","device1"]"#]
+    );
+    let r = row(&[("id", t("a1")), ("user_id", t("user1")), ("device_id", t("device1"))]);
+    assert_eq!(buckets_of(&eval(&rules, "assets", &r)), vec![r#"mybucket["user1","device1"]"#]);
+    let archived = row(&[
+        ("id", t("a1")),
+        ("user_id", t("user1")),
+        ("device_id", t("device1")),
+        ("archived", i(1)),
+    ]);
+    assert!(eval(&rules, "assets", &archived).is_empty());
+    // user_parameters only: the dangerous-query warning is reported.
+    let dangerous = parse("bucket_definitions:\n  b:\n    parameters: SELECT user_parameters.x AS x\n    data: []\n");
+    assert!(dangerous.warnings()[0].message.starts_with("Potentially dangerous query"));
+    assert!(rules.warnings().is_empty());
+    let accepted = parse(
+        "bucket_definitions:\n  b:\n    accept_potentially_dangerous_queries: true\n    parameters: SELECT user_parameters.x AS x\n    data: []\n",
+    );
+    assert!(accepted.warnings().is_empty());
+}
+
+// 4
+#[test]
+fn functions_on_both_sides() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    parameters: SELECT upper(token_parameters.user_id) AS user_id
+    data:
+      - SELECT id, upper(description) AS description_upper FROM assets WHERE upper(assets.user_id) = bucket.user_id
+"#,
+    );
+    assert_eq!(static_buckets(&rules, json!({"sub": "user1"}), None), vec![r#"mybucket["USER1"]"#]);
+    let rows = eval(
+        &rules,
+        "assets",
+        &row(&[("id", t("a")), ("description", t("test")), ("user_id", t("user1"))]),
+    );
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].bucket, r#"mybucket["USER1"]"#);
+    assert_eq!(rows[0].data, r#"{"id":"a","description_upper":"TEST"}"#);
+}
+
+// 5
+#[test]
+fn in_over_row_json_array() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    parameters: SELECT token_parameters.region_id
+    data:
+      - SELECT id FROM assets WHERE bucket.region_id IN assets.region_ids
+"#,
+    );
+    let rows = eval(
+        &rules,
+        "assets",
+        &row(&[("id", t("a")), ("region_ids", t(r#"["region1","region2"]"#))]),
+    );
+    assert_eq!(buckets_of(&rows), vec![r#"mybucket["region1"]"#, r#"mybucket["region2"]"#]);
+    // Non-JSON text is a row evaluation error, not a panic.
+    let errs = rules.evaluate_row(&table("assets"), &row(&[("id", t("a")), ("region_ids", t("nope"))]));
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].is_err());
+}
+
+// 6
+#[test]
+fn boolean_parameter() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    parameters: SELECT token_parameters.is_admin
+    data:
+      - SELECT id, role FROM assets WHERE bucket.is_admin
+      - SELECT id, role FROM assets WHERE (bucket.is_admin OR bucket.is_admin = false) AND assets.role != 'admin'
+"#,
+    );
+    let rows = eval(&rules, "assets", &row(&[("id", t("a")), ("role", t("normal"))]));
+    assert_eq!(buckets_of(&rows), vec!["mybucket[1]", "mybucket[1]", "mybucket[0]"]);
+    assert_eq!(
+        static_buckets(&rules, json!({"sub": "u", "parameters": {"is_admin": true}}), None),
+        vec!["mybucket[1]"]
+    );
+    let admin = eval(&rules, "assets", &row(&[("id", t("a")), ("role", t("admin"))]));
+    assert_eq!(buckets_of(&admin), vec!["mybucket[1]"]);
+}
+
+// 7
+#[test]
+fn math() {
+    let rules = parse(
+        "bucket_definitions:\n  mybucket:\n    data:\n      - SELECT id, (5 / 2) AS int, (5 / 2.0) AS float, (CAST(5 AS real) / 2) AS float2 FROM assets\n",
+    );
+    let rows = eval(&rules, "assets", &row(&[("id", t("a"))]));
+    assert_eq!(rows[0].data, r#"{"id":"a","int":2,"float":2.5,"float2":2.5}"#);
+}
+
+// 8
+#[test]
+fn numeric_parameters() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    parameters: SELECT token_parameters.int1, token_parameters.float1, token_parameters.float2
+    data:
+      - SELECT * FROM assets WHERE assets.int1 = bucket.int1 AND assets.float1 = bucket.float1 AND assets.float2 = bucket.float2
+"#,
+    );
+    assert_eq!(
+        static_buckets(
+            &rules,
+            json!({"sub": "u", "parameters": {"int1": 314, "float1": 3.14, "float2": 314}}),
+            None
+        ),
+        vec!["mybucket[314,3.14,314]"]
+    );
+    let r = row(&[
+        ("id", t("a")),
+        ("int1", i(314)),
+        ("float1", SqliteValue::Real(3.14)),
+        ("float2", SqliteValue::Real(314.0)),
+    ]);
+    let rows = eval(&rules, "assets", &r);
+    assert_eq!(buckets_of(&rows), vec!["mybucket[314,3.14,314]"]);
+    assert_eq!(rows[0].data, r#"{"id":"a","int1":314,"float1":3.14,"float2":314.0}"#);
+}
+
+// 9
+#[test]
+fn json_extraction_legacy() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    data:
+      - SELECT id, data ->> 'count' AS count, data -> 'bool' AS bool1, data ->> 'bool' AS bool2, 'true' ->> '$' AS bool3, json_extract(data, '$.bool') AS bool4 FROM assets
+"#,
+    );
+    let rows = eval(&rules, "assets", &row(&[("id", t("a")), ("data", t(r#"{"count":5,"bool":true}"#))]));
+    assert_eq!(rows[0].data, r#"{"id":"a","count":5,"bool1":"true","bool2":1,"bool3":1,"bool4":1}"#);
+}
+
+// 10
+#[test]
+fn custom_id_and_alias() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    data:
+      - SELECT client_id AS id, description, '1' AS rule FROM assets_123 AS assets WHERE assets.archived = false
+"#,
+    );
+    let r = row(&[
+        ("id", t("internal")),
+        ("client_id", t("c1")),
+        ("description", t("d")),
+        ("archived", i(0)),
+    ]);
+    let rows = eval(&rules, "assets_123", &r);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].table, "assets");
+    assert_eq!(rows[0].id, "c1");
+    assert_eq!(rows[0].data, r#"{"id":"c1","description":"d","rule":"1"}"#);
+}
+
+// 11
+#[test]
+fn wildcard_with_suffix() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    data:
+      - SELECT client_id AS id, description, _table_suffix AS suffix, * FROM "assets_%" AS assets WHERE assets.archived = false AND _table_suffix > '100'
+"#,
+    );
+    let r = row(&[
+        ("id", t("internal")),
+        ("client_id", t("c1")),
+        ("description", t("d")),
+        ("archived", i(0)),
+        ("other_id", t("o")),
+        ("_hidden", t("h")),
+    ]);
+    let rows = eval(&rules, "assets_123", &r);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].table, "assets");
+    assert_eq!(rows[0].id, "c1");
+    assert_eq!(
+        rows[0].data,
+        r#"{"id":"c1","description":"d","suffix":"123","client_id":"c1","archived":0,"other_id":"o"}"#
+    );
+    assert!(eval(&rules, "assets_050", &r).is_empty());
+    assert!(eval(&rules, "other", &r).is_empty());
+    let p = &rules.source_patterns()[0];
+    assert!(p.is_wildcard());
+    assert_eq!(p.name_or_prefix(), "assets_");
+    assert_eq!(p.schema(), "test_schema");
+    assert_eq!(p.connection_tag(), "default");
+}
+
+// 12
+#[test]
+fn unaliased_percent_wildcard() {
+    let rules =
+        parse("bucket_definitions:\n  mybucket:\n    data:\n      - SELECT *, _table_suffix AS suffix FROM \"%\" WHERE archived = false\n");
+    let rows = eval(&rules, "assets", &row(&[("id", t("a")), ("archived", i(0))]));
+    assert_eq!(rows[0].table, "assets");
+    assert_eq!(rows[0].data, r#"{"id":"a","archived":0,"suffix":"assets"}"#);
+}
+
+// 13
+#[test]
+fn schema_filtering() {
+    for (from, matches) in [
+        (r#""assets""#, true),
+        (r#""test_schema"."assets""#, true),
+        (r#""default.test_schema"."assets""#, true),
+        (r#""other"."assets""#, false),
+        (r#""other.test_schema"."assets""#, false),
+    ] {
+        let rules = parse(&format!("bucket_definitions:\n  b:\n    data:\n      - 'SELECT id FROM {from}'\n"));
+        assert_eq!(
+            rules.evaluate_row(&table("assets"), &row(&[("id", t("a"))])).len(),
+            usize::from(matches),
+            "{from}"
+        );
+    }
+}
+
+// 14
+#[test]
+fn table_parameter_query_lookup() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  mybucket:
+    parameters: SELECT FROM users WHERE users.id = token_parameters.user_id AND users.is_admin
+    data: []
+"#,
+    );
+    let out = rules.evaluate_parameter_row(&table("users"), &row(&[("id", t("user1")), ("is_admin", i(1))]));
+    let out: Vec<_> = out.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}"))).collect();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].lookup.as_str(), r#"["mybucket","1","user1"]"#);
+    assert_eq!(out[0].bucket_parameters, "[{}]");
+    assert!(rules
+        .evaluate_parameter_row(&table("users"), &row(&[("id", t("user1")), ("is_admin", i(0))]))
+        .is_empty());
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "user1"}), None));
+    assert_eq!(q.lookups(), &[out[0].lookup.clone()]);
+    let mut results = HashMap::new();
+    results.insert(out[0].lookup.clone(), vec![out[0].bucket_parameters.clone()]);
+    assert_eq!(q.resolve(&results)[0].bucket, "mybucket[]");
+    assert!(q.resolve(&HashMap::new()).is_empty());
+}
+
+// 15
+#[test]
+fn unsupported_sql() {
+    let msg = |sql: &str| parse_err(&format!("bucket_definitions:\n  b:\n    parameters: {sql}\n    data: []\n"));
+    assert_eq!(msg("SELECT token_parameters.user_id LIMIT 1"), vec!["LIMIT is not supported"]);
+    assert_eq!(msg("SELECT token_parameters.user_id OFFSET 10"), vec!["LIMIT is not supported"]);
+    assert_eq!(msg("SELECT DISTINCT token_parameters.user_id"), vec!["DISTINCT is not supported"]);
+    assert_eq!(msg("SELECT id FROM users ORDER BY id"), vec!["ORDER BY is not supported"]);
+    assert_eq!(msg("SELECT id FROM users GROUP BY id"), vec!["GROUP BY is not supported"]);
+}
+
+// 16
+#[test]
+fn null_definition() {
+    assert_eq!(
+        parse_err("bucket_definitions:\n  mybucket:\n"),
+        vec!["'mybucket' bucket definition must be an object"]
+    );
+}
+
+const TODO_RULES: &str = r#"
+config:
+  edition: 2
+bucket_definitions:
+  global:
+    data:
+      - SELECT * FROM announcements
+  user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM profiles WHERE owner_id = bucket.user_id
+  by_list:
+    priority: 1
+    parameters: SELECT id AS list_id FROM lists WHERE owner_id = request.user_id()
+    data:
+      - SELECT * FROM lists WHERE id = bucket.list_id
+      - SELECT * FROM todos WHERE list_id = bucket.list_id
+"#;
+
+#[test]
+fn todo_app_end_to_end() {
+    let opts = SyncRulesOptions {
+        default_schema: "test_schema".into(),
+        sync_rules_id: 7,
+        default_storage_version: 2,
+    };
+    let rules = SyncRules::parse(TODO_RULES, &opts).unwrap_or_else(|e| panic!("{e}"));
+    assert!(rules.compatibility().versioned_bucket_ids);
+    assert!(rules.compatibility().fixed_json_extract);
+    assert_eq!(
+        rules.bucket_sources(),
+        &[
+            BucketSourceInfo {
+                name: "global".into(),
+                priority: 3
+            },
+            BucketSourceInfo {
+                name: "user".into(),
+                priority: 3
+            },
+            BucketSourceInfo {
+                name: "by_list".into(),
+                priority: 1
+            },
+        ]
+    );
+    let names: Vec<_> = rules.source_patterns().iter().map(|p| p.name_or_prefix().to_string()).collect();
+    assert_eq!(names, vec!["announcements", "profiles", "lists", "todos"]);
+
+    // Replication: the list row feeds both a parameter lookup and a bucket.
+    let list = row(&[("id", t("l1")), ("owner_id", t("u1")), ("name", t("Groceries"))]);
+    let params: Vec<_> = rules
+        .evaluate_parameter_row(&table("lists"), &list)
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_eq!(params.len(), 1);
+    assert_eq!(params[0].lookup.as_str(), r#"["by_list","1","u1"]"#);
+    assert_eq!(params[0].bucket_parameters, r#"[{"list_id":"l1"}]"#);
+    assert_eq!(buckets_of(&eval(&rules, "lists", &list)), vec![r#"7#by_list["l1"]"#]);
+
+    let todo = row(&[
+        ("id", i(42)),
+        ("list_id", t("l1")),
+        ("_internal", t("x")),
+        ("pic", SqliteValue::Blob(vec![1])),
+    ]);
+    let rows = eval(&rules, "todos", &todo);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].bucket, r#"7#by_list["l1"]"#);
+    assert_eq!(rows[0].id, "42");
+    assert_eq!(rows[0].data, r#"{"id":42,"list_id":"l1"}"#);
+
+    // Request time.
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u1"}), None));
+    let statics: Vec<_> = q.static_buckets().iter().map(|b| b.bucket.as_str()).collect();
+    assert_eq!(statics, vec!["7#global[]", r#"7#user["u1"]"#]);
+    assert_eq!(q.lookups(), &[LookupKey::from_stored(r#"["by_list","1","u1"]"#.into())]);
+    let mut results = HashMap::new();
+    results.insert(
+        params[0].lookup.clone(),
+        vec![
+            params[0].bucket_parameters.clone(),
+            r#"[{"list_id":"l2"}]"#.to_string(),
+            params[0].bucket_parameters.clone(),
+        ],
+    );
+    let all = q.resolve(&results);
+    assert_eq!(
+        all,
+        vec![
+            BucketDescription {
+                bucket: "7#global[]".into(),
+                priority: 3,
+                source_index: 0
+            },
+            BucketDescription {
+                bucket: r#"7#user["u1"]"#.into(),
+                priority: 3,
+                source_index: 1
+            },
+            BucketDescription {
+                bucket: r#"7#by_list["l1"]"#.into(),
+                priority: 1,
+                source_index: 2
+            },
+            BucketDescription {
+                bucket: r#"7#by_list["l2"]"#.into(),
+                priority: 1,
+                source_index: 2
+            },
+        ]
+    );
+}
+
+#[test]
+fn row_moves_between_buckets() {
+    let rules = SyncRules::parse(TODO_RULES, &unversioned()).unwrap_or_else(|e| panic!("{e}"));
+    let before = eval(&rules, "todos", &row(&[("id", t("t1")), ("list_id", t("l1"))]));
+    let after = eval(&rules, "todos", &row(&[("id", t("t1")), ("list_id", t("l2"))]));
+    assert_eq!(buckets_of(&before), vec![r#"1#by_list["l1"]"#]);
+    assert_eq!(buckets_of(&after), vec![r#"1#by_list["l2"]"#]);
+    // A NULL list_id puts the row in no bucket.
+    assert!(eval(&rules, "todos", &row(&[("id", t("t1")), ("list_id", SqliteValue::Null)])).is_empty());
+    // Parameter rows move too: a new owner gives a new lookup key.
+    let moved = rules.evaluate_parameter_row(&table("lists"), &row(&[("id", t("l1")), ("owner_id", t("u2"))]));
+    assert_eq!(moved[0].as_ref().map(|p| p.lookup.as_str()), Ok(r#"["by_list","1","u2"]"#));
+}
+
+#[test]
+fn lookup_keys_normalize_reals() {
+    let rules =
+        parse("bucket_definitions:\n  b:\n    parameters: SELECT id AS x FROM items WHERE items.n = token_parameters.n\n    data: []\n");
+    let a = rules.evaluate_parameter_row(&table("items"), &row(&[("id", t("a")), ("n", i(1))]));
+    let b = rules.evaluate_parameter_row(&table("items"), &row(&[("id", t("a")), ("n", SqliteValue::Real(1.0))]));
+    let ka = a[0].as_ref().map(|p| p.lookup.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let kb = b[0].as_ref().map(|p| p.lookup.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ka, kb);
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u", "parameters": {"n": 1.0}}), None));
+    assert_eq!(q.lookups(), &[ka]);
+}
+
+#[test]
+fn request_functions_and_json_each() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  by_org:
+    parameters:
+      - SELECT request.jwt() ->> 'org' AS org
+      - SELECT request.parameters() ->> 'org' AS org WHERE request.jwt() ->> 'role' = 'admin'
+    data: []
+  by_project:
+    parameters: SELECT value AS project_id FROM json_each(request.jwt() -> 'projects')
+    data: []
+  by_group:
+    parameters: SELECT json_each.value AS g FROM json_each(request.jwt() -> 'groups') WHERE json_each.value != 'skip'
+    data: []
+"#,
+    );
+    let got = static_buckets(
+        &rules,
+        json!({"sub": "u", "org": "o1", "role": "admin", "projects": ["p1", "p2"], "groups": ["a", "skip", 3]}),
+        Some(json!({"org": "o2"})),
+    );
+    assert_eq!(
+        got,
+        vec![
+            r#"by_org["o1"]"#,
+            r#"by_org["o2"]"#,
+            r#"by_project["p1"]"#,
+            r#"by_project["p2"]"#,
+            r#"by_group["a"]"#,
+            "by_group[3]",
+        ]
+    );
+    let user = static_buckets(&rules, json!({"sub": "u", "org": "o1"}), Some(json!({"org": "o2"})));
+    assert_eq!(user, vec![r#"by_org["o1"]"#]);
+}
+
+#[test]
+fn in_with_request_array() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  b:
+    parameters: SELECT id AS list_id FROM lists WHERE lists.owner_id IN request.jwt() -> 'owners' AND lists.active
+    data:
+      - SELECT * FROM todos WHERE list_id = bucket.list_id
+"#,
+    );
+    let p = rules.evaluate_parameter_row(&table("lists"), &row(&[("id", t("l1")), ("owner_id", t("o1")), ("active", i(1))]));
+    assert_eq!(p[0].as_ref().map(|x| x.lookup.as_str()), Ok(r#"["b","1","o1"]"#));
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u", "owners": ["o1", "o2"]}), None));
+    let keys: Vec<_> = q.lookups().iter().map(|k| k.as_str()).collect();
+    assert_eq!(keys, vec![r#"["b","1","o1"]"#, r#"["b","1","o2"]"#]);
+    // param IN row array in a parameter query.
+    let rules = parse(
+        "bucket_definitions:\n  b:\n    parameters: SELECT id AS g FROM groups WHERE request.user_id() IN groups.members\n    data: []\n",
+    );
+    let p = rules.evaluate_parameter_row(&table("groups"), &row(&[("id", t("g1")), ("members", t(r#"["u1","u2"]"#))]));
+    let keys: Vec<_> = p.iter().map(|x| x.as_ref().map(|y| y.lookup.as_str().to_string())).collect();
+    assert_eq!(keys, vec![Ok(r#"["b","1","u1"]"#.to_string()), Ok(r#"["b","1","u2"]"#.to_string())]);
+}
+
+#[test]
+fn star_precedence_and_quoted_names() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  b:
+    data:
+      - SELECT *, user_id AS id FROM "Users"
+      - SELECT user_id AS id, * FROM "Users" u
+      - SELECT "Name" AS name, id FROM Users
+"#,
+    );
+    let r = row(&[("id", t("internal")), ("user_id", t("uid")), ("Name", t("n"))]);
+    let rows = eval(&rules, "Users", &r);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].id, "uid");
+    assert_eq!(rows[1].id, "uid");
+    assert_eq!(rows[1].table, "u");
+    assert_eq!(rows[0].data, r#"{"id":"uid","user_id":"uid","Name":"n"}"#);
+    let lower = eval(&rules, "users", &r);
+    assert_eq!(lower.len(), 1);
+    assert_eq!(lower[0].data, r#"{"name":"n","id":"internal"}"#);
+}
+
+#[test]
+fn priorities() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  a:
+    priority: 0
+    data: []
+  b:
+    parameters: SELECT request.user_id() AS user_id, 1 AS _priority
+    data: []
+"#,
+    );
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None));
+    let p: Vec<_> = q.static_buckets().iter().map(|b| (b.bucket.as_str(), b.priority)).collect();
+    assert_eq!(p, vec![("a[]", 0), (r#"b["u"]"#, 1)]);
+    assert_eq!(
+        parse_err("bucket_definitions:\n  a:\n    priority: 4\n    data: []\n"),
+        vec!["Invalid priority, expected a number between 0 and 3 (inclusive)."]
+    );
+    assert_eq!(
+        parse_err("bucket_definitions:\n  a:\n    priority: 1\n    parameters: SELECT 2 AS _priority\n    data: []\n"),
+        vec!["Cannot set priority multiple times."]
+    );
+}
+
+#[test]
+fn versioning_and_config() {
+    let y = "bucket_definitions:\n  g:\n    data: []\n";
+    let q = |yaml: &str, opts: &SyncRulesOptions| {
+        let rules = SyncRules::parse(yaml, opts).unwrap_or_else(|e| panic!("{e}"));
+        let q = rules.querier(&RequestParameters::new(json!({}), None));
+        q.static_buckets()[0].bucket.clone()
+    };
+    let mut opts = SyncRulesOptions {
+        default_schema: "public".into(),
+        sync_rules_id: 3,
+        default_storage_version: 2,
+    };
+    assert_eq!(q(y, &opts), "3#g[]");
+    opts.default_storage_version = 1;
+    assert_eq!(q(y, &opts), "g[]");
+    assert_eq!(q(&format!("config:\n  edition: 2\n{y}"), &opts), "3#g[]");
+    assert_eq!(
+        q(&format!("config:\n  edition: 2\n  versioned_bucket_ids: false\n{y}"), &opts),
+        "g[]"
+    );
+    assert_eq!(q(&format!("config:\n  storage_version: 2\n{y}"), &opts), "3#g[]");
+    let rules = SyncRules::parse(y, &opts).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rules.compatibility(), &Compatibility::default());
+    // event_definitions are accepted and ignored.
+    let with_events = format!("{y}event_definitions:\n  write_checkpoints:\n    payloads:\n      - SELECT user_id FROM checkpoints\n");
+    assert!(SyncRules::parse(&with_events, &opts).is_ok());
+}
+
+#[test]
+fn structural_errors() {
+    assert_eq!(
+        parse_err("foo: 1\nbucket_definitions: {}\n"),
+        vec!["Unknown top-level key 'foo' (must NOT have additional properties)"]
+    );
+    assert_eq!(parse_err("config: {}\n"), vec!["'bucket_definitions' or 'streams' is required"]);
+    assert_eq!(parse_err("- a\n"), vec!["Sync Config must be a YAML map."]);
+    assert_eq!(
+        parse_err("streams:\n  s:\n    query: SELECT * FROM t\n"),
+        vec!["Sync streams are not supported yet"]
+    );
+    assert_eq!(
+        parse_err("config:\n  storage_version: 7\nbucket_definitions: {}\n"),
+        vec!["Storage version 7 is not supported"]
+    );
+    assert_eq!(
+        parse_err("bucket_definitions:\n  b:\n    parameters:\n      - SELECT request.user_id() AS a\n      - SELECT request.user_id() AS b\n    data: []\n"),
+        vec!["Bucket parameters must match for each parameter query within a bucket"]
+    );
+}
+
+#[test]
+fn query_errors_are_all_collected() {
+    let yaml = r#"
+bucket_definitions:
+  one:
+    parameters: SELECT request.user_id()
+    data:
+      - SELECT description FROM assets
+      - SELECT id, upper(description) FROM assets
+  two:
+    parameters: SELECT id AS x FROM users u WHERE u.id = request.user_id()
+    data:
+      - SELECT id FROM assets WHERE assets.x = bucket.y
+  three:
+    parameters: SELECT request.user_id() AS a
+    data:
+      - SELECT id FROM assets WHERE assets.id IN bucket.a
+      - SELECT id FROM assets WHERE assets.id = upper(bucket.a)
+      - SELECT id FROM assets WHERE bucket.a = bucket.a
+      - SELECT id FROM assets WHERE assets.a = request.user_id()
+      - SELECT id FROM assets
+"#;
+    let err = SyncRules::parse(yaml, &unversioned())
+        .err()
+        .unwrap_or_else(|| panic!("expected errors"));
+    let got: Vec<(Option<&str>, &str)> = err.errors.iter().map(|e| (e.definition.as_deref(), e.message.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some("one"), "alias is required"),
+            (Some("one"), "Query must return an \"id\" column"),
+            (Some("one"), "alias is required"),
+            (Some("two"), "Table aliases not supported in parameter queries"),
+            (
+                Some("two"),
+                "Query must cover all bucket parameters. Expected: [] Got: [\"bucket.y\"]"
+            ),
+            (Some("three"), "Cannot use bucket parameters on the right side of IN operators"),
+            (Some("three"), "Cannot use bucket parameters in expressions"),
+            (Some("three"), "Cannot have bucket parameters on both sides of = operator"),
+            (Some("three"), "request schema is not available in data queries"),
+            (
+                Some("three"),
+                "Query must cover all bucket parameters. Expected: [\"bucket.a\"] Got: []"
+            ),
+        ]
+    );
+    assert_eq!(err.errors[0].query.as_deref(), Some("SELECT request.user_id()"));
+    let text = err.to_string();
+    assert_eq!(text.lines().count(), 10);
+    assert!(text.contains("SELECT description FROM assets"));
+}
+
+#[test]
+fn parameter_query_errors() {
+    let msg = |sql: &str| parse_err(&format!("bucket_definitions:\n  b:\n    parameters: \"{sql}\"\n    data: []\n"));
+    assert_eq!(msg("SELECT * FROM users"), vec!["* is not supported here - use explicit columns"]);
+    assert_eq!(msg("SELECT id FROM users, groups"), vec!["Must SELECT from a single table"]);
+    assert_eq!(
+        msg("SELECT upper(users.id) || request.user_id() AS x FROM users"),
+        vec!["Cannot use table values and parameters in the same clauses"]
+    );
+    assert_eq!(
+        msg("SELECT id AS x FROM users WHERE users.a = request.user_id() OR users.b = token_parameters.b"),
+        vec!["Left and right sides of OR must use the same parameters, or split into separate queries."]
+    );
+    assert_eq!(
+        msg("SELECT id AS x FROM users WHERE NOT users.a = request.user_id()"),
+        vec!["Parameter match clauses cannot be used here"]
+    );
+    assert_eq!(
+        msg("SELECT value AS x FROM other_fn(request.jwt())"),
+        vec!["Table-valued function other_fn is not defined."]
+    );
+    assert_eq!(
+        msg("SELECT id AS x FROM users WHERE users.a IN request.jwt() -> 'a' AND users.b IN request.jwt() -> 'b'"),
+        vec!["Cannot have multiple array input parameters"]
+    );
+    assert_eq!(msg("UPDATE users SET a = 1"), vec!["Only SELECT statements are supported"]);
+}
+
+#[test]
+fn or_in_parameter_and_data_queries() {
+    let rules = parse(
+        r#"
+bucket_definitions:
+  b:
+    parameters: SELECT id AS org FROM orgs WHERE orgs.owner = request.user_id() OR orgs.admin = request.user_id()
+    data:
+      - SELECT id FROM docs WHERE docs.org = bucket.org OR docs.parent_org = bucket.org
+"#,
+    );
+    let p = rules.evaluate_parameter_row(&table("orgs"), &row(&[("id", t("o")), ("owner", t("u1")), ("admin", t("u2"))]));
+    let keys: Vec<_> = p.iter().filter_map(|x| x.as_ref().ok()).map(|y| y.lookup.as_str()).collect();
+    assert_eq!(keys, vec![r#"["b","1","u1"]"#, r#"["b","1","u2"]"#]);
+    let rows = eval(&rules, "docs", &row(&[("id", t("d")), ("org", t("x")), ("parent_org", t("y"))]));
+    assert_eq!(buckets_of(&rows), vec![r#"b["x"]"#, r#"b["y"]"#]);
+}

@@ -1,0 +1,155 @@
+//! Initial snapshot of one table: COPY text in primary-key order, in chunks, resumable from
+//! the last key copied. Tables without a single chunkable key are copied in one pass.
+//!
+//! Consistency does not come from a single snapshot: the stream replays from the slot's
+//! creation point, and the replicator blocks checkpoints until the WAL position read after the
+//! copy (replication spec §1.3). That is what lets a crashed snapshot resume mid-table.
+
+use crate::copy_text::parse_line;
+use crate::error::SourceError;
+use crate::relation::{ColumnInfo, ColumnValue, RelationInfo, SourceRow};
+use crate::setup::{quote_ident, quote_literal};
+use crate::types::{self, decode_text};
+use bytes::{Buf, BytesMut};
+use ferrosync_rules::{Compatibility, SqliteValue};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+
+/// Rows copied in one step, and where to resume after them.
+#[derive(Debug)]
+pub struct SnapshotChunk {
+    pub rows: Vec<SourceRow>,
+    /// Text of the key of the last row (chunked tables only).
+    pub last_key: Option<String>,
+    /// No rows follow this chunk.
+    pub done: bool,
+}
+
+/// The key column used for chunking, if the table has exactly one of a type that orders well.
+pub fn chunk_column(rel: &RelationInfo) -> Option<&ColumnInfo> {
+    let mut keys = rel.key_columns();
+    let key = keys.next()?;
+    if keys.next().is_some() || rel.replica_identity == b'f' {
+        return None;
+    }
+    matches!(key.type_oid, types::INT2 | types::INT4 | types::INT8 | 25 | 1043 | 2950).then_some(key)
+}
+
+/// Copy `rel` starting after `resume_key`, sending chunks of `chunk_rows` rows to `tx`.
+/// Stops early (without error) when the receiver is dropped.
+pub async fn copy_table(
+    client: &Client,
+    rel: &RelationInfo,
+    mut resume_key: Option<String>,
+    chunk_rows: usize,
+    compat: &Compatibility,
+    tx: mpsc::Sender<Result<SnapshotChunk, SourceError>>,
+) -> Result<(), SourceError> {
+    client.batch_execute(types::SESSION_SETTINGS).await?;
+    let table = format!("{}.{}", quote_ident(&rel.name.schema), quote_ident(&rel.name.name));
+    let Some(key) = chunk_column(rel) else {
+        let query = format!("COPY (SELECT * FROM {table}) TO STDOUT");
+        return copy_query(client, &query, rel, chunk_rows, compat, None, &tx).await.map(|_| ());
+    };
+    let key_index = rel.columns.iter().position(|c| c.name == key.name);
+    loop {
+        let filter = match &resume_key {
+            Some(k) => format!("WHERE {} > {}", quote_ident(&key.name), quote_literal(k)),
+            None => String::new(),
+        };
+        let query = format!(
+            "COPY (SELECT * FROM {table} {filter} ORDER BY {} LIMIT {chunk_rows}) TO STDOUT",
+            quote_ident(&key.name)
+        );
+        let (count, last_key) = copy_query(client, &query, rel, usize::MAX, compat, key_index, &tx).await?;
+        if count < chunk_rows || tx.is_closed() {
+            let _ = tx
+                .send(Ok(SnapshotChunk {
+                    rows: Vec::new(),
+                    last_key,
+                    done: true,
+                }))
+                .await;
+            return Ok(());
+        }
+        resume_key = last_key;
+    }
+}
+
+/// Run one COPY, sending rows in chunks of at most `chunk_rows`; returns the row count and the
+/// raw key text of the last row.
+async fn copy_query(
+    client: &Client,
+    query: &str,
+    rel: &RelationInfo,
+    chunk_rows: usize,
+    compat: &Compatibility,
+    key_index: Option<usize>,
+    tx: &mpsc::Sender<Result<SnapshotChunk, SourceError>>,
+) -> Result<(usize, Option<String>), SourceError> {
+    let stream = client.copy_out(query).await?;
+    futures::pin_mut!(stream);
+    let mut buf = BytesMut::new();
+    let mut rows = Vec::new();
+    let mut count = 0;
+    let mut last_key = None;
+    while let Some(bytes) = stream.next().await {
+        buf.extend_from_slice(&bytes?);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(pos + 1);
+            let fields = parse_line(&line[..pos]);
+            if let Some(i) = key_index {
+                last_key = fields.get(i).cloned().flatten();
+            }
+            rows.push(decode_fields(rel, fields, compat));
+            count += 1;
+            if rows.len() >= chunk_rows {
+                let chunk = SnapshotChunk {
+                    rows: std::mem::take(&mut rows),
+                    last_key: None,
+                    done: false,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok((count, last_key));
+                }
+            }
+        }
+    }
+    if buf.has_remaining() {
+        return Err(SourceError::decode("COPY output ended mid-row"));
+    }
+    if !rows.is_empty() || key_index.is_none() {
+        let chunk = SnapshotChunk {
+            rows,
+            last_key: last_key.clone(),
+            done: key_index.is_none(),
+        };
+        let _ = tx.send(Ok(chunk)).await;
+    }
+    Ok((count, last_key))
+}
+
+fn decode_fields(rel: &RelationInfo, fields: Vec<Option<String>>, compat: &Compatibility) -> SourceRow {
+    let columns = rel
+        .columns
+        .iter()
+        .zip(fields)
+        .map(|(col, field)| {
+            let value = match field {
+                None => SqliteValue::Null,
+                Some(text) => decode_text(col.type_oid, &text, compat),
+            };
+            (col.name.clone(), ColumnValue::Value(value))
+        })
+        .collect();
+    SourceRow { columns }
+}
+
+/// Estimated row count, for progress logs.
+pub async fn estimate_rows(client: &Client, oid: u32) -> Result<i64, SourceError> {
+    let row = client
+        .query_one("SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1", &[&oid])
+        .await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,258 @@
+//! The pgoutput change stream: a task owns the replication connection, decodes messages into
+//! typed [`SourceEvent`]s (overlapping decoding with the consumer's storage writes), and reports
+//! acknowledged positions back to Postgres.
+
+use crate::error::SourceError;
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, PgOutputMessage, TupleValue};
+use crate::relation::{ColumnInfo, ColumnValue, RelationInfo, SourceRow};
+use crate::setup::PUBLICATION;
+use crate::types::{decode_text, STARTUP_OPTIONS};
+use ferrosync_rules::{Compatibility, SourceTableName, SqliteValue};
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// How to reach the slot.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    pub slot: String,
+    pub connection_tag: String,
+    pub compatibility: Compatibility,
+}
+
+/// A decoded change-stream event.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Table description; sent before the first change of a table and after schema changes.
+    Relation(RelationInfo),
+    Insert {
+        relation: u32,
+        new: SourceRow,
+    },
+    /// `old` only when the key changed (or replica identity FULL).
+    Update {
+        relation: u32,
+        old: Option<SourceRow>,
+        new: SourceRow,
+    },
+    Delete {
+        relation: u32,
+        old: SourceRow,
+    },
+    Truncate {
+        relations: Vec<u32>,
+    },
+    Begin,
+    /// End of a transaction; `lsn` is the end of its commit record.
+    Commit {
+        lsn: Lsn,
+    },
+    /// Our `powersync`/`ping` marker: a checkpoint should be made here even with no changes.
+    Ping {
+        lsn: Lsn,
+    },
+    /// Server keepalive outside any transaction: safe to acknowledge once everything before is durable.
+    Keepalive {
+        lsn: Lsn,
+    },
+}
+
+/// Handle to a running stream. Dropping it stops the replication connection.
+pub struct ChangeStream {
+    events: mpsc::Receiver<Result<SourceEvent, SourceError>>,
+    ack: watch::Sender<Lsn>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChangeStream {
+    /// Start streaming the slot from its confirmed position.
+    pub async fn start(options: StreamOptions) -> Result<ChangeStream, SourceError> {
+        let config = ReplicationConfig::new(
+            options.host.clone(),
+            options.user.clone(),
+            options.password.clone(),
+            options.database.clone(),
+            options.slot.clone(),
+            PUBLICATION,
+        )
+        .with_port(options.port)
+        .with_tls(TlsConfig::disabled())
+        .with_options(STARTUP_OPTIONS)
+        .with_status_interval(Duration::from_secs(1))
+        .with_application_name("ferrosync");
+        let client = ReplicationClient::connect(config).await?;
+        let (tx, events) = mpsc::channel(4096);
+        let (ack, ack_rx) = watch::channel(Lsn(0));
+        let task = tokio::spawn(run(client, tx, ack_rx, options));
+        Ok(ChangeStream { events, ack, task })
+    }
+
+    /// Next event; `None` when the stream ended.
+    pub async fn recv(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        self.events.recv().await
+    }
+
+    /// Next event if one is already decoded (lets the consumer batch many transactions).
+    pub fn try_recv(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        self.events.try_recv().ok()
+    }
+
+    /// Everything up to `lsn` is durable in bucket storage: Postgres may release it.
+    pub fn ack(&self, lsn: Lsn) {
+        self.ack.send_if_modified(|current| {
+            if lsn > *current {
+                *current = lsn;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl Drop for ChangeStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run(
+    mut client: ReplicationClient,
+    tx: mpsc::Sender<Result<SourceEvent, SourceError>>,
+    mut ack: watch::Receiver<Lsn>,
+    options: StreamOptions,
+) {
+    let mut decoder = Decoder {
+        relations: HashMap::new(),
+        options,
+    };
+    let mut in_transaction = false;
+    loop {
+        tokio::select! {
+            changed = ack.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let lsn = *ack.borrow_and_update();
+                client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+            }
+            event = client.recv() => {
+                let event = match event {
+                    Ok(Some(e)) => e,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        break;
+                    }
+                };
+                let decoded = match event {
+                    ReplicationEvent::Begin { .. } => {
+                        in_transaction = true;
+                        Some(Ok(SourceEvent::Begin))
+                    }
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        in_transaction = false;
+                        Some(Ok(SourceEvent::Commit { lsn: Lsn(end_lsn.0) }))
+                    }
+                    ReplicationEvent::XLogData { data, .. } => decoder.decode(data).transpose(),
+                    ReplicationEvent::Message { prefix, content, lsn, transactional } => {
+                        (prefix == "powersync" && &content[..] == b"ping" && !transactional).then_some(Ok(SourceEvent::Ping { lsn: Lsn(lsn.0) }))
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } => (!in_transaction).then_some(Ok(SourceEvent::Keepalive { lsn: Lsn(wal_end.0) })),
+                    ReplicationEvent::StoppedAt { .. } => break,
+                };
+                if let Some(event) = decoded {
+                    let failed = event.is_err();
+                    if tx.send(event).await.is_err() || failed {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    client.stop();
+}
+
+struct Decoder {
+    relations: HashMap<u32, RelationInfo>,
+    options: StreamOptions,
+}
+
+impl Decoder {
+    fn decode(&mut self, data: bytes::Bytes) -> Result<Option<SourceEvent>, SourceError> {
+        Ok(Some(match pgoutput::decode(data)? {
+            PgOutputMessage::Relation(r) => {
+                let info = RelationInfo {
+                    oid: r.oid,
+                    name: SourceTableName {
+                        connection_tag: self.options.connection_tag.clone(),
+                        schema: r.schema,
+                        name: r.name,
+                    },
+                    columns: r
+                        .columns
+                        .into_iter()
+                        .map(|(flags, name, type_oid)| ColumnInfo {
+                            name,
+                            type_oid,
+                            is_key: flags & 1 == 1,
+                        })
+                        .collect(),
+                    replica_identity: r.replica_identity,
+                };
+                self.relations.insert(r.oid, info.clone());
+                SourceEvent::Relation(info)
+            }
+            PgOutputMessage::Insert { relation, new } => SourceEvent::Insert {
+                relation,
+                new: self.row(relation, new)?,
+            },
+            PgOutputMessage::Update { relation, old, new } => {
+                let old = match old {
+                    Some(o) => Some(self.row(relation, o)?),
+                    None => None,
+                };
+                SourceEvent::Update {
+                    relation,
+                    old,
+                    new: self.row(relation, new)?,
+                }
+            }
+            PgOutputMessage::Delete { relation, old } => SourceEvent::Delete {
+                relation,
+                old: self.row(relation, old)?,
+            },
+            PgOutputMessage::Truncate { relations } => SourceEvent::Truncate { relations },
+            PgOutputMessage::Other(_) => return Ok(None),
+        }))
+    }
+
+    fn row(&self, relation: u32, tuple: Vec<TupleValue>) -> Result<SourceRow, SourceError> {
+        let rel = self
+            .relations
+            .get(&relation)
+            .ok_or_else(|| SourceError::decode(format!("change for unknown relation {relation}")))?;
+        let compat = &self.options.compatibility;
+        let columns = rel
+            .columns
+            .iter()
+            .zip(tuple)
+            .map(|(col, value)| {
+                let value = match value {
+                    TupleValue::Null => ColumnValue::Value(SqliteValue::Null),
+                    TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
+                    TupleValue::Text(bytes) => ColumnValue::Value(decode_text(col.type_oid, &String::from_utf8_lossy(&bytes), compat)),
+                };
+                (col.name.clone(), value)
+            })
+            .collect();
+        Ok(SourceRow { columns })
+    }
+}

@@ -1,0 +1,11 @@
+//! Storage errors.
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("[PSYNC_S2401] bucket storage query failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("[PSYNC_S2402] corrupt data in bucket storage: {0}")]
+    Corrupt(String),
+    #[error("[PSYNC_S1003] replication stream {0} is locked by another process")]
+    Locked(i64),
+}

@@ -1,0 +1,33 @@
+//! Bucket storage: the op log per bucket, current row state, parameter lookups, checkpoints
+//! and write checkpoints, kept in PostgreSQL (schema `ferrosync`).
+//!
+//! Write side: [`BucketWriter`] (one per replication stream, guarded by a lease) turns row
+//! changes into ops and commits checkpoints. Read side: [`SyncStorage`] is what the sync layer
+//! needs; [`PgStorage`] implements it.
+
+pub mod checksum;
+pub mod error;
+pub mod model;
+pub mod notify;
+pub mod reader;
+pub mod row_codec;
+pub mod schema;
+pub mod streams;
+pub mod writer;
+
+pub use error::StorageError;
+pub use model::*;
+pub use notify::CheckpointListener;
+pub use reader::{PgStorage, SyncStorage};
+pub use writer::{BucketWriter, RecordOp, TableHandle};
+
+/// Connect with tokio-postgres (no TLS) and drive the connection in a task.
+pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, StorageError> {
+    let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "storage connection closed");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,129 @@
+//! Plain data types shared by the writer, the reader and the sync layer.
+
+/// Operation kinds as stored (`op` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpType {
+    Put = 1,
+    Remove = 2,
+    Move = 3,
+    Clear = 4,
+}
+
+impl OpType {
+    pub fn from_i16(v: i16) -> Option<OpType> {
+        Some(match v {
+            1 => OpType::Put,
+            2 => OpType::Remove,
+            3 => OpType::Move,
+            4 => OpType::Clear,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpType::Put => "PUT",
+            OpType::Remove => "REMOVE",
+            OpType::Move => "MOVE",
+            OpType::Clear => "CLEAR",
+        }
+    }
+}
+
+/// One op as read for a `data` line.
+#[derive(Debug, Clone)]
+pub struct OplogEntry {
+    pub op_id: i64,
+    pub op: OpType,
+    pub object_type: Option<String>,
+    pub object_id: Option<String>,
+    pub subkey: Option<String>,
+    pub data: Option<String>,
+    pub checksum: u32,
+}
+
+/// A consistent position: everything with `op_id <= op_id` is visible; `lsn` is the source position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub op_id: i64,
+    pub lsn: u64,
+}
+
+/// Lifecycle of a replication stream (one per deployed sync config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamState {
+    Processing,
+    Active,
+    Stop,
+    Terminated,
+}
+
+impl StreamState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamState::Processing => "PROCESSING",
+            StreamState::Active => "ACTIVE",
+            StreamState::Stop => "STOP",
+            StreamState::Terminated => "TERMINATED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StreamState> {
+        Some(match s {
+            "PROCESSING" => StreamState::Processing,
+            "ACTIVE" => StreamState::Active,
+            "STOP" => StreamState::Stop,
+            "TERMINATED" => StreamState::Terminated,
+            _ => return None,
+        })
+    }
+}
+
+/// A replication stream's persisted state.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    pub id: i64,
+    pub content: String,
+    pub state: StreamState,
+    pub slot_name: String,
+    pub snapshot_done: bool,
+    pub checkpoint: Checkpoint,
+    pub no_checkpoint_before: u64,
+    pub persisted_op: i64,
+}
+
+/// A source table known to a stream.
+#[derive(Debug, Clone)]
+pub struct SourceTableRecord {
+    pub id: i64,
+    pub relation_oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub key_columns: Vec<String>,
+    pub snapshot_done: bool,
+    pub snapshot_last_key: Option<String>,
+    pub snapshot_rows: i64,
+}
+
+/// Bucket checksum at a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BucketChecksum {
+    pub checksum: u32,
+    pub count: i64,
+}
+
+/// What changed in a range of op_ids: buckets with new ops and lookups with new rows.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeSet {
+    pub buckets: std::collections::HashSet<String>,
+    pub lookups: std::collections::HashSet<String>,
+}
+
+/// A write checkpoint row: `user_key` = `<sub>/<client_id>`.
+#[derive(Debug, Clone)]
+pub struct WriteCheckpoint {
+    pub user_key: String,
+    pub write_checkpoint: i64,
+    pub lsn: u64,
+    pub seq: i64,
+}

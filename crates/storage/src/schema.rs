@@ -1,0 +1,119 @@
+//! Storage schema migrations, applied in order on start (idempotent, versioned).
+
+use crate::error::StorageError;
+use tokio_postgres::Client;
+
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE ferrosync.sync_rules (
+    id bigserial PRIMARY KEY,
+    content text NOT NULL,
+    state text NOT NULL,
+    slot_name text NOT NULL,
+    snapshot_done boolean NOT NULL DEFAULT false,
+    last_checkpoint bigint NOT NULL DEFAULT 0,
+    last_checkpoint_lsn pg_lsn,
+    no_checkpoint_before pg_lsn,
+    persisted_op bigint NOT NULL DEFAULT 0,
+    lock_owner text,
+    lock_expires_at timestamptz,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE ferrosync.source_tables (
+    id bigserial PRIMARY KEY,
+    group_id bigint NOT NULL,
+    relation_oid bigint NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    key_columns text[] NOT NULL,
+    snapshot_done boolean NOT NULL DEFAULT false,
+    snapshot_last_key text,
+    snapshot_rows bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX ON ferrosync.source_tables (group_id);
+CREATE TABLE ferrosync.bucket_data (
+    group_id integer NOT NULL,
+    bucket text NOT NULL,
+    op_id bigint NOT NULL,
+    op smallint NOT NULL,
+    row_type text,
+    row_id text,
+    subkey text,
+    data text,
+    checksum bigint NOT NULL,
+    target_op bigint,
+    PRIMARY KEY (group_id, bucket, op_id)
+);
+CREATE TABLE ferrosync.current_data (
+    group_id integer NOT NULL,
+    table_id bigint NOT NULL,
+    key uuid NOT NULL,
+    data bytea,
+    buckets text NOT NULL,
+    lookups text NOT NULL,
+    PRIMARY KEY (group_id, table_id, key)
+);
+CREATE TABLE ferrosync.bucket_parameters (
+    group_id integer NOT NULL,
+    lookup text NOT NULL,
+    table_id bigint NOT NULL,
+    key uuid NOT NULL,
+    id bigint NOT NULL,
+    bucket_parameters text NOT NULL,
+    PRIMARY KEY (group_id, lookup, table_id, key, id)
+);
+CREATE TABLE ferrosync.bucket_changes (
+    group_id integer NOT NULL,
+    max_op_id bigint NOT NULL,
+    buckets text[] NOT NULL,
+    lookups text[] NOT NULL,
+    PRIMARY KEY (group_id, max_op_id)
+);
+CREATE SEQUENCE ferrosync.write_checkpoint_seq;
+CREATE TABLE ferrosync.write_checkpoints (
+    user_key text PRIMARY KEY,
+    write_checkpoint bigint NOT NULL,
+    lsn pg_lsn NOT NULL,
+    seq bigint NOT NULL
+);
+CREATE INDEX ON ferrosync.write_checkpoints (seq);
+"#,
+)];
+
+/// Create the schema and apply pending migrations. Serialised with an advisory lock so several
+/// processes starting at once do not race.
+pub async fn migrate(client: &Client) -> Result<(), StorageError> {
+    client
+        .batch_execute(
+            "SELECT pg_advisory_lock(7283910);
+             CREATE SCHEMA IF NOT EXISTS ferrosync;
+             CREATE TABLE IF NOT EXISTS ferrosync.migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());",
+        )
+        .await?;
+    let result = apply(client).await;
+    client.batch_execute("SELECT pg_advisory_unlock(7283910)").await?;
+    result
+}
+
+async fn apply(client: &Client) -> Result<(), StorageError> {
+    let applied: Vec<i32> = client
+        .query("SELECT version FROM ferrosync.migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        client
+            .batch_execute(&format!(
+                "BEGIN; {sql}; INSERT INTO ferrosync.migrations (version) VALUES ({version}); COMMIT;"
+            ))
+            .await?;
+        tracing::info!(version, "applied storage migration");
+    }
+    Ok(())
+}

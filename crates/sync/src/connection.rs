@@ -1,0 +1,350 @@
+//! One client connection: resolve its buckets at each new checkpoint, send `checkpoint` /
+//! `checkpoint_diff`, the ops it lacks (strictly after its position, never twice), and
+//! `checkpoint_complete`; plus `token_expires_in` keepalives on HTTP.
+
+use crate::hub::{CheckpointHub, HubState};
+use crate::lines::{
+    BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, DefaultReason, Line, LineFormat, OplogLine,
+    PartialCompleteLine, StreamDescription,
+};
+use bytes::Bytes;
+use ferrosync_rules::{BucketDescription, LookupKey, Querier, RequestParameters};
+use ferrosync_storage::{BucketChecksum, StorageError, SyncStorage};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Ops per storage read; also the most ops in one `data` line.
+const FETCH_LIMIT: i64 = 1000;
+/// Interval of `token_expires_in` keepalive lines (protocol spec §2.4).
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Per-connection limits (config `api.parameters`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_buckets: usize,
+    pub max_parameter_results: usize,
+}
+
+/// What the client asked for, after authentication.
+pub struct ConnectionRequest {
+    /// `<sub>/<client_id>`, or `<sub>` without a client id: the write-checkpoint key.
+    pub user_key: String,
+    pub parameters: RequestParameters,
+    /// Buckets the client has, with the op_id it has them up to.
+    pub buckets: Vec<(String, i64)>,
+    /// Token expiry, unix seconds.
+    pub expires_at: i64,
+    pub format: LineFormat,
+    /// Periodic `token_expires_in` lines (HTTP); RSocket relies on its own keepalives.
+    pub keepalive_lines: bool,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("[PSYNC_S2305] {0}")]
+    TooMany(String),
+}
+
+struct Sent {
+    checksum: BucketChecksum,
+    priority: u8,
+    source: usize,
+}
+
+struct Connection<S> {
+    hub: Arc<CheckpointHub<S>>,
+    req: ConnectionRequest,
+    limits: Limits,
+    out: mpsc::Sender<Bytes>,
+    positions: HashMap<String, i64>,
+    sent: Option<HashMap<String, Sent>>,
+    querier: Option<Querier>,
+    dynamic: Option<Vec<BucketDescription>>,
+    last_checkpoint: i64,
+    write_checkpoint: Option<i64>,
+}
+
+/// Closed: the client went away; not an error.
+struct Closed;
+
+/// Serve one connection until the client disconnects, the token expires, or the active sync
+/// config changes (the client then reconnects and gets the new buckets).
+pub async fn run_connection<S: SyncStorage>(
+    hub: Arc<CheckpointHub<S>>,
+    req: ConnectionRequest,
+    limits: Limits,
+    out: mpsc::Sender<Bytes>,
+) -> Result<(), SyncError> {
+    let positions = req.buckets.iter().cloned().collect();
+    let mut conn = Connection {
+        hub,
+        req,
+        limits,
+        out,
+        positions,
+        sent: None,
+        querier: None,
+        dynamic: None,
+        last_checkpoint: 0,
+        write_checkpoint: None,
+    };
+    match conn.run().await {
+        Ok(()) | Err(Ok(Closed)) => Ok(()),
+        Err(Err(e)) => Err(e),
+    }
+}
+
+type Step<T> = Result<T, Result<Closed, SyncError>>;
+
+fn storage<T>(r: Result<T, StorageError>) -> Step<T> {
+    r.map_err(|e| Err(SyncError::Storage(e)))
+}
+
+impl<S: SyncStorage> Connection<S> {
+    async fn send(&self, line: &Line<'_>) -> Step<()> {
+        let bytes = self.req.format.encode(line);
+        self.out.send(bytes).await.map_err(|_| Ok(Closed))
+    }
+
+    fn seconds_left(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.req.expires_at - now
+    }
+
+    async fn run(&mut self) -> Step<()> {
+        if self.seconds_left() <= 0 {
+            return self.send(&Line::TokenExpiresIn(0)).await;
+        }
+        let mut states = self.hub.subscribe();
+        let mut group = None;
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        let warn_at = tokio::time::Instant::now() + Duration::from_secs((self.seconds_left() - 20).max(0) as u64);
+        let expire_at = tokio::time::Instant::now() + Duration::from_secs(self.seconds_left().max(0) as u64);
+        let mut warned = false;
+        let mut fresh = true;
+        loop {
+            if !fresh {
+                tokio::select! {
+                    changed = states.changed() => if changed.is_err() { return Ok(()) },
+                    _ = keepalive.tick(), if self.req.keepalive_lines => {
+                        self.send(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(warn_at), if !warned => {
+                        warned = true;
+                        self.send(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(expire_at) => {
+                        return self.send(&Line::TokenExpiresIn(0)).await;
+                    }
+                    _ = self.out.closed() => return Ok(()),
+                }
+            }
+            fresh = false;
+            let Some(state) = states.borrow_and_update().clone() else {
+                continue;
+            };
+            if *group.get_or_insert(state.group) != state.group {
+                tracing::info!(user = %self.req.user_key, "sync config changed; closing stream so the client reconnects");
+                return Ok(());
+            }
+            self.on_checkpoint(&state).await?;
+        }
+    }
+
+    async fn resolve_buckets(&mut self, state: &HubState) -> Step<Vec<BucketDescription>> {
+        let querier = self.querier.get_or_insert_with(|| state.rules.querier(&self.req.parameters));
+        if querier.lookups().is_empty() {
+            return Ok(querier.resolve(&HashMap::new()));
+        }
+        let stale = self.dynamic.is_none() || self.hub.lookups_changed(self.last_checkpoint, querier.lookups());
+        if stale {
+            let names: Vec<String> = querier.lookups().iter().map(|l| l.as_str().to_string()).collect();
+            let found = storage(self.hub.storage().parameter_sets(state.group, state.checkpoint.op_id, &names).await)?;
+            let total: usize = found.values().map(Vec::len).sum();
+            if total > self.limits.max_parameter_results {
+                return Err(Err(SyncError::TooMany(format!(
+                    "Too many parameter query results: {total} (limit of {})",
+                    self.limits.max_parameter_results
+                ))));
+            }
+            let results: HashMap<LookupKey, Vec<String>> = found.into_iter().map(|(k, v)| (LookupKey::from_stored(k), v)).collect();
+            self.dynamic = Some(querier.resolve(&results));
+        }
+        Ok(self.dynamic.clone().unwrap_or_default())
+    }
+
+    async fn on_checkpoint(&mut self, state: &HubState) -> Step<()> {
+        let buckets = self.resolve_buckets(state).await?;
+        if buckets.len() > self.limits.max_buckets {
+            return Err(Err(SyncError::TooMany(format!(
+                "Too many buckets: {} (limit of {})",
+                buckets.len(),
+                self.limits.max_buckets
+            ))));
+        }
+        let names: Vec<&str> = buckets.iter().map(|b| b.bucket.as_str()).collect();
+        let cp = state.checkpoint;
+        // `None`: the hub already moved to a newer checkpoint; we will be woken for it.
+        let Some(checksums) = storage(self.hub.checksums(state.group, cp.op_id, &names).await)? else {
+            return Ok(());
+        };
+        let visible = self.hub.write_checkpoint(&self.req.user_key, cp.lsn);
+        let write_checkpoint = visible.max(self.write_checkpoint);
+        let next: HashMap<String, Sent> = buckets
+            .iter()
+            .map(|b| {
+                let sent = Sent {
+                    checksum: checksums.get(&b.bucket).copied().unwrap_or_default(),
+                    priority: b.priority,
+                    source: b.source_index,
+                };
+                (b.bucket.clone(), sent)
+            })
+            .collect();
+        let to_fetch: Vec<&BucketDescription> = match &self.sent {
+            None => {
+                let sources = state.rules.bucket_sources();
+                let line = Checkpoint {
+                    last_op_id: cp.op_id.to_string(),
+                    write_checkpoint: write_checkpoint.map(|w| w.to_string()),
+                    buckets: buckets.iter().map(|b| checksum_line(b, &next)).collect(),
+                    streams: sources
+                        .iter()
+                        .map(|s| StreamDescription {
+                            name: &s.name,
+                            is_default: true,
+                            errors: [],
+                        })
+                        .collect(),
+                };
+                self.send(&Line::Checkpoint(line)).await?;
+                self.positions.retain(|b, _| next.contains_key(b));
+                buckets.iter().collect()
+            }
+            Some(previous) => {
+                let updated: Vec<&BucketDescription> = buckets
+                    .iter()
+                    .filter(|b| {
+                        previous
+                            .get(&b.bucket)
+                            .is_none_or(|p| p.checksum != next[&b.bucket].checksum || p.priority != b.priority)
+                    })
+                    .collect();
+                let removed: Vec<&str> = previous.keys().filter(|b| !next.contains_key(*b)).map(String::as_str).collect();
+                if updated.is_empty() && removed.is_empty() && write_checkpoint == self.write_checkpoint {
+                    self.last_checkpoint = cp.op_id;
+                    return Ok(());
+                }
+                let line = CheckpointDiff {
+                    last_op_id: cp.op_id.to_string(),
+                    write_checkpoint: write_checkpoint.map(|w| w.to_string()),
+                    updated_buckets: updated.iter().map(|b| checksum_line(b, &next)).collect(),
+                    removed_buckets: removed,
+                };
+                self.send(&Line::CheckpointDiff(line)).await?;
+                self.positions.retain(|b, _| next.contains_key(b));
+                updated
+            }
+        };
+        let fetch: Vec<(String, u8)> = to_fetch.iter().map(|b| (b.bucket.clone(), b.priority)).collect();
+        self.sent = Some(next);
+        self.write_checkpoint = write_checkpoint;
+        self.send_data(state, fetch).await?;
+        self.last_checkpoint = cp.op_id;
+        Ok(())
+    }
+
+    /// Stream ops for `fetch`, priority group by priority group.
+    async fn send_data(&mut self, state: &HubState, fetch: Vec<(String, u8)>) -> Step<()> {
+        let mut groups: BTreeMap<u8, Vec<String>> = BTreeMap::new();
+        for (bucket, priority) in fetch {
+            groups.entry(priority).or_default().push(bucket);
+        }
+        let last_priority = groups.keys().next_back().copied();
+        let cp = state.checkpoint.op_id;
+        for (priority, mut pending) in groups {
+            pending.sort();
+            while !pending.is_empty() {
+                let requests: Vec<(String, i64)> = pending
+                    .iter()
+                    .map(|b| (b.clone(), self.positions.get(b).copied().unwrap_or(0)))
+                    .collect();
+                let rows = storage(self.hub.storage().bucket_data(state.group, cp, &requests, FETCH_LIMIT).await)?;
+                let full = rows.len() as i64 >= FETCH_LIMIT;
+                let mut start = 0;
+                while start < rows.len() {
+                    let bucket = &rows[start].0;
+                    let end = rows[start..]
+                        .iter()
+                        .position(|(b, _)| b != bucket)
+                        .map_or(rows.len(), |n| start + n);
+                    let after = self.positions.get(bucket).copied().unwrap_or(0);
+                    let next_after = rows[end - 1].1.op_id;
+                    let line = DataBatch {
+                        bucket,
+                        after: after.to_string(),
+                        next_after: next_after.to_string(),
+                        has_more: full && end == rows.len(),
+                        data: rows[start..end].iter().map(|(_, op)| op_line(op)).collect(),
+                    };
+                    self.send(&Line::Data(line)).await?;
+                    self.positions.insert(bucket.clone(), next_after);
+                    start = end;
+                }
+                if !full {
+                    break;
+                }
+                // Buckets before the last one returned are complete; continue from it.
+                if let Some((last, _)) = rows.last() {
+                    if let Some(pos) = pending.iter().position(|b| b == last) {
+                        pending.drain(..pos);
+                    }
+                }
+            }
+            if Some(priority) != last_priority {
+                self.send(&Line::PartialCheckpointComplete(PartialCompleteLine {
+                    last_op_id: cp.to_string(),
+                    priority,
+                }))
+                .await?;
+            }
+        }
+        self.send(&Line::CheckpointComplete(CompleteLine {
+            last_op_id: cp.to_string(),
+        }))
+        .await
+    }
+}
+
+fn checksum_line<'a>(b: &'a BucketDescription, next: &HashMap<String, Sent>) -> BucketChecksumLine<'a> {
+    let sent = &next[&b.bucket];
+    BucketChecksumLine {
+        bucket: &b.bucket,
+        checksum: i64::from(sent.checksum.checksum as i32),
+        count: sent.checksum.count,
+        priority: sent.priority,
+        subscriptions: [DefaultReason { default: sent.source }],
+    }
+}
+
+fn op_line(op: &ferrosync_storage::OplogEntry) -> OplogLine<'_> {
+    OplogLine {
+        op_id: op.op_id.to_string(),
+        op: op.op.as_str(),
+        object_type: op.object_type.as_deref(),
+        object_id: op.object_id.as_deref(),
+        subkey: op.subkey.as_deref(),
+        checksum: i64::from(op.checksum),
+        data: op.data.as_deref(),
+    }
+}

@@ -1,0 +1,233 @@
+//! The per-process checkpoint hub: one task follows storage checkpoints (push via LISTEN, no
+//! polling) and maintains what every connection needs, computed once: the current checkpoint,
+//! bucket checksums at it (updated incrementally from the buckets that changed), recently
+//! changed parameter lookups, and write checkpoints.
+
+use ferrosync_rules::{SyncRules, SyncRulesOptions};
+use ferrosync_storage::{BucketChecksum, Checkpoint, CheckpointListener, StorageError, SyncStorage};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How many recent checkpoints' lookup changes are kept for connections that fall behind.
+const LOOKUP_HISTORY: usize = 256;
+
+/// The served sync config at a checkpoint.
+#[derive(Clone)]
+pub struct HubState {
+    pub group: i64,
+    pub checkpoint: Checkpoint,
+    pub rules: Arc<SyncRules>,
+}
+
+struct Shared {
+    /// Checksums of cached buckets, valid at `cache_checkpoint`.
+    checksums: HashMap<String, BucketChecksum>,
+    cache_checkpoint: i64,
+    group: i64,
+    /// (from, to, lookups changed in (from, to]), oldest first.
+    lookup_history: VecDeque<(i64, i64, HashSet<String>)>,
+    /// user_key -> (write checkpoint id, source lsn it needs).
+    write_checkpoints: HashMap<String, (i64, u64)>,
+}
+
+/// Shared by all connections of the process.
+pub struct CheckpointHub<S> {
+    storage: Arc<S>,
+    state: watch::Receiver<Option<HubState>>,
+    shared: RwLock<Shared>,
+}
+
+impl<S: SyncStorage> CheckpointHub<S> {
+    /// Start following checkpoints. `listen_conn` is a storage connection string for LISTEN.
+    pub async fn start(storage: Arc<S>, listen_conn: String, rules_options: SyncRulesOptions) -> Arc<CheckpointHub<S>> {
+        let (tx, rx) = watch::channel(None);
+        let hub = Arc::new(CheckpointHub {
+            storage,
+            state: rx,
+            shared: RwLock::new(Shared {
+                checksums: HashMap::new(),
+                cache_checkpoint: 0,
+                group: 0,
+                lookup_history: VecDeque::new(),
+                write_checkpoints: HashMap::new(),
+            }),
+        });
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            loop {
+                let Some(hub) = weak.upgrade() else { return };
+                if let Err(e) = hub.follow(&listen_conn, &tx, &rules_options).await {
+                    tracing::warn!(error = %e, "checkpoint hub lost storage; retrying");
+                }
+                drop(hub);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        hub
+    }
+
+    /// Watch for new checkpoints (`None` until a sync config is active).
+    pub fn subscribe(&self) -> watch::Receiver<Option<HubState>> {
+        self.state.clone()
+    }
+
+    pub fn storage(&self) -> &Arc<S> {
+        &self.storage
+    }
+
+    async fn follow(&self, conn: &str, tx: &watch::Sender<Option<HubState>>, options: &SyncRulesOptions) -> Result<(), StorageError> {
+        let mut listener = CheckpointListener::connect(conn).await?;
+        let mut write_seq = 0;
+        let mut current: Option<HubState> = None;
+        loop {
+            // Re-read on every wake-up: payloads are hints, storage is the truth.
+            write_seq = self.refresh_write_checkpoints(write_seq).await?;
+            if let Some(stream) = self.storage.active_stream().await? {
+                let same_group = current.as_ref().is_some_and(|c| c.group == stream.id);
+                if !same_group {
+                    let mut opts = options.clone();
+                    opts.sync_rules_id = stream.id as u64;
+                    match SyncRules::parse(&stream.content, &opts) {
+                        Ok(rules) => {
+                            self.reset(stream.id, stream.checkpoint.op_id);
+                            current = Some(HubState {
+                                group: stream.id,
+                                checkpoint: stream.checkpoint,
+                                rules: Arc::new(rules),
+                            });
+                            tx.send_replace(current.clone());
+                        }
+                        Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+                    }
+                } else if let Some(state) = current.as_mut() {
+                    if stream.checkpoint != state.checkpoint {
+                        self.advance(state.group, state.checkpoint.op_id, stream.checkpoint.op_id).await?;
+                        state.checkpoint = stream.checkpoint;
+                        tx.send_replace(Some(state.clone()));
+                    }
+                }
+            }
+            match listener.recv().await {
+                Some(Some(_)) => {}
+                _ => return Err(StorageError::Corrupt("checkpoint listener disconnected".into())),
+            }
+        }
+    }
+
+    fn reset(&self, group: i64, checkpoint: i64) {
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        shared.checksums.clear();
+        shared.lookup_history.clear();
+        shared.cache_checkpoint = checkpoint;
+        shared.group = group;
+    }
+
+    /// Move cached checksums from `from` to `to`: only buckets written in between are touched,
+    /// with one query for their partial sums.
+    async fn advance(&self, group: i64, from: i64, to: i64) -> Result<(), StorageError> {
+        let changes = self.storage.changes(group, from, to).await?;
+        let cached: Vec<String> = {
+            let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
+            changes
+                .buckets
+                .iter()
+                .filter(|b| shared.checksums.contains_key(*b))
+                .cloned()
+                .collect()
+        };
+        let deltas = if cached.is_empty() {
+            HashMap::new()
+        } else {
+            self.storage.checksums(group, from, to, &cached).await?
+        };
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        for (bucket, delta) in deltas {
+            if let Some(c) = shared.checksums.get_mut(&bucket) {
+                c.checksum = c.checksum.wrapping_add(delta.checksum);
+                c.count += delta.count;
+            }
+        }
+        shared.cache_checkpoint = to;
+        shared.lookup_history.push_back((from, to, changes.lookups));
+        if shared.lookup_history.len() > LOOKUP_HISTORY {
+            shared.lookup_history.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {
+        let rows = self.storage.write_checkpoints_since(seq).await?;
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        let mut max = seq;
+        for wc in rows {
+            max = max.max(wc.seq);
+            shared.write_checkpoints.insert(wc.user_key, (wc.write_checkpoint, wc.lsn));
+        }
+        Ok(max)
+    }
+
+    /// Checksums for `buckets` at `checkpoint` (which must be the hub's current one); misses
+    /// are fetched once and cached for every other connection.
+    pub async fn checksums(
+        &self,
+        group: i64,
+        checkpoint: i64,
+        buckets: &[&str],
+    ) -> Result<Option<HashMap<String, BucketChecksum>>, StorageError> {
+        let mut out = HashMap::with_capacity(buckets.len());
+        let mut missing = Vec::new();
+        {
+            let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
+            if shared.cache_checkpoint != checkpoint || shared.group != group {
+                return Ok(None);
+            }
+            for b in buckets {
+                match shared.checksums.get(*b) {
+                    Some(c) => {
+                        out.insert(b.to_string(), *c);
+                    }
+                    None => missing.push(b.to_string()),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let fetched = self.storage.checksums(group, 0, checkpoint, &missing).await?;
+            let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+            let still_valid = shared.cache_checkpoint == checkpoint && shared.group == group;
+            for b in missing {
+                let c = fetched.get(&b).copied().unwrap_or_default();
+                if still_valid {
+                    shared.checksums.insert(b.clone(), c);
+                }
+                out.insert(b, c);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Did any of `lookups` change in `(after, current]`? `true` when history does not reach back.
+    pub fn lookups_changed(&self, after: i64, lookups: &[ferrosync_rules::LookupKey]) -> bool {
+        let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
+        match shared.lookup_history.front() {
+            None => after != shared.cache_checkpoint,
+            Some((from, _, _)) if *from > after => true,
+            Some(_) => shared
+                .lookup_history
+                .iter()
+                .filter(|(_, to, _)| *to > after)
+                .any(|(_, _, changed)| lookups.iter().any(|l| changed.contains(l.as_str()))),
+        }
+    }
+
+    /// The write checkpoint for `user_key` that is visible at source position `lsn`.
+    pub fn write_checkpoint(&self, user_key: &str, lsn: u64) -> Option<i64> {
+        let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
+        shared
+            .write_checkpoints
+            .get(user_key)
+            .filter(|(_, at)| *at <= lsn)
+            .map(|(id, _)| *id)
+    }
+}

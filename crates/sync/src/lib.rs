@@ -1,0 +1,13 @@
+//! Sync layer: turns storage checkpoints into protocol lines for each client connection.
+//!
+//! [`CheckpointHub`] does the shared work once per checkpoint for the whole process (listens
+//! for new checkpoints, keeps bucket checksums current incrementally, tracks write checkpoints);
+//! each connection only compares its own buckets against it and streams the data it lacks.
+
+pub mod connection;
+pub mod hub;
+pub mod lines;
+
+pub use connection::{run_connection, ConnectionRequest, Limits};
+pub use hub::CheckpointHub;
+pub use lines::LineFormat;

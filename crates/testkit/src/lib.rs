@@ -1,0 +1,292 @@
+//! Throwaway PostgreSQL clusters for tests, benchmarks and the `demo` command.
+//!
+//! A cluster is initdb'd into its own directory with `wal_level=logical`, listens only on
+//! 127.0.0.1 at a free port, and is stopped (and its directory removed, unless it is persistent)
+//! when the [`PgCluster`] is dropped. initdb and postgres refuse to run as root, so when we are
+//! root they run as the `postgres` OS user via `runuser`, in a directory that user owns.
+
+use anyhow::{bail, Context, Result};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Settings for [`PgCluster::start`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Keep data durable (fsync on). Tests turn it off for speed; benchmarks keep it on.
+    pub fsync: bool,
+    /// Use this directory (created if missing, reused if it holds a cluster) and keep it on drop.
+    pub persistent_dir: Option<PathBuf>,
+    /// Fixed port; a free one is picked when `None`.
+    pub port: Option<u16>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            fsync: false,
+            persistent_dir: None,
+            port: None,
+        }
+    }
+}
+
+/// A running PostgreSQL server owned by this process.
+pub struct PgCluster {
+    dir: PathBuf,
+    keep_dir: bool,
+    port: u16,
+    child: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl PgCluster {
+    /// initdb (if needed) and start a server; returns once it accepts connections.
+    pub fn start(options: PgOptions) -> Result<PgCluster> {
+        let bin = find_pg_bin()?;
+        let as_root = is_root();
+        let (dir, tmp) = match &options.persistent_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                (d.canonicalize()?, None)
+            }
+            None => {
+                let base = std::env::var_os("FERROSYNC_TEST_TMP")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(std::env::temp_dir);
+                let tmp = tempfile::Builder::new().prefix("ferrosync-pg-").tempdir_in(base)?;
+                (tmp.path().to_path_buf(), Some(tmp))
+            }
+        };
+        if as_root {
+            chown_postgres(&dir)?;
+        }
+        let data = dir.join("data");
+        if !data.join("PG_VERSION").exists() {
+            let status = run_as_pg(as_root, &bin.join("initdb"))
+                .args(["-D"])
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .context("running initdb")?;
+            if !status.status.success() {
+                bail!("initdb failed: {}", String::from_utf8_lossy(&status.stderr));
+            }
+        }
+        let port = match options.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let log = std::fs::File::create(dir.join("postgres.log"))?;
+        if as_root {
+            chown_postgres(&dir.join("postgres.log"))?;
+        }
+        let child = run_as_pg(as_root, &bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.display()))
+            .args([
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_replication_slots=20",
+                "-c",
+                "max_wal_senders=20",
+            ])
+            .args(["-c", "max_connections=300", "-c", "shared_buffers=256MB"])
+            .args(["-c", if options.fsync { "fsync=on" } else { "fsync=off" }])
+            .args([
+                "-c",
+                if options.fsync {
+                    "synchronous_commit=on"
+                } else {
+                    "synchronous_commit=off"
+                },
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting postgres")?;
+        let mut cluster = PgCluster {
+            dir,
+            keep_dir: options.persistent_dir.is_some(),
+            port,
+            child: Some(child),
+            _tmp: tmp,
+        };
+        cluster.wait_ready()?;
+        Ok(cluster)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("postgres exited early ({status}); log:\n{}", self.log_tail());
+                }
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                // The port opens slightly before the server accepts queries; psql-level check.
+                let ok = Command::new(find_pg_bin()?.join("pg_isready"))
+                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                    .stdout(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if ok {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("postgres did not become ready; log:\n{}", self.log_tail())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// libpq key/value connection string for `database`, user `postgres`.
+    pub fn conn_str(&self, database: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
+    }
+
+    /// URI form, e.g. for config files and the Node agent.
+    pub fn uri(&self, database: &str) -> String {
+        format!("postgresql://postgres:postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Connect with tokio-postgres; the connection task is spawned on the current runtime.
+    pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.conn_str(database), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to {database}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// CREATE DATABASE if it does not exist yet.
+    pub async fn create_database(&self, database: &str) -> Result<()> {
+        let client = self.connect("postgres").await?;
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+            .await?;
+        if exists.is_none() {
+            client
+                .batch_execute(&format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\"")))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Stop the server (fast shutdown) and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT = fast shutdown: terminates sessions, writes a checkpoint.
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+        if self.keep_dir {
+            return;
+        }
+        if let Some(tmp) = self._tmp.take() {
+            let _ = std::fs::remove_dir_all(tmp.path());
+        }
+    }
+}
+
+/// Directory holding initdb/postgres: `$FERROSYNC_PG_BIN`, the newest `/usr/lib/postgresql/*/bin`, or PATH.
+pub fn find_pg_bin() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERROSYNC_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut best: Option<(u32, PathBuf)> = None;
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        for entry in entries.flatten() {
+            let version = entry.file_name().to_string_lossy().parse::<u32>().unwrap_or(0);
+            let bin = entry.path().join("bin");
+            if bin.join("initdb").exists() && best.as_ref().is_none_or(|(v, _)| version > *v) {
+                best = Some((version, bin));
+            }
+        }
+    }
+    if let Some((_, bin)) = best {
+        return Ok(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    bail!("PostgreSQL server binaries (initdb, postgres) not found: install postgresql (15+) or set FERROSYNC_PG_BIN")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn chown_postgres(path: &Path) -> Result<()> {
+    let status = Command::new("chown").args(["-R", "postgres:"]).arg(path).status()?;
+    if !status.success() {
+        bail!("chown postgres {} failed", path.display());
+    }
+    // The parent chain must be traversable by the postgres user (temp dirs are 0700).
+    if let Some(parent) = path.parent() {
+        let _ = Command::new("chmod").arg("o+x").arg(parent).status();
+    }
+    Ok(())
+}
+
+fn run_as_pg(as_root: bool, program: &Path) -> Command {
+    if as_root {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
