@@ -38,12 +38,20 @@ impl Service {
             cluster.uri("storage")
         );
         std::fs::write(dir.path().join("powersync.yaml"), config)?;
-        Ok(Service { cluster, dir, port, child: None })
+        Ok(Service {
+            cluster,
+            dir,
+            port,
+            child: None,
+        })
     }
 
     /// Start the binary and wait until it answers HTTP.
     async fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("ferrosync.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ferrosync.log"))?;
         let child = Command::new(env!("CARGO_BIN_EXE_ferrosync"))
             .args(["serve", "--config"])
             .arg(self.dir.path().join("powersync.yaml"))
@@ -97,11 +105,18 @@ fn token_with(claims: Value, kid: &str, secret: &str) -> String {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 fn token(sub: &str) -> String {
-    token_with(json!({"sub": sub, "aud": "test-aud", "iat": now(), "exp": now() + 3600}), "k1", SECRET)
+    token_with(
+        json!({"sub": sub, "aud": "test-aud", "iat": now(), "exp": now() + 3600}),
+        "k1",
+        SECRET,
+    )
 }
 
 /// What a client holds after applying sync lines: per bucket, row key -> (op_id, data), and
@@ -128,7 +143,12 @@ impl ClientState {
         } else if let Some(diff) = line.get("checkpoint_diff") {
             let cp = self.checkpoint.as_mut().context("diff before checkpoint")?;
             let mut buckets: Vec<Value> = cp["buckets"].as_array().cloned().unwrap_or_default();
-            let removed: Vec<&str> = diff["removed_buckets"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let removed: Vec<&str> = diff["removed_buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             buckets.retain(|b| !removed.contains(&b["bucket"].as_str().unwrap_or("")));
             for u in diff["updated_buckets"].as_array().into_iter().flatten() {
                 buckets.retain(|b| b["bucket"] != u["bucket"]);
@@ -142,7 +162,10 @@ impl ClientState {
             cp["write_checkpoint"] = diff.get("write_checkpoint").cloned().unwrap_or(Value::Null);
             self.complete = false;
         } else if let Some(data) = line.get("data") {
-            let bucket = self.buckets.entry(data["bucket"].as_str().context("bucket")?.to_string()).or_default();
+            let bucket = self
+                .buckets
+                .entry(data["bucket"].as_str().context("bucket")?.to_string())
+                .or_default();
             for op in data["data"].as_array().context("ops")? {
                 let op_id: i64 = op["op_id"].as_str().context("op_id is a string")?.parse()?;
                 if op_id <= bucket.last_op {
@@ -229,7 +252,9 @@ impl RawStream {
                 return Ok(serde_json::from_slice(&line[..pos])?);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let chunk = tokio::time::timeout(left, self.response.chunk()).await.context("timed out waiting for a sync line")??;
+            let chunk = tokio::time::timeout(left, self.response.chunk())
+                .await
+                .context("timed out waiting for a sync line")??;
             self.buf.extend_from_slice(&chunk.context("stream ended")?);
         }
     }
@@ -248,12 +273,18 @@ impl RawStream {
 }
 
 async fn source_todos(db: &tokio_postgres::Client, owner: &str) -> Result<BTreeMap<String, String>> {
-    let rows = db.query("SELECT id::text, description FROM todos WHERE owner_id = $1", &[&owner]).await?;
+    let rows = db
+        .query("SELECT id::text, description FROM todos WHERE owner_id = $1", &[&owner])
+        .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 fn client_todos(state: &ClientState) -> BTreeMap<String, String> {
-    state.table("todos").into_iter().map(|(id, v)| (id, v["description"].as_str().unwrap_or_default().to_string())).collect()
+    state
+        .table("todos")
+        .into_iter()
+        .map(|(id, v)| (id, v["description"].as_str().unwrap_or_default().to_string()))
+        .collect()
 }
 
 async fn seed(db: &tokio_postgres::Client, lists: usize, todos_per_user: usize, users: &[&str]) -> Result<()> {
@@ -284,33 +315,47 @@ async fn http_protocol_end_to_end() -> Result<()> {
     // Fresh sync: global lists + only u1's todos, every checksum verified by ClientState.
     let mut u1 = ClientState::default();
     let mut s1 = RawStream::open(&url, &token("u1"), json!({"buckets": [], "client_id": "c1"})).await?;
-    s1.sync_until(&mut u1, T, |s| s.table("lists").len() == 3).await.with_context(|| svc.log())?;
+    s1.sync_until(&mut u1, T, |s| s.table("lists").len() == 3)
+        .await
+        .with_context(|| svc.log())?;
     assert_eq!(client_todos(&u1), source_todos(&db, "u1").await?);
     let bucket_names: Vec<&String> = u1.buckets.keys().collect();
-    assert!(bucket_names.iter().all(|b| !b.contains("u2")), "u1 got another user's bucket: {bucket_names:?}");
+    assert!(
+        bucket_names.iter().all(|b| !b.contains("u2")),
+        "u1 got another user's bucket: {bucket_names:?}"
+    );
 
     // Live insert, update, delete.
-    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'live', 'u1', id FROM lists LIMIT 1").await?;
+    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'live', 'u1', id FROM lists LIMIT 1")
+        .await?;
     s1.sync_until(&mut u1, T, |s| client_todos(s).values().any(|d| d == "live")).await?;
-    db.batch_execute("UPDATE todos SET description = 'edited' WHERE description = 'live'").await?;
-    s1.sync_until(&mut u1, T, |s| client_todos(s).values().any(|d| d == "edited")).await?;
+    db.batch_execute("UPDATE todos SET description = 'edited' WHERE description = 'live'")
+        .await?;
+    s1.sync_until(&mut u1, T, |s| client_todos(s).values().any(|d| d == "edited"))
+        .await?;
     db.batch_execute("DELETE FROM todos WHERE description = 'edited'").await?;
-    s1.sync_until(&mut u1, T, |s| !client_todos(s).values().any(|d| d == "edited")).await?;
+    s1.sync_until(&mut u1, T, |s| !client_todos(s).values().any(|d| d == "edited"))
+        .await?;
     assert_eq!(client_todos(&u1), source_todos(&db, "u1").await?);
 
     // A todo moves from u1 to u2: REMOVE for u1, PUT for u2.
     let mut u2 = ClientState::default();
     let mut s2 = RawStream::open(&url, &token("u2"), json!({"buckets": [], "client_id": "c2"})).await?;
     s2.sync_until(&mut u2, T, |s| !s.table("lists").is_empty()).await?;
-    db.batch_execute("UPDATE todos SET owner_id = 'u2', description = 'moved' WHERE id = (SELECT id FROM todos WHERE owner_id = 'u1' LIMIT 1)").await?;
+    db.batch_execute(
+        "UPDATE todos SET owner_id = 'u2', description = 'moved' WHERE id = (SELECT id FROM todos WHERE owner_id = 'u1' LIMIT 1)",
+    )
+    .await?;
     s1.sync_until(&mut u1, T, |s| client_todos(s).len() == 4).await?;
-    s2.sync_until(&mut u2, T, |s| client_todos(s).values().any(|d| d == "moved")).await?;
+    s2.sync_until(&mut u2, T, |s| client_todos(s).values().any(|d| d == "moved"))
+        .await?;
     assert_eq!(client_todos(&u1), source_todos(&db, "u1").await?);
     assert_eq!(client_todos(&u2), source_todos(&db, "u2").await?);
     drop(s1);
 
     // Reconnect from `after`: nothing is resent, and only the new row arrives.
-    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'while away', 'u1', id FROM lists LIMIT 1").await?;
+    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'while away', 'u1', id FROM lists LIMIT 1")
+        .await?;
     let mut s1 = RawStream::open(&url, &token("u1"), json!({"buckets": u1.positions(), "client_id": "c1"})).await?;
     let mut ops_received = 0;
     loop {
@@ -334,8 +379,14 @@ async fn http_protocol_end_to_end() -> Result<()> {
         .await?
         .json()
         .await?;
-    let id = wc["data"]["write_checkpoint"].as_str().context("write_checkpoint is a string")?.to_string();
-    s1.sync_until(&mut u1, T, |s| s.checkpoint.as_ref().is_some_and(|c| c["write_checkpoint"] == json!(id))).await?;
+    let id = wc["data"]["write_checkpoint"]
+        .as_str()
+        .context("write_checkpoint is a string")?
+        .to_string();
+    s1.sync_until(&mut u1, T, |s| {
+        s.checkpoint.as_ref().is_some_and(|c| c["write_checkpoint"] == json!(id))
+    })
+    .await?;
     Ok(())
 }
 
@@ -349,11 +400,41 @@ async fn auth_failures_are_401_with_codes() -> Result<()> {
     let cases = [
         (None, "PSYNC_S2106"),
         (Some("Token not-a-jwt".to_string()), "PSYNC_S2101"),
-        (Some(format!("Token {}", token_with(json!({"sub":"u","aud":"test-aud","iat":t,"exp":t+60}), "k1", "wrong"))), "PSYNC_S2102"),
-        (Some(format!("Bearer {}", token_with(json!({"sub":"u","aud":"test-aud","iat":t-7200,"exp":t-3600}), "k1", SECRET))), "PSYNC_S2103"),
-        (Some(format!("Token {}", token_with(json!({"sub":"u","aud":"other","iat":t,"exp":t+60}), "k1", SECRET))), "PSYNC_S2105"),
-        (Some(format!("Token {}", token_with(json!({"sub":"u","aud":"test-aud","iat":t,"exp":t+60}), "nope", SECRET))), "PSYNC_S2101"),
-        (Some(format!("Token {}", token_with(json!({"sub":"u","aud":"test-aud","iat":t,"exp":t+90000}), "k1", SECRET))), "PSYNC_S2104"),
+        (
+            Some(format!(
+                "Token {}",
+                token_with(json!({"sub":"u","aud":"test-aud","iat":t,"exp":t+60}), "k1", "wrong")
+            )),
+            "PSYNC_S2102",
+        ),
+        (
+            Some(format!(
+                "Bearer {}",
+                token_with(json!({"sub":"u","aud":"test-aud","iat":t-7200,"exp":t-3600}), "k1", SECRET)
+            )),
+            "PSYNC_S2103",
+        ),
+        (
+            Some(format!(
+                "Token {}",
+                token_with(json!({"sub":"u","aud":"other","iat":t,"exp":t+60}), "k1", SECRET)
+            )),
+            "PSYNC_S2105",
+        ),
+        (
+            Some(format!(
+                "Token {}",
+                token_with(json!({"sub":"u","aud":"test-aud","iat":t,"exp":t+60}), "nope", SECRET)
+            )),
+            "PSYNC_S2101",
+        ),
+        (
+            Some(format!(
+                "Token {}",
+                token_with(json!({"sub":"u","aud":"test-aud","iat":t,"exp":t+90000}), "k1", SECRET)
+            )),
+            "PSYNC_S2104",
+        ),
     ];
     for (auth, code) in cases {
         let mut req = client.post(format!("{url}/sync/stream")).json(&json!({"buckets": []}));
@@ -365,7 +446,12 @@ async fn auth_failures_are_401_with_codes() -> Result<()> {
         let body: Value = resp.json().await?;
         assert_eq!(body["error"]["code"], code, "{auth:?}: {body}");
     }
-    let resp = client.post(format!("{url}/sync/stream")).header("Authorization", format!("Token {}", token("u"))).body("{not json").send().await?;
+    let resp = client
+        .post(format!("{url}/sync/stream"))
+        .header("Authorization", format!("Token {}", token("u")))
+        .body("{not json")
+        .send()
+        .await?;
     assert_eq!(resp.status().as_u16(), 400);
     let resp = client.get(format!("{url}/nope")).send().await?;
     assert_eq!(resp.status().as_u16(), 404);
@@ -387,7 +473,10 @@ async fn kill_9_during_snapshot_and_streaming_converges() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     svc.kill();
-    assert!(!svc.log().contains("initial snapshot done"), "snapshot finished before the kill; make it bigger");
+    assert!(
+        !svc.log().contains("initial snapshot done"),
+        "snapshot finished before the kill; make it bigger"
+    );
     svc.start().await?;
 
     // Keep writing while we kill it again mid-stream.
@@ -401,7 +490,11 @@ async fn kill_9_during_snapshot_and_streaming_converges() -> Result<()> {
                     &[&i.to_string(), &owner],
                 )
                 .await?;
-                db.execute("UPDATE todos SET owner_id = CASE owner_id WHEN 'u1' THEN 'u2' ELSE 'u1' END WHERE description = 'todo ' || $1::text", &[&i.to_string()]).await?;
+                db.execute(
+                    "UPDATE todos SET owner_id = CASE owner_id WHEN 'u1' THEN 'u2' ELSE 'u1' END WHERE description = 'todo ' || $1::text",
+                    &[&i.to_string()],
+                )
+                .await?;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             anyhow::Ok(())
@@ -423,7 +516,9 @@ async fn kill_9_during_snapshot_and_streaming_converges() -> Result<()> {
         let expected = source_todos(&db, user).await?;
         let mut state = ClientState::default();
         let mut s = RawStream::open(&svc.url(), &token(user), json!({"buckets": []})).await?;
-        s.sync_until(&mut state, Duration::from_secs(120), |s| client_todos(s) == expected).await.with_context(|| svc.log())?;
+        s.sync_until(&mut state, Duration::from_secs(120), |s| client_todos(s) == expected)
+            .await
+            .with_context(|| svc.log())?;
     }
     Ok(())
 }
@@ -454,7 +549,12 @@ impl NodeAgent {
             .spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        Ok(NodeAgent { child, stdin, stdout, next_id: 0 })
+        Ok(NodeAgent {
+            child,
+            stdin,
+            stdout,
+            next_id: 0,
+        })
     }
 
     fn call(&mut self, mut cmd: Value) -> Result<Value> {
@@ -472,7 +572,17 @@ impl NodeAgent {
 
     fn todos(&mut self) -> Result<BTreeMap<String, String>> {
         let rows = self.call(json!({"cmd": "query", "sql": "SELECT id, description FROM todos"}))?;
-        Ok(rows.as_array().into_iter().flatten().map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r["description"].as_str().unwrap_or_default().to_string())).collect())
+        Ok(rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap_or_default().to_string(),
+                    r["description"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
     }
 }
 
@@ -492,7 +602,10 @@ async fn eventually_equal(agent: &mut NodeAgent, db: &tokio_postgres::Client, us
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("client rows differ from source:\n client: {got:?}\n source: {expected:?}\n status: {}", agent.call(json!({"cmd": "status"}))?);
+            bail!(
+                "client rows differ from source:\n client: {got:?}\n source: {expected:?}\n status: {}",
+                agent.call(json!({"cmd": "status"}))?
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -508,19 +621,25 @@ async fn powersync_node_client_syncs_todo_app() -> Result<()> {
     agent.call(json!({"cmd": "open", "db_path": svc.dir.path().join("client.sqlite")}))?;
     let connect = json!({"cmd": "connect", "endpoint": svc.url(), "token": token("u1"), "source_url": svc.cluster.uri("todo"), "retry_delay_ms": 200});
     agent.call(connect.clone())?;
-    agent.call(json!({"cmd": "wait_first_sync", "timeout_ms": 60000})).with_context(|| svc.log())?;
+    agent
+        .call(json!({"cmd": "wait_first_sync", "timeout_ms": 60000}))
+        .with_context(|| svc.log())?;
     eventually_equal(&mut agent, &db, "u1").await?;
     let lists = agent.call(json!({"cmd": "query", "sql": "SELECT id FROM lists"}))?;
     assert_eq!(lists.as_array().map(Vec::len), Some(2));
 
     // Live changes, including a row moving to and from another user's bucket.
-    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'live', 'u1', id FROM lists LIMIT 1").await?;
+    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'live', 'u1', id FROM lists LIMIT 1")
+        .await?;
     eventually_equal(&mut agent, &db, "u1").await?;
-    db.batch_execute("UPDATE todos SET description = 'live edited' WHERE description = 'live'").await?;
+    db.batch_execute("UPDATE todos SET description = 'live edited' WHERE description = 'live'")
+        .await?;
     eventually_equal(&mut agent, &db, "u1").await?;
-    db.batch_execute("UPDATE todos SET owner_id = 'u2' WHERE id IN (SELECT id FROM todos WHERE owner_id = 'u1' LIMIT 3)").await?;
+    db.batch_execute("UPDATE todos SET owner_id = 'u2' WHERE id IN (SELECT id FROM todos WHERE owner_id = 'u1' LIMIT 3)")
+        .await?;
     eventually_equal(&mut agent, &db, "u1").await?;
-    db.batch_execute("UPDATE todos SET owner_id = 'u1' WHERE id IN (SELECT id FROM todos WHERE owner_id = 'u2' LIMIT 5)").await?;
+    db.batch_execute("UPDATE todos SET owner_id = 'u1' WHERE id IN (SELECT id FROM todos WHERE owner_id = 'u2' LIMIT 5)")
+        .await?;
     eventually_equal(&mut agent, &db, "u1").await?;
     db.batch_execute("DELETE FROM todos WHERE description = 'live edited'").await?;
     eventually_equal(&mut agent, &db, "u1").await?;
