@@ -87,6 +87,15 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
     let snapshot_done = stream.snapshot_done;
     let slot_status = setup::slot_status(&source, &slot).await?;
     tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
+    let fresh_slot = !snapshot_done && slot_status.is_none();
+    let stream = if fresh_slot {
+        // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
+        streams::clear_group(&storage, stream.id).await?;
+        setup::create_slot(&source, &slot).await?;
+        streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?
+    } else {
+        stream
+    };
     let writer_client = ferrosync_storage::connect(&config.storage_conn).await?;
     let mut repl = Replication {
         source,
@@ -96,16 +105,6 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
         tables: HashMap::new(),
     };
     if !snapshot_done {
-        if slot_status.is_none() {
-            // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
-            streams::clear_group(&storage, repl.writer.stream().id).await?;
-            repl.writer = BucketWriter::new(
-                ferrosync_storage::connect(&config.storage_conn).await?,
-                streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?,
-                repl.rules.clone(),
-            );
-            setup::create_slot(&repl.source, &slot).await?;
-        }
         repl.initial_snapshot().await?;
     } else if slot_status.as_deref().is_none_or(|s| s == "lost") {
         bail!(ferrosync_source::SourceError::SlotInvalid {
