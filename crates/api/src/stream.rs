@@ -87,7 +87,8 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
         format,
         keepalive_lines: true,
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    // Chunks are up to ~64 KiB: a few in flight keep the socket busy without buffering a download.
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
     let hub = state.hub.clone();
     let limits = state.limits;
     let user = auth.user_id.clone();

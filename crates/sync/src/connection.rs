@@ -7,16 +7,19 @@ use crate::lines::{
     BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, DefaultReason, Line, LineFormat, OplogLine,
     PartialCompleteLine, StreamDescription,
 };
+use crate::output::{Closed, Output};
 use bytes::Bytes;
 use ferrosync_rules::{BucketDescription, LookupKey, Querier, RequestParameters};
-use ferrosync_storage::{BucketChecksum, StorageError, SyncStorage};
+use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Ops per storage read; also the most ops in one `data` line.
-const FETCH_LIMIT: i64 = 1000;
+/// Ops per storage read. The next read is issued while this one is being sent.
+const FETCH_LIMIT: usize = 2000;
+/// Most ops in one `data` line.
+const LINE_OPS: usize = 1000;
 /// Interval of `token_expires_in` keepalive lines (protocol spec §2.4).
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -60,7 +63,7 @@ struct Connection<S> {
     hub: Arc<CheckpointHub<S>>,
     req: ConnectionRequest,
     limits: Limits,
-    out: mpsc::Sender<Bytes>,
+    out: Output,
     positions: HashMap<String, i64>,
     sent: Option<HashMap<String, Sent>>,
     querier: Option<Querier>,
@@ -68,9 +71,6 @@ struct Connection<S> {
     last_checkpoint: i64,
     write_checkpoint: Option<i64>,
 }
-
-/// Closed: the client went away; not an error.
-struct Closed;
 
 /// Serve one connection until the client disconnects, the token expires, or the active sync
 /// config changes (the client then reconnects and gets the new buckets).
@@ -81,6 +81,7 @@ pub async fn run_connection<S: SyncStorage>(
     out: mpsc::Sender<Bytes>,
 ) -> Result<(), SyncError> {
     let positions = req.buckets.iter().cloned().collect();
+    let out = Output::new(req.format, out);
     let mut conn = Connection {
         hub,
         req,
@@ -106,9 +107,19 @@ fn storage<T>(r: Result<T, StorageError>) -> Step<T> {
 }
 
 impl<S: SyncStorage> Connection<S> {
-    async fn send(&self, line: &Line<'_>) -> Step<()> {
-        let bytes = self.req.format.encode(line);
-        self.out.send(bytes).await.map_err(|_| Ok(Closed))
+    /// Buffer a line (sent at the next [`Connection::flush`] or once a chunk is full).
+    async fn send(&mut self, line: &Line<'_>) -> Step<()> {
+        self.out.push(line).await.map_err(Ok)
+    }
+
+    async fn flush(&mut self) -> Step<()> {
+        self.out.flush().await.map_err(Ok)
+    }
+
+    /// Send a line now: keepalives and final lines.
+    async fn send_now(&mut self, line: &Line<'_>) -> Step<()> {
+        self.send(line).await?;
+        self.flush().await
     }
 
     fn seconds_left(&self) -> i64 {
@@ -121,7 +132,7 @@ impl<S: SyncStorage> Connection<S> {
 
     async fn run(&mut self) -> Step<()> {
         if self.seconds_left() <= 0 {
-            return self.send(&Line::TokenExpiresIn(0)).await;
+            return self.send_now(&Line::TokenExpiresIn(0)).await;
         }
         let mut states = self.hub.subscribe();
         let mut group = None;
@@ -135,16 +146,16 @@ impl<S: SyncStorage> Connection<S> {
                 tokio::select! {
                     changed = states.changed() => if changed.is_err() { return Ok(()) },
                     _ = keepalive.tick(), if self.req.keepalive_lines => {
-                        self.send(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
+                        self.send_now(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
                         continue;
                     }
                     _ = tokio::time::sleep_until(warn_at), if !warned => {
                         warned = true;
-                        self.send(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
+                        self.send_now(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
                         continue;
                     }
                     _ = tokio::time::sleep_until(expire_at) => {
-                        return self.send(&Line::TokenExpiresIn(0)).await;
+                        return self.send_now(&Line::TokenExpiresIn(0)).await;
                     }
                     _ = self.out.closed() => return Ok(()),
                 }
@@ -211,7 +222,8 @@ impl<S: SyncStorage> Connection<S> {
                 (b.bucket.clone(), sent)
             })
             .collect();
-        let to_fetch: Vec<&BucketDescription> = match &self.sent {
+        let previous = self.sent.take();
+        let to_fetch: Vec<&BucketDescription> = match &previous {
             None => {
                 let sources = state.rules.bucket_sources();
                 let line = Checkpoint {
@@ -242,7 +254,9 @@ impl<S: SyncStorage> Connection<S> {
                     .collect();
                 let removed: Vec<&str> = previous.keys().filter(|b| !next.contains_key(*b)).map(String::as_str).collect();
                 if updated.is_empty() && removed.is_empty() && write_checkpoint == self.write_checkpoint {
+                    self.sent = Some(next);
                     self.last_checkpoint = cp.op_id;
+                    self.advance_positions(cp.op_id, buckets.iter().map(|b| &b.bucket));
                     return Ok(());
                 }
                 let line = CheckpointDiff {
@@ -261,10 +275,11 @@ impl<S: SyncStorage> Connection<S> {
         self.write_checkpoint = write_checkpoint;
         self.send_data(state, fetch).await?;
         self.last_checkpoint = cp.op_id;
+        self.advance_positions(cp.op_id, buckets.iter().map(|b| &b.bucket));
         Ok(())
     }
 
-    /// Stream ops for `fetch`, priority group by priority group.
+    /// Stream ops for `fetch`, priority group by priority group, then `checkpoint_complete`.
     async fn send_data(&mut self, state: &HubState, fetch: Vec<(String, u8)>) -> Step<()> {
         let mut groups: BTreeMap<u8, Vec<String>> = BTreeMap::new();
         for (bucket, priority) in fetch {
@@ -274,43 +289,8 @@ impl<S: SyncStorage> Connection<S> {
         let cp = state.checkpoint.op_id;
         for (priority, mut pending) in groups {
             pending.sort();
-            while !pending.is_empty() {
-                let requests: Vec<(String, i64)> = pending
-                    .iter()
-                    .map(|b| (b.clone(), self.positions.get(b).copied().unwrap_or(0)))
-                    .collect();
-                let rows = storage(self.hub.storage().bucket_data(state.group, cp, &requests, FETCH_LIMIT).await)?;
-                let full = rows.len() as i64 >= FETCH_LIMIT;
-                let mut start = 0;
-                while start < rows.len() {
-                    let bucket = &rows[start].0;
-                    let end = rows[start..]
-                        .iter()
-                        .position(|(b, _)| b != bucket)
-                        .map_or(rows.len(), |n| start + n);
-                    let after = self.positions.get(bucket).copied().unwrap_or(0);
-                    let next_after = rows[end - 1].1.op_id;
-                    let line = DataBatch {
-                        bucket,
-                        after: after.to_string(),
-                        next_after: next_after.to_string(),
-                        has_more: full && end == rows.len(),
-                        data: rows[start..end].iter().map(|(_, op)| op_line(op)).collect(),
-                    };
-                    self.send(&Line::Data(line)).await?;
-                    self.positions.insert(bucket.clone(), next_after);
-                    start = end;
-                }
-                if !full {
-                    break;
-                }
-                // Buckets before the last one returned are complete; continue from it.
-                if let Some((last, _)) = rows.last() {
-                    if let Some(pos) = pending.iter().position(|b| b == last) {
-                        pending.drain(..pos);
-                    }
-                }
-            }
+            let from_storage = self.send_recent(state, pending).await?;
+            self.send_from_storage(state.group, cp, from_storage).await?;
             if Some(priority) != last_priority {
                 self.send(&Line::PartialCheckpointComplete(PartialCompleteLine {
                     last_op_id: cp.to_string(),
@@ -319,10 +299,126 @@ impl<S: SyncStorage> Connection<S> {
                 .await?;
             }
         }
-        self.send(&Line::CheckpointComplete(CompleteLine {
+        self.send_now(&Line::CheckpointComplete(CompleteLine {
             last_op_id: cp.to_string(),
         }))
         .await
+    }
+
+    /// After a complete checkpoint the client holds every op up to it in each of its buckets,
+    /// the position a reconnecting client would state too. Keeping positions current lets the
+    /// next checkpoint's data come from the hub's memory.
+    fn advance_positions<'b>(&mut self, cp: i64, buckets: impl Iterator<Item = &'b String>) {
+        for bucket in buckets {
+            match self.positions.get_mut(bucket) {
+                Some(position) => *position = (*position).max(cp),
+                None => {
+                    self.positions.insert(bucket.clone(), cp);
+                }
+            }
+        }
+    }
+
+    /// Send what the hub holds in memory; returns the buckets that must be read from storage.
+    async fn send_recent(&mut self, state: &HubState, pending: Vec<String>) -> Step<Vec<String>> {
+        let mut from_storage = Vec::new();
+        for bucket in pending {
+            let position = self.positions.get(&bucket).copied().unwrap_or(0);
+            let Some(ops) = self.hub.recent_ops(state.group, state.checkpoint.op_id, &bucket, position) else {
+                from_storage.push(bucket);
+                continue;
+            };
+            for (i, chunk) in ops.chunks(LINE_OPS).enumerate() {
+                let has_more = (i + 1) * LINE_OPS < ops.len();
+                self.send_ops(&bucket, chunk.iter().map(|op| &**op), has_more).await?;
+            }
+        }
+        Ok(from_storage)
+    }
+
+    /// Read `pending` buckets from storage in batches; the next batch is read while the
+    /// current one is encoded and sent.
+    async fn send_from_storage(&mut self, group: i64, cp: i64, mut pending: Vec<String>) -> Step<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let store = self.hub.storage().clone();
+        let requests = self.requests(&pending, None);
+        let mut batch = storage(store.bucket_data(group, cp, &requests, FETCH_LIMIT as i64).await)?;
+        loop {
+            let full = batch.len() >= FETCH_LIMIT;
+            let next = match (full, batch.last()) {
+                (true, Some((last, op))) => {
+                    // Buckets before the last one returned are complete; continue from it.
+                    if let Some(pos) = pending.iter().position(|b| b == last) {
+                        pending.drain(..pos);
+                    }
+                    Some(self.requests(&pending, Some((last.as_str(), op.op_id))))
+                }
+                _ => None,
+            };
+            let prefetch = async {
+                match &next {
+                    Some(requests) => store.bucket_data(group, cp, requests, FETCH_LIMIT as i64).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (fetched, sent) = tokio::join!(prefetch, self.send_batch(&batch, full));
+            sent?;
+            match storage(fetched)? {
+                Some(rows) => batch = rows,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// (bucket, position) for each pending bucket; `continue_from` overrides one position.
+    fn requests(&self, pending: &[String], continue_from: Option<(&str, i64)>) -> Vec<(String, i64)> {
+        pending
+            .iter()
+            .map(|b| {
+                let position = match continue_from {
+                    Some((bucket, op_id)) if bucket == b => op_id,
+                    _ => self.positions.get(b).copied().unwrap_or(0),
+                };
+                (b.clone(), position)
+            })
+            .collect()
+    }
+
+    /// One storage batch as `data` lines: a line per bucket run, at most [`LINE_OPS`] ops each.
+    async fn send_batch(&mut self, rows: &[(String, OplogEntry)], full: bool) -> Step<()> {
+        let mut start = 0;
+        while start < rows.len() {
+            let bucket = &rows[start].0;
+            let run_end = rows[start..]
+                .iter()
+                .position(|(b, _)| b != bucket)
+                .map_or(rows.len(), |n| start + n);
+            let end = run_end.min(start + LINE_OPS);
+            let has_more = end < run_end || (full && end == rows.len());
+            self.send_ops(bucket, rows[start..end].iter().map(|(_, op)| op), has_more).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// One `data` line for `bucket`, continuing from the connection's position.
+    async fn send_ops<'o>(&mut self, bucket: &str, ops: impl Iterator<Item = &'o OplogEntry>, has_more: bool) -> Step<()> {
+        let mut next_after = None;
+        let data: Vec<OplogLine<'_>> = ops.inspect(|op| next_after = Some(op.op_id)).map(op_line).collect();
+        let Some(next_after) = next_after else { return Ok(()) };
+        let after = self.positions.get(bucket).copied().unwrap_or(0);
+        let line = DataBatch {
+            bucket,
+            after: after.to_string(),
+            next_after: next_after.to_string(),
+            has_more,
+            data,
+        };
+        self.send(&Line::Data(line)).await?;
+        self.positions.insert(bucket.to_string(), next_after);
+        Ok(())
     }
 }
 

@@ -1,10 +1,11 @@
 //! The per-process checkpoint hub: one task follows storage checkpoints (push via LISTEN, no
 //! polling) and maintains what every connection needs, computed once: the current checkpoint,
-//! bucket checksums at it (updated incrementally from the buckets that changed), recently
-//! changed parameter lookups, and write checkpoints.
+//! bucket checksums at it and the ops each bucket received recently (updated incrementally from
+//! the buckets that changed), recently changed parameter lookups, and write checkpoints.
 
+use crate::cache::{BucketCache, Step};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
-use ferrosync_storage::{BucketChecksum, Checkpoint, CheckpointListener, StorageError, SyncStorage};
+use ferrosync_storage::{BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -12,6 +13,8 @@ use tokio::sync::watch;
 
 /// How many recent checkpoints' lookup changes are kept for connections that fall behind.
 const LOOKUP_HISTORY: usize = 256;
+/// Most ops one checkpoint step may have for the hub to keep them in memory.
+const STEP_OPS: usize = 10_000;
 
 /// The served sync config at a checkpoint.
 #[derive(Clone)]
@@ -22,10 +25,7 @@ pub struct HubState {
 }
 
 struct Shared {
-    /// Checksums of cached buckets, valid at `cache_checkpoint`.
-    checksums: HashMap<String, BucketChecksum>,
-    cache_checkpoint: i64,
-    group: i64,
+    cache: BucketCache,
     /// (from, to, lookups changed in (from, to]), oldest first.
     lookup_history: VecDeque<(i64, i64, HashSet<String>)>,
     /// user_key -> (write checkpoint id, source lsn it needs).
@@ -47,9 +47,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
             storage,
             state: rx,
             shared: RwLock::new(Shared {
-                checksums: HashMap::new(),
-                cache_checkpoint: 0,
-                group: 0,
+                cache: BucketCache::default(),
                 lookup_history: VecDeque::new(),
                 write_checkpoints: HashMap::new(),
             }),
@@ -118,43 +116,42 @@ impl<S: SyncStorage> CheckpointHub<S> {
 
     fn reset(&self, group: i64, checkpoint: i64) {
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
-        shared.checksums.clear();
+        shared.cache.reset(group, checkpoint);
         shared.lookup_history.clear();
-        shared.cache_checkpoint = checkpoint;
-        shared.group = group;
     }
 
-    /// Move cached checksums from `from` to `to`: only buckets written in between are touched,
-    /// with one query for their partial sums.
+    /// Move the cache from `from` to `to`: only cached buckets written in between are read,
+    /// with one query for their new ops (or, past [`STEP_OPS`], their checksum deltas).
     async fn advance(&self, group: i64, from: i64, to: i64) -> Result<(), StorageError> {
         let changes = self.storage.changes(group, from, to).await?;
         let cached: Vec<String> = {
             let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
-            changes
-                .buckets
-                .iter()
-                .filter(|b| shared.checksums.contains_key(*b))
-                .cloned()
-                .collect()
+            changes.buckets.iter().filter(|b| shared.cache.contains(b)).cloned().collect()
         };
-        let deltas = if cached.is_empty() {
-            HashMap::new()
-        } else {
-            self.storage.checksums(group, from, to, &cached).await?
-        };
+        let step = self.read_step(group, from, to, cached).await?;
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
-        for (bucket, delta) in deltas {
-            if let Some(c) = shared.checksums.get_mut(&bucket) {
-                c.checksum = c.checksum.wrapping_add(delta.checksum);
-                c.count += delta.count;
-            }
-        }
-        shared.cache_checkpoint = to;
+        shared.cache.advance(to, &changes.buckets, step);
         shared.lookup_history.push_back((from, to, changes.lookups));
         if shared.lookup_history.len() > LOOKUP_HISTORY {
             shared.lookup_history.pop_front();
         }
         Ok(())
+    }
+
+    async fn read_step(&self, group: i64, from: i64, to: i64, buckets: Vec<String>) -> Result<Step, StorageError> {
+        if buckets.is_empty() {
+            return Ok(Step::Ops(HashMap::new()));
+        }
+        let requests: Vec<(String, i64)> = buckets.iter().map(|b| (b.clone(), from)).collect();
+        let rows = self.storage.bucket_data(group, to, &requests, STEP_OPS as i64 + 1).await?;
+        if rows.len() > STEP_OPS {
+            return Ok(Step::Checksums(self.storage.checksums(group, from, to, &buckets).await?));
+        }
+        let mut ops: HashMap<String, Vec<OplogEntry>> = buckets.into_iter().map(|b| (b, Vec::new())).collect();
+        for (bucket, op) in rows {
+            ops.entry(bucket).or_default().push(op);
+        }
+        Ok(Step::Ops(ops))
     }
 
     async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {
@@ -180,13 +177,13 @@ impl<S: SyncStorage> CheckpointHub<S> {
         let mut missing = Vec::new();
         {
             let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
-            if shared.cache_checkpoint != checkpoint || shared.group != group {
+            if !shared.cache.is_at(group, checkpoint) {
                 return Ok(None);
             }
             for b in buckets {
-                match shared.checksums.get(*b) {
+                match shared.cache.checksum(b) {
                     Some(c) => {
-                        out.insert(b.to_string(), *c);
+                        out.insert(b.to_string(), c);
                     }
                     None => missing.push(b.to_string()),
                 }
@@ -195,11 +192,11 @@ impl<S: SyncStorage> CheckpointHub<S> {
         if !missing.is_empty() {
             let fetched = self.storage.checksums(group, 0, checkpoint, &missing).await?;
             let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
-            let still_valid = shared.cache_checkpoint == checkpoint && shared.group == group;
+            let still_valid = shared.cache.is_at(group, checkpoint);
             for b in missing {
                 let c = fetched.get(&b).copied().unwrap_or_default();
                 if still_valid {
-                    shared.checksums.insert(b.clone(), c);
+                    shared.cache.insert(b.clone(), c);
                 }
                 out.insert(b, c);
             }
@@ -207,11 +204,21 @@ impl<S: SyncStorage> CheckpointHub<S> {
         Ok(Some(out))
     }
 
+    /// Ops of `bucket` with `position < op_id <= checkpoint` from memory, when the hub holds all
+    /// of them; `None` means read storage.
+    pub fn recent_ops(&self, group: i64, checkpoint: i64, bucket: &str, position: i64) -> Option<Vec<Arc<OplogEntry>>> {
+        let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
+        if !shared.cache.is_at(group, checkpoint) {
+            return None;
+        }
+        shared.cache.ops_after(bucket, position)
+    }
+
     /// Did any of `lookups` change in `(after, current]`? `true` when history does not reach back.
     pub fn lookups_changed(&self, after: i64, lookups: &[ferrosync_rules::LookupKey]) -> bool {
         let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
         match shared.lookup_history.front() {
-            None => after != shared.cache_checkpoint,
+            None => after != shared.cache.checkpoint,
             Some((from, _, _)) if *from > after => true,
             Some(_) => shared
                 .lookup_history

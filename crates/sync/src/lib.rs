@@ -4,9 +4,11 @@
 //! for new checkpoints, keeps bucket checksums current incrementally, tracks write checkpoints);
 //! each connection only compares its own buckets against it and streams the data it lacks.
 
+mod cache;
 pub mod connection;
 pub mod hub;
 pub mod lines;
+mod output;
 
 pub use connection::{run_connection, ConnectionRequest, Limits};
 pub use hub::CheckpointHub;

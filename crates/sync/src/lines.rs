@@ -1,6 +1,6 @@
 //! Sync lines (protocol spec §4) and their NDJSON / BSON encodings.
 
-use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use serde::Serialize;
 
 /// Wire encoding of lines.
@@ -20,24 +20,21 @@ impl LineFormat {
         }
     }
 
-    /// Encode one line. Lines are built from our own types, so encoding cannot fail in practice;
-    /// if it somehow does, the line is replaced by nothing and logged.
-    pub fn encode<T: Serialize>(self, line: &T) -> Bytes {
+    /// Append one encoded line to `buf`. Lines are built from our own types, so encoding cannot
+    /// fail in practice; if it somehow does, nothing is appended and the error is logged.
+    pub fn encode_into<T: Serialize>(self, line: &T, buf: &mut BytesMut) {
+        let start = buf.len();
         let result = match self {
-            LineFormat::Ndjson => serde_json::to_vec(line)
-                .map(|mut v| {
-                    v.push(b'\n');
-                    v
-                })
+            LineFormat::Ndjson => serde_json::to_writer(buf.writer(), line)
+                .map(|()| buf.put_u8(b'\n'))
                 .map_err(|e| e.to_string()),
-            LineFormat::Bson => bson::serialize_to_vec(line).map_err(|e| e.to_string()),
+            LineFormat::Bson => bson::serialize_to_vec(line)
+                .map(|doc| buf.extend_from_slice(&doc))
+                .map_err(|e| e.to_string()),
         };
-        match result {
-            Ok(v) => Bytes::from(v),
-            Err(e) => {
-                tracing::error!(error = %e, "could not encode sync line");
-                Bytes::new()
-            }
+        if let Err(e) = result {
+            buf.truncate(start);
+            tracing::error!(error = %e, "could not encode sync line");
         }
     }
 }
@@ -132,16 +129,22 @@ pub enum Line<'a> {
 mod tests {
     use super::*;
 
+    fn encode(format: LineFormat, line: &Line<'_>) -> BytesMut {
+        let mut buf = BytesMut::new();
+        format.encode_into(line, &mut buf);
+        buf
+    }
+
     #[test]
     fn one_key_per_line_with_string_op_ids() {
         let line = Line::CheckpointComplete(CompleteLine { last_op_id: "3".into() });
         assert_eq!(
-            LineFormat::Ndjson.encode(&line),
-            Bytes::from_static(b"{\"checkpoint_complete\":{\"last_op_id\":\"3\"}}\n")
+            &encode(LineFormat::Ndjson, &line)[..],
+            b"{\"checkpoint_complete\":{\"last_op_id\":\"3\"}}\n"
         );
         let line = Line::TokenExpiresIn(0);
-        assert_eq!(LineFormat::Ndjson.encode(&line), Bytes::from_static(b"{\"token_expires_in\":0}\n"));
-        let bson = LineFormat::Bson.encode(&line);
+        assert_eq!(&encode(LineFormat::Ndjson, &line)[..], b"{\"token_expires_in\":0}\n");
+        let bson = encode(LineFormat::Bson, &line);
         assert_eq!(u32::from_le_bytes([bson[0], bson[1], bson[2], bson[3]]) as usize, bson.len());
     }
 }

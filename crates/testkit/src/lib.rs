@@ -198,11 +198,19 @@ impl PgCluster {
         Ok(())
     }
 
+    /// The postmaster's pid, from `postmaster.pid` (first line).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// Stop the server (fast shutdown) and wait for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SIGINT = fast shutdown: terminates sessions, writes a checkpoint.
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            // SIGINT = fast shutdown: terminates sessions, writes a checkpoint. When we are root
+            // the child is `runuser`, which does not forward signals: signal the postmaster itself.
+            let postmaster = self.postmaster_pid().unwrap_or(child.id());
+            let _ = Command::new("kill").args(["-INT", &postmaster.to_string()]).status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
