@@ -12,7 +12,7 @@ use ferrosync_source::setup;
 use ferrosync_source::snapshot::{copy_table, estimate_rows};
 use ferrosync_source::{ChangeStream, Lsn, SourceEvent, SourceRow, StreamOptions};
 use ferrosync_storage::streams;
-use ferrosync_storage::{BucketWriter, RecordOp, TableHandle};
+use ferrosync_storage::{BucketWriter, RecordOp, TableHandle, TableProgress};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -211,8 +211,13 @@ impl Replication {
             for row in chunk.rows {
                 self.save_upsert(&table, &keys, row, None).await?;
             }
-            self.writer.flush().await?;
-            streams::save_table_progress(self.writer.client(), table.id, chunk.last_key.as_deref(), done_rows, false).await?;
+            let progress = TableProgress {
+                table_id: table.id,
+                last_key: chunk.last_key.clone(),
+                rows: done_rows,
+                done: false,
+            };
+            self.writer.flush_snapshot_chunk(progress).await?;
             if last_log.elapsed() > Duration::from_secs(2) || chunk.done {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 tracing::info!(table = %rel.name.name, rows = done_rows, total_estimate = total, rows_per_s = (done_rows as f64 / secs) as u64, "snapshot progress");

@@ -19,7 +19,7 @@ pub use error::StorageError;
 pub use model::*;
 pub use notify::CheckpointListener;
 pub use reader::{PgStorage, SyncStorage};
-pub use writer::{BucketWriter, RecordOp, TableHandle};
+pub use writer::{BucketWriter, RecordOp, TableHandle, TableProgress};
 
 /// Connect with tokio-postgres (no TLS) and drive the connection in a task.
 pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, StorageError> {

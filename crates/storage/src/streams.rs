@@ -155,7 +155,7 @@ fn table_from_row(r: &Row) -> SourceTableRecord {
 
 /// Record snapshot progress (after the rows up to `last_key` were flushed).
 pub async fn save_table_progress(
-    client: &Client,
+    client: &impl tokio_postgres::GenericClient,
     table_id: i64,
     last_key: Option<&str>,
     rows: i64,

@@ -85,8 +85,19 @@ pub struct BucketWriter {
     rules: Arc<SyncRules>,
     next_op: i64,
     pending: Vec<RecordOp>,
-    skip_existing: bool,
+    snapshot: bool,
+    progress: Option<TableProgress>,
     evaluation_errors: u64,
+}
+
+/// A table copy's position, saved in the same transaction as the rows copied up to it, so a
+/// resumed copy never meets a row it already stored.
+#[derive(Debug, Clone)]
+pub struct TableProgress {
+    pub table_id: i64,
+    pub last_key: Option<String>,
+    pub rows: i64,
+    pub done: bool,
 }
 
 impl BucketWriter {
@@ -98,7 +109,8 @@ impl BucketWriter {
             rules,
             next_op,
             pending: Vec::new(),
-            skip_existing: false,
+            snapshot: false,
+            progress: None,
             evaluation_errors: 0,
         }
     }
@@ -111,10 +123,20 @@ impl BucketWriter {
         &self.client
     }
 
-    /// Snapshot mode: rows that already have current state are left alone (resumed snapshots,
-    /// tables copied while streaming).
+    /// Snapshot mode: every saved row is new to storage (a table copy whose progress is saved
+    /// with [`BucketWriter::flush_snapshot_chunk`]), so current state is neither read nor
+    /// merged, and rows are buffered until the chunk is flushed.
     pub fn set_snapshot_mode(&mut self, on: bool) {
-        self.skip_existing = on;
+        self.snapshot = on;
+    }
+
+    /// Persist the buffered rows of a table copy together with its progress.
+    pub async fn flush_snapshot_chunk(&mut self, progress: TableProgress) -> Result<(), StorageError> {
+        if self.pending.is_empty() {
+            return write_progress(&self.client, Some(progress)).await;
+        }
+        self.progress = Some(progress);
+        self.flush().await
     }
 
     pub fn evaluation_errors(&self) -> u64 {
@@ -123,7 +145,7 @@ impl BucketWriter {
 
     pub async fn save(&mut self, op: RecordOp) -> Result<(), StorageError> {
         self.pending.push(op);
-        if self.pending.len() >= FLUSH_RECORDS {
+        if self.pending.len() >= FLUSH_RECORDS && !self.snapshot {
             self.flush().await?;
         }
         Ok(())
@@ -135,7 +157,11 @@ impl BucketWriter {
             return Ok(());
         }
         let ops = std::mem::take(&mut self.pending);
-        let mut state = self.load_current(&ops).await?;
+        let mut state = if self.snapshot {
+            HashMap::new()
+        } else {
+            self.load_current(&ops).await?
+        };
         let mut out = FlushOutput::default();
         for op in ops {
             self.apply(op, &mut state, &mut out);
@@ -165,11 +191,11 @@ impl BucketWriter {
         let rows = self
             .client
             .query(
-                "SELECT c.table_id, c.key, CASE WHEN $4 THEN NULL ELSE c.data END, CASE WHEN $4 THEN '[]' ELSE c.buckets END, CASE WHEN $4 THEN '[]' ELSE c.lookups END
+                "SELECT c.table_id, c.key, c.data, c.buckets, c.lookups
                  FROM ferrosync.current_data c
                  JOIN unnest($2::int8[], $3::uuid[]) AS k(table_id, key) ON c.table_id = k.table_id AND c.key = k.key
                  WHERE c.group_id = $1",
-                &[&group, &table_ids, &keys, &self.skip_existing],
+                &[&group, &table_ids, &keys],
             )
             .await?;
         for r in rows {
@@ -206,9 +232,6 @@ impl BucketWriter {
                 mut row,
                 unchanged,
             } => {
-                if self.skip_existing && matches!(state.get(&(table.id, key)), Some(Some(_))) {
-                    return;
-                }
                 if let Some(before) = before_key.filter(|b| *b != key) {
                     let old = state.insert((table.id, before), None).flatten();
                     out.dirty.insert((table.id, before));
@@ -336,6 +359,7 @@ impl BucketWriter {
     async fn write(&mut self, state: HashMap<RowKey, Option<CurrentRow>>, out: FlushOutput) -> Result<(), StorageError> {
         let group = self.stream.id as i32;
         let persisted = self.next_op - 1;
+        let progress = self.progress.take();
         let tx = self.client.transaction().await?;
         if !out.ops.is_empty() {
             let sink = tx
@@ -404,7 +428,9 @@ impl BucketWriter {
                 }
             }
         }
-        if !up_keys.is_empty() {
+        if self.snapshot {
+            copy_current(&tx, group, &up_tables, &up_keys, &up_data, &up_buckets, &up_lookups).await?;
+        } else if !up_keys.is_empty() {
             tx.execute(
                 "INSERT INTO ferrosync.current_data (group_id, table_id, key, data, buckets, lookups)
                  SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::text[], $6::text[])
@@ -435,6 +461,7 @@ impl BucketWriter {
             &[&self.stream.id, &persisted],
         )
         .await?;
+        write_progress(&tx, progress).await?;
         tx.commit().await?;
         self.stream.persisted_op = persisted;
         Ok(())
@@ -532,6 +559,41 @@ impl BucketWriter {
         self.stream.snapshot_done = true;
         Ok(())
     }
+}
+
+async fn write_progress(client: &impl tokio_postgres::GenericClient, progress: Option<TableProgress>) -> Result<(), StorageError> {
+    match progress {
+        Some(p) => crate::streams::save_table_progress(client, p.table_id, p.last_key.as_deref(), p.rows, p.done).await,
+        None => Ok(()),
+    }
+}
+
+/// New rows' current state, by binary COPY (snapshot chunks hold only rows storage lacks).
+async fn copy_current(
+    tx: &tokio_postgres::Transaction<'_>,
+    group: i32,
+    tables: &[i64],
+    keys: &[Uuid],
+    data: &[Option<Vec<u8>>],
+    buckets: &[String],
+    lookups: &[String],
+) -> Result<(), StorageError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups) FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT8, Type::UUID, Type::BYTEA, Type::TEXT, Type::TEXT]);
+    futures::pin_mut!(writer);
+    for i in 0..keys.len() {
+        writer
+            .as_mut()
+            .write(&[&group, &tables[i], &keys[i], &data[i], &buckets[i], &lookups[i]])
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 /// Postgres' `X/Y` text form of an LSN.
