@@ -8,6 +8,11 @@ mod replicator;
 mod serve;
 
 use clap::{Parser, Subcommand};
+
+// glibc malloc showed up as ~12% of replication CPU (many small row/op allocations) and holds
+// on to freed memory; mimalloc is faster for this pattern and returns memory more readily.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

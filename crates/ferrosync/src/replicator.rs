@@ -96,10 +96,11 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
     } else {
         stream
     };
-    let writer_client = ferrosync_storage::connect(&config.storage_conn).await?;
+    let reader = ferrosync_storage::connect(&config.storage_conn).await?;
+    let writer = ferrosync_storage::connect(&config.storage_conn).await?;
     let mut repl = Replication {
         source,
-        writer: BucketWriter::new(writer_client, stream, rules.clone()),
+        writer: BucketWriter::new(reader, writer, stream, rules.clone()),
         rules,
         config: config.clone(),
         tables: HashMap::new(),
@@ -162,6 +163,7 @@ impl Replication {
     async fn register_table(&mut self, rel: &RelationInfo, initial: bool) -> Result<()> {
         let keys = rel.key_column_names();
         let group = self.writer.stream().id;
+        self.writer.sync().await?;
         let (record, stale) = streams::resolve_table(self.writer.client(), group, rel.oid, &rel.name.schema, &rel.name.name, &keys).await?;
         if let Some(old) = stale {
             let name = ferrosync_rules::SourceTableName {
@@ -225,10 +227,18 @@ impl Replication {
             }
         }
         reader.await.context("snapshot reader task")??;
-        self.writer.set_snapshot_mode(false);
+        // Checkpoints wait for the stream to pass the copy before the table counts as done.
         let lsn = setup::current_lsn(&self.source).await?;
         self.writer.block_checkpoints_until(lsn.0).await?;
-        streams::save_table_progress(self.writer.client(), table.id, None, done_rows, true).await?;
+        self.writer
+            .flush_snapshot_chunk(TableProgress {
+                table_id: table.id,
+                last_key: None,
+                rows: done_rows,
+                done: true,
+            })
+            .await?;
+        self.writer.set_snapshot_mode(false);
         Ok(())
     }
 
@@ -269,9 +279,17 @@ impl Replication {
         })
         .await?;
         tracing::info!("streaming changes");
+        let mut durable = self.writer.durable();
         let mut in_tx = false;
         loop {
-            let first = stream.recv().await.context("replication stream ended")??;
+            let first = tokio::select! {
+                event = stream.recv() => event.context("replication stream ended")??,
+                changed = durable.changed() => {
+                    changed.context("storage writer stopped")?;
+                    stream.ack(Lsn(*durable.borrow_and_update()));
+                    continue;
+                }
+            };
             let mut commit: Option<Lsn> = None;
             let mut ping: Option<Lsn> = None;
             let mut keepalive: Option<Lsn> = None;
@@ -298,14 +316,13 @@ impl Replication {
             if in_tx {
                 continue;
             }
+            // The LSN is acknowledged (above) only once the write task reports it durable.
             if let Some(lsn) = commit.max(ping) {
                 if let Some(cp) = self.writer.commit(lsn.0, ping.is_some()).await? {
                     tracing::debug!(op_id = cp.op_id, lsn = %lsn, "checkpoint");
                 }
-                stream.ack(lsn);
             } else if let Some(lsn) = keepalive {
-                self.writer.flush().await?;
-                stream.ack(lsn);
+                self.writer.mark_durable(lsn.0).await?;
             }
         }
     }

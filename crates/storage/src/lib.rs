@@ -13,6 +13,7 @@ pub mod reader;
 pub mod row_codec;
 pub mod schema;
 pub mod streams;
+mod write_task;
 pub mod writer;
 
 pub use error::StorageError;

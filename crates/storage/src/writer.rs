@@ -1,21 +1,29 @@
 //! The replication-side writer: row changes in, ops + current state + lookups out, then
 //! checkpoints. One writer per replication stream (guarded by the stream lease), so op_ids are
-//! allocated in memory and every flush is one storage transaction using binary COPY.
+//! allocated in memory. Flushes are pipelined: this side evaluates rows into a batch and hands
+//! it to the write task ([`crate::write_task`]), which commits batches in order while the next
+//! one is prepared. Rows written by batches that may not be committed yet are answered from an
+//! in-memory overlay, so reads of current state never miss an in-flight write.
 
 use crate::checksum;
 use crate::error::StorageError;
 use crate::model::{Checkpoint, OpType, StreamRecord, StreamState};
 use crate::row_codec;
+use crate::write_task::{self, Batch, CurrentRecord, Job, OpRow};
 use ferrosync_rules::{Row, SourceTableName, SyncRules};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
 /// Records buffered before a flush: bounds memory and keeps storage transactions a few MB.
 const FLUSH_RECORDS: usize = 5_000;
+/// Batches queued for the write task beyond the one it is writing.
+const QUEUED_BATCHES: usize = 2;
+/// Overlay entries kept before the pipeline is drained and the overlay dropped.
+const OVERLAY_ROWS: usize = 100_000;
 
 /// Notification channel for new checkpoints (payload `group:op_id:lsn`).
 pub const CHECKPOINT_CHANNEL: &str = "ferrosync_checkpoints";
@@ -58,17 +66,6 @@ struct CurrentRow {
 
 type RowKey = (i64, Uuid);
 
-struct OpRow {
-    bucket: String,
-    op_id: i64,
-    op: OpType,
-    row_type: Option<String>,
-    row_id: Option<String>,
-    subkey: Option<String>,
-    data: Option<String>,
-    checksum: u32,
-}
-
 #[derive(Default)]
 struct FlushOutput {
     ops: Vec<OpRow>,
@@ -80,7 +77,13 @@ struct FlushOutput {
 
 /// Writes one replication stream's ops.
 pub struct BucketWriter {
+    /// Reads current state and runs rare statements once the pipeline is drained.
     client: Client,
+    jobs: mpsc::Sender<Job>,
+    task: Option<JoinHandle<Result<(), StorageError>>>,
+    durable: watch::Receiver<u64>,
+    /// Current state of rows written by batches that may still be in flight (None: deleted).
+    overlay: HashMap<RowKey, Option<CurrentRow>>,
     stream: StreamRecord,
     rules: Arc<SyncRules>,
     next_op: i64,
@@ -101,10 +104,18 @@ pub struct TableProgress {
 }
 
 impl BucketWriter {
-    pub fn new(client: Client, stream: StreamRecord, rules: Arc<SyncRules>) -> BucketWriter {
+    /// `reader` serves reads; `writer` is owned by the write task.
+    pub fn new(reader: Client, writer: Client, stream: StreamRecord, rules: Arc<SyncRules>) -> BucketWriter {
         let next_op = stream.persisted_op + 1;
+        let (jobs, rx) = mpsc::channel(QUEUED_BATCHES);
+        let (durable_tx, durable) = watch::channel(stream.checkpoint.lsn);
+        let task = tokio::spawn(write_task::run(writer, stream.id, rx, durable_tx));
         BucketWriter {
-            client,
+            client: reader,
+            jobs,
+            task: Some(task),
+            durable,
+            overlay: HashMap::new(),
             stream,
             rules,
             next_op,
@@ -119,8 +130,57 @@ impl BucketWriter {
         &self.stream
     }
 
+    /// A storage connection for statements outside the op pipeline (call [`BucketWriter::sync`]
+    /// first when they must see everything written so far).
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The highest source LSN whose changes are committed in storage: safe to acknowledge.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+
+    async fn send(&mut self, job: Job) -> Result<(), StorageError> {
+        if self.jobs.send(job).await.is_ok() {
+            return Ok(());
+        }
+        Err(self.task_error().await)
+    }
+
+    /// Why the write task stopped.
+    async fn task_error(&mut self) -> StorageError {
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => StorageError::Corrupt("storage write task stopped".into()),
+                Err(e) => StorageError::Corrupt(format!("storage write task failed: {e}")),
+            },
+            None => StorageError::Corrupt("storage write task stopped earlier".into()),
+        }
+    }
+
+    /// Wait until everything handed to the write task is committed.
+    pub async fn sync(&mut self) -> Result<(), StorageError> {
+        self.flush().await?;
+        self.drain().await
+    }
+
+    async fn drain(&mut self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Sync(tx)).await?;
+        if rx.await.is_err() {
+            return Err(self.task_error().await);
+        }
+        self.overlay.clear();
+        Ok(())
+    }
+
+    /// Publish `lsn` as durable once everything before it is committed (a source position
+    /// with nothing to write, e.g. a keepalive).
+    pub async fn mark_durable(&mut self, lsn: u64) -> Result<(), StorageError> {
+        self.flush().await?;
+        self.send(Job::Durable(lsn)).await
     }
 
     /// Snapshot mode: every saved row is new to storage (a table copy whose progress is saved
@@ -132,9 +192,6 @@ impl BucketWriter {
 
     /// Persist the buffered rows of a table copy together with its progress.
     pub async fn flush_snapshot_chunk(&mut self, progress: TableProgress) -> Result<(), StorageError> {
-        if self.pending.is_empty() {
-            return write_progress(&self.client, Some(progress)).await;
-        }
         self.progress = Some(progress);
         self.flush().await
     }
@@ -151,9 +208,9 @@ impl BucketWriter {
         Ok(())
     }
 
-    /// Persist everything buffered (without making it visible: that is `commit`).
+    /// Hand everything buffered to the write task (without making it visible: that is `commit`).
     pub async fn flush(&mut self) -> Result<(), StorageError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.progress.is_none() {
             return Ok(());
         }
         let ops = std::mem::take(&mut self.pending);
@@ -166,7 +223,12 @@ impl BucketWriter {
         for op in ops {
             self.apply(op, &mut state, &mut out);
         }
-        self.write(state, out).await
+        let batch = self.batch(state, out);
+        self.send(Job::Batch(Box::new(batch))).await?;
+        if self.overlay.len() > OVERLAY_ROWS {
+            self.drain().await?;
+        }
+        Ok(())
     }
 
     async fn load_current(&self, ops: &[RecordOp]) -> Result<HashMap<RowKey, Option<CurrentRow>>, StorageError> {
@@ -186,7 +248,24 @@ impl BucketWriter {
                 keys.push(b);
             }
         }
-        let mut state: HashMap<RowKey, Option<CurrentRow>> = table_ids.iter().zip(&keys).map(|(t, k)| ((*t, *k), None)).collect();
+        let mut state: HashMap<RowKey, Option<CurrentRow>> = HashMap::with_capacity(keys.len());
+        let (mut read_tables, mut read_keys) = (Vec::new(), Vec::new());
+        for (table, key) in table_ids.into_iter().zip(keys) {
+            match self.overlay.get(&(table, key)) {
+                Some(known) => {
+                    state.insert((table, key), known.clone());
+                }
+                None => {
+                    if state.insert((table, key), None).is_none() {
+                        read_tables.push(table);
+                        read_keys.push(key);
+                    }
+                }
+            }
+        }
+        if read_keys.is_empty() {
+            return Ok(state);
+        }
         let group = self.stream.id as i32;
         let rows = self
             .client
@@ -195,7 +274,7 @@ impl BucketWriter {
                  FROM ferrosync.current_data c
                  JOIN unnest($2::int8[], $3::uuid[]) AS k(table_id, key) ON c.table_id = k.table_id AND c.key = k.key
                  WHERE c.group_id = $1",
-                &[&group, &table_ids, &keys],
+                &[&group, &read_tables, &read_keys],
             )
             .await?;
         for r in rows {
@@ -356,121 +435,43 @@ impl BucketWriter {
         out.params.push((lookup.to_string(), table_id, key, id, "[]".to_string()));
     }
 
-    async fn write(&mut self, state: HashMap<RowKey, Option<CurrentRow>>, out: FlushOutput) -> Result<(), StorageError> {
-        let group = self.stream.id as i32;
-        let persisted = self.next_op - 1;
-        let progress = self.progress.take();
-        let tx = self.client.transaction().await?;
-        if !out.ops.is_empty() {
-            let sink = tx
-                .copy_in(
-                    "COPY ferrosync.bucket_data (group_id, bucket, op_id, op, row_type, row_id, subkey, data, checksum) FROM STDIN BINARY",
-                )
-                .await?;
-            let types = [
-                Type::INT4,
-                Type::TEXT,
-                Type::INT8,
-                Type::INT2,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::INT8,
-            ];
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            futures::pin_mut!(writer);
-            for op in &out.ops {
-                let checksum = i64::from(op.checksum);
-                let kind = op.op as i16;
-                writer
-                    .as_mut()
-                    .write(&[
-                        &group,
-                        &op.bucket,
-                        &op.op_id,
-                        &kind,
-                        &op.row_type,
-                        &op.row_id,
-                        &op.subkey,
-                        &op.data,
-                        &checksum,
-                    ])
-                    .await?;
+    /// Turn a flush's result into a write-task batch, recording the rows' new state in the overlay.
+    fn batch(&mut self, mut state: HashMap<RowKey, Option<CurrentRow>>, out: FlushOutput) -> Batch {
+        let mut batch = Batch {
+            ops: out.ops,
+            params: out.params,
+            fresh_rows: self.snapshot,
+            buckets: out.buckets.into_iter().collect(),
+            lookups: out.lookups.into_iter().collect(),
+            persisted_op: self.next_op - 1,
+            progress: self.progress.take(),
+            ..Batch::default()
+        };
+        for key in out.dirty {
+            let current = state.remove(&key).flatten();
+            match &current {
+                Some(row) => batch.upserts.push(CurrentRecord {
+                    table_id: key.0,
+                    key: key.1,
+                    data: row.image.as_ref().map(row_codec::encode),
+                    buckets: serde_json::to_string(&row.buckets).unwrap_or_else(|_| "[]".into()),
+                    lookups: serde_json::to_string(&row.lookups).unwrap_or_else(|_| "[]".into()),
+                }),
+                None => batch.deletes.push(key),
             }
-            writer.finish().await?;
-        }
-        if !out.params.is_empty() {
-            let sink = tx
-                .copy_in("COPY ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) FROM STDIN BINARY")
-                .await?;
-            let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT, Type::INT8, Type::UUID, Type::INT8, Type::TEXT]);
-            futures::pin_mut!(writer);
-            for (lookup, table_id, key, id, params) in &out.params {
-                writer.as_mut().write(&[&group, lookup, table_id, key, id, params]).await?;
-            }
-            writer.finish().await?;
-        }
-        let (mut up_tables, mut up_keys, mut up_data, mut up_buckets, mut up_lookups) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut del_tables, mut del_keys) = (vec![], vec![]);
-        for key in &out.dirty {
-            match state.get(key) {
-                Some(Some(row)) => {
-                    up_tables.push(key.0);
-                    up_keys.push(key.1);
-                    up_data.push(row.image.as_ref().map(row_codec::encode));
-                    up_buckets.push(serde_json::to_string(&row.buckets).unwrap_or_else(|_| "[]".into()));
-                    up_lookups.push(serde_json::to_string(&row.lookups).unwrap_or_else(|_| "[]".into()));
-                }
-                _ => {
-                    del_tables.push(key.0);
-                    del_keys.push(key.1);
-                }
+            // Copied rows are read back only after the copy is drained: no overlay needed.
+            if !self.snapshot {
+                self.overlay.insert(key, current);
             }
         }
-        if self.snapshot {
-            copy_current(&tx, group, &up_tables, &up_keys, &up_data, &up_buckets, &up_lookups).await?;
-        } else if !up_keys.is_empty() {
-            tx.execute(
-                "INSERT INTO ferrosync.current_data (group_id, table_id, key, data, buckets, lookups)
-                 SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::text[], $6::text[])
-                 ON CONFLICT (group_id, table_id, key) DO UPDATE SET data = excluded.data, buckets = excluded.buckets, lookups = excluded.lookups",
-                &[&group, &up_tables, &up_keys, &up_data, &up_buckets, &up_lookups],
-            )
-            .await?;
-        }
-        if !del_keys.is_empty() {
-            tx.execute(
-                "DELETE FROM ferrosync.current_data c USING unnest($2::int8[], $3::uuid[]) AS k(table_id, key)
-                 WHERE c.group_id = $1 AND c.table_id = k.table_id AND c.key = k.key",
-                &[&group, &del_tables, &del_keys],
-            )
-            .await?;
-        }
-        if !out.buckets.is_empty() || !out.lookups.is_empty() {
-            let buckets: Vec<&String> = out.buckets.iter().collect();
-            let lookups: Vec<&String> = out.lookups.iter().collect();
-            tx.execute(
-                "INSERT INTO ferrosync.bucket_changes (group_id, max_op_id, buckets, lookups) VALUES ($1, $2, $3, $4)",
-                &[&group, &persisted, &buckets, &lookups],
-            )
-            .await?;
-        }
-        tx.execute(
-            "UPDATE ferrosync.sync_rules SET persisted_op = $2 WHERE id = $1",
-            &[&self.stream.id, &persisted],
-        )
-        .await?;
-        write_progress(&tx, progress).await?;
-        tx.commit().await?;
-        self.stream.persisted_op = persisted;
-        Ok(())
+        self.stream.persisted_op = batch.persisted_op;
+        batch
     }
 
     /// Remove every row of `table` (TRUNCATE, or a table whose identity changed).
     pub async fn truncate(&mut self, table: Arc<TableHandle>) -> Result<(), StorageError> {
-        self.flush().await?;
         loop {
+            self.sync().await?;
             let rows = self
                 .client
                 .query(
@@ -487,47 +488,29 @@ impl BucketWriter {
                     key: r.get(0),
                 });
             }
-            self.flush().await?;
         }
     }
 
     /// Source transaction boundary at `lsn` (or a keepalive marker when `force`): make flushed
-    /// ops visible as a checkpoint, unless blocked by an unfinished snapshot.
+    /// ops visible as a checkpoint, unless blocked by an unfinished snapshot. The checkpoint is
+    /// committed by the write task; [`BucketWriter::durable`] reports when.
     pub async fn commit(&mut self, lsn: u64, force: bool) -> Result<Option<Checkpoint>, StorageError> {
         self.flush().await?;
-        let has_new = self.stream.persisted_op > self.stream.checkpoint.op_id;
-        if !has_new && !force {
-            return Ok(None);
-        }
         let s = &self.stream;
-        if !s.snapshot_done || lsn < s.no_checkpoint_before || lsn < s.checkpoint.lsn {
+        let has_new = s.persisted_op > s.checkpoint.op_id;
+        let blocked = !s.snapshot_done || lsn < s.no_checkpoint_before || lsn < s.checkpoint.lsn;
+        if (!has_new && !force) || blocked {
+            // Flushed ops are kept across restarts even before a checkpoint shows them.
+            self.send(Job::Durable(lsn)).await?;
             return Ok(None);
         }
         let checkpoint = Checkpoint {
             op_id: s.persisted_op.max(s.checkpoint.op_id),
             lsn,
         };
-        let lsn_text = lsn_to_text(lsn);
-        let tx = self.client.transaction().await?;
-        tx.execute(
-            "UPDATE ferrosync.sync_rules SET last_checkpoint = $2, last_checkpoint_lsn = $3::text::pg_lsn WHERE id = $1",
-            &[&s.id, &checkpoint.op_id, &lsn_text],
-        )
-        .await?;
-        if s.state == StreamState::Processing {
-            tx.execute(
-                "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'ACTIVE' AND id <> $1",
-                &[&s.id],
-            )
-            .await?;
-            tx.execute("UPDATE ferrosync.sync_rules SET state = 'ACTIVE' WHERE id = $1", &[&s.id])
-                .await?;
-        }
-        let payload = format!("{}:{}:{}", s.id, checkpoint.op_id, lsn_text);
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
-        tx.commit().await?;
-        if self.stream.state == StreamState::Processing {
-            tracing::info!(stream = s.id, "replication stream is now ACTIVE");
+        let activate = s.state == StreamState::Processing;
+        self.send(Job::Checkpoint { checkpoint, activate }).await?;
+        if activate {
             self.stream.state = StreamState::Active;
         }
         self.stream.checkpoint = checkpoint;
@@ -536,6 +519,7 @@ impl BucketWriter {
 
     /// Checkpoints stay blocked until the stream passes `lsn` (the WAL position after a table copy).
     pub async fn block_checkpoints_until(&mut self, lsn: u64) -> Result<(), StorageError> {
+        self.sync().await?;
         self.stream.no_checkpoint_before = self.stream.no_checkpoint_before.max(lsn);
         self.client
             .execute(
@@ -548,7 +532,6 @@ impl BucketWriter {
 
     /// All tables are copied: checkpoints may be created once the stream passes `lsn`.
     pub async fn mark_snapshot_done(&mut self, lsn: u64) -> Result<(), StorageError> {
-        self.flush().await?;
         self.block_checkpoints_until(lsn).await?;
         self.client
             .execute(
@@ -559,41 +542,6 @@ impl BucketWriter {
         self.stream.snapshot_done = true;
         Ok(())
     }
-}
-
-async fn write_progress(client: &impl tokio_postgres::GenericClient, progress: Option<TableProgress>) -> Result<(), StorageError> {
-    match progress {
-        Some(p) => crate::streams::save_table_progress(client, p.table_id, p.last_key.as_deref(), p.rows, p.done).await,
-        None => Ok(()),
-    }
-}
-
-/// New rows' current state, by binary COPY (snapshot chunks hold only rows storage lacks).
-async fn copy_current(
-    tx: &tokio_postgres::Transaction<'_>,
-    group: i32,
-    tables: &[i64],
-    keys: &[Uuid],
-    data: &[Option<Vec<u8>>],
-    buckets: &[String],
-    lookups: &[String],
-) -> Result<(), StorageError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let sink = tx
-        .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups) FROM STDIN BINARY")
-        .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT8, Type::UUID, Type::BYTEA, Type::TEXT, Type::TEXT]);
-    futures::pin_mut!(writer);
-    for i in 0..keys.len() {
-        writer
-            .as_mut()
-            .write(&[&group, &tables[i], &keys[i], &data[i], &buckets[i], &lookups[i]])
-            .await?;
-    }
-    writer.finish().await?;
-    Ok(())
 }
 
 /// Postgres' `X/Y` text form of an LSN.

@@ -1,0 +1,270 @@
+//! The storage side of the writer: a task that owns one storage connection and applies
+//! prepared batches and checkpoints strictly in order, so the replicator can decode and
+//! evaluate the next batch while this one is written (and while Postgres fsyncs it).
+//!
+//! Each batch is one transaction (binary COPY of ops and lookups, current-state upserts, the
+//! changed buckets/lookups, the persisted op_id and, for table copies, the copy's progress).
+//! After a checkpoint commits, its LSN is published as durable: only then may the source
+//! acknowledge it.
+
+use crate::error::StorageError;
+use crate::model::{Checkpoint, OpType};
+use crate::writer::{lsn_to_text, TableProgress, CHECKPOINT_CHANNEL};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Transaction};
+use uuid::Uuid;
+
+/// One op row as stored in `bucket_data`.
+pub(crate) struct OpRow {
+    pub bucket: String,
+    pub op_id: i64,
+    pub op: OpType,
+    pub row_type: Option<String>,
+    pub row_id: Option<String>,
+    pub subkey: Option<String>,
+    pub data: Option<String>,
+    pub checksum: u32,
+}
+
+/// A row's stored current state (`data` is the row image, `buckets`/`lookups` JSON text).
+pub(crate) struct CurrentRecord {
+    pub table_id: i64,
+    pub key: Uuid,
+    pub data: Option<Vec<u8>>,
+    pub buckets: String,
+    pub lookups: String,
+}
+
+/// Everything one flush writes, in one transaction.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub ops: Vec<OpRow>,
+    /// (lookup, table_id, key, id, bucket_parameters JSON)
+    pub params: Vec<(String, i64, Uuid, i64, String)>,
+    pub upserts: Vec<CurrentRecord>,
+    pub deletes: Vec<(i64, Uuid)>,
+    /// Rows are new to storage (table copy): current state is COPYed, not merged.
+    pub fresh_rows: bool,
+    pub buckets: Vec<String>,
+    pub lookups: Vec<String>,
+    pub persisted_op: i64,
+    pub progress: Option<TableProgress>,
+}
+
+pub(crate) enum Job {
+    Batch(Box<Batch>),
+    /// Make ops up to `checkpoint.op_id` visible; `activate` also switches the served stream.
+    Checkpoint {
+        checkpoint: Checkpoint,
+        activate: bool,
+    },
+    /// Publish `lsn` as durable once every earlier job is committed (nothing pending for it).
+    Durable(u64),
+    /// Reply once every earlier job is committed.
+    Sync(oneshot::Sender<()>),
+}
+
+/// Apply jobs until the channel closes or a write fails (the error ends the task; the
+/// writer reports it on its next call and replication restarts from the last checkpoint).
+pub(crate) async fn run(
+    mut client: Client,
+    group: i64,
+    mut jobs: mpsc::Receiver<Job>,
+    durable: watch::Sender<u64>,
+) -> Result<(), StorageError> {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Batch(batch) => write_batch(&mut client, group, *batch).await?,
+            Job::Checkpoint { checkpoint, activate } => {
+                write_checkpoint(&mut client, group, checkpoint, activate).await?;
+                durable.send_if_modified(|d| raise(d, checkpoint.lsn));
+            }
+            Job::Durable(lsn) => {
+                durable.send_if_modified(|d| raise(d, lsn));
+            }
+            Job::Sync(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn raise(current: &mut u64, lsn: u64) -> bool {
+    let raised = lsn > *current;
+    if raised {
+        *current = lsn;
+    }
+    raised
+}
+
+async fn write_batch(client: &mut Client, group: i64, batch: Batch) -> Result<(), StorageError> {
+    let g = group as i32;
+    let tx = client.transaction().await?;
+    copy_ops(&tx, g, &batch.ops).await?;
+    copy_params(&tx, g, &batch.params).await?;
+    if batch.fresh_rows {
+        copy_current(&tx, g, &batch.upserts).await?;
+    } else {
+        upsert_current(&tx, g, &batch.upserts).await?;
+    }
+    delete_current(&tx, g, &batch.deletes).await?;
+    if !batch.buckets.is_empty() || !batch.lookups.is_empty() {
+        tx.execute(
+            "INSERT INTO ferrosync.bucket_changes (group_id, max_op_id, buckets, lookups) VALUES ($1, $2, $3, $4)",
+            &[&g, &batch.persisted_op, &batch.buckets, &batch.lookups],
+        )
+        .await?;
+    }
+    tx.execute(
+        "UPDATE ferrosync.sync_rules SET persisted_op = $2 WHERE id = $1",
+        &[&group, &batch.persisted_op],
+    )
+    .await?;
+    if let Some(p) = &batch.progress {
+        crate::streams::save_table_progress(&tx, p.table_id, p.last_key.as_deref(), p.rows, p.done).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn copy_ops(tx: &Transaction<'_>, group: i32, ops: &[OpRow]) -> Result<(), StorageError> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in("COPY ferrosync.bucket_data (group_id, bucket, op_id, op, row_type, row_id, subkey, data, checksum) FROM STDIN BINARY")
+        .await?;
+    let types = [
+        Type::INT4,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT2,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    for op in ops {
+        let checksum = i64::from(op.checksum);
+        let kind = op.op as i16;
+        let row: [&(dyn ToSql + Sync); 9] = [
+            &group,
+            &op.bucket,
+            &op.op_id,
+            &kind,
+            &op.row_type,
+            &op.row_id,
+            &op.subkey,
+            &op.data,
+            &checksum,
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+async fn copy_params(tx: &Transaction<'_>, group: i32, params: &[(String, i64, Uuid, i64, String)]) -> Result<(), StorageError> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in("COPY ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT, Type::INT8, Type::UUID, Type::INT8, Type::TEXT]);
+    futures::pin_mut!(writer);
+    for (lookup, table_id, key, id, bucket_parameters) in params {
+        writer
+            .as_mut()
+            .write(&[&group, lookup, table_id, key, id, bucket_parameters])
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// New rows' current state, by binary COPY (table copies hold only rows storage lacks).
+async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups) FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT8, Type::UUID, Type::BYTEA, Type::TEXT, Type::TEXT]);
+    futures::pin_mut!(writer);
+    for r in rows {
+        writer
+            .as_mut()
+            .write(&[&group, &r.table_id, &r.key, &r.data, &r.buckets, &r.lookups])
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+async fn upsert_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tables: Vec<i64> = rows.iter().map(|r| r.table_id).collect();
+    let keys: Vec<Uuid> = rows.iter().map(|r| r.key).collect();
+    let data: Vec<Option<&[u8]>> = rows.iter().map(|r| r.data.as_deref()).collect();
+    let buckets: Vec<&str> = rows.iter().map(|r| r.buckets.as_str()).collect();
+    let lookups: Vec<&str> = rows.iter().map(|r| r.lookups.as_str()).collect();
+    tx.execute(
+        "INSERT INTO ferrosync.current_data (group_id, table_id, key, data, buckets, lookups)
+         SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::text[], $6::text[])
+         ON CONFLICT (group_id, table_id, key) DO UPDATE SET data = excluded.data, buckets = excluded.buckets, lookups = excluded.lookups",
+        &[&group, &tables, &keys, &data, &buckets, &lookups],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn delete_current(tx: &Transaction<'_>, group: i32, rows: &[(i64, Uuid)]) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tables: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let keys: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
+    tx.execute(
+        "DELETE FROM ferrosync.current_data c USING unnest($2::int8[], $3::uuid[]) AS k(table_id, key)
+         WHERE c.group_id = $1 AND c.table_id = k.table_id AND c.key = k.key",
+        &[&group, &tables, &keys],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_checkpoint(client: &mut Client, group: i64, checkpoint: Checkpoint, activate: bool) -> Result<(), StorageError> {
+    let lsn_text = lsn_to_text(checkpoint.lsn);
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE ferrosync.sync_rules SET last_checkpoint = $2, last_checkpoint_lsn = $3::text::pg_lsn WHERE id = $1",
+        &[&group, &checkpoint.op_id, &lsn_text],
+    )
+    .await?;
+    if activate {
+        tx.execute(
+            "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'ACTIVE' AND id <> $1",
+            &[&group],
+        )
+        .await?;
+        tx.execute("UPDATE ferrosync.sync_rules SET state = 'ACTIVE' WHERE id = $1", &[&group])
+            .await?;
+    }
+    let payload = format!("{}:{}:{}", group, checkpoint.op_id, lsn_text);
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
+    tx.commit().await?;
+    if activate {
+        tracing::info!(stream = group, "replication stream is now ACTIVE");
+    }
+    Ok(())
+}
