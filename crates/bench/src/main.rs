@@ -1,205 +1,299 @@
-//! `ferrosync-bench`: first measurements through the public protocol only.
+//! `ferrosync-bench`: a side-by-side benchmark suite driven only through the public protocol.
 //!
-//! Sets up its own Postgres (fsync on) with the sample todo schema at a chosen scale, starts a
-//! ferrosync binary, and measures initial snapshot rows/s, one client's download ops/s, and
-//! commit-to-client latency. Prints a table and appends it to bench/RESULTS.md.
-//!
-//! Usage: ferrosync-bench [--rows N] [--latency-samples N] [--bin target/release/ferrosync]
+//! By default it sets up its own Postgres (fsync on) with the sample todo schema and data,
+//! starts a service binary, and measures: initial snapshot, idle RSS, storage size, commit →
+//! client latency, incremental replication, one-client downloads (NDJSON and BSON) and fan-out
+//! to many held streams. With `--url` and `--source-uri` it measures an already running
+//! PowerSync-compatible service instead. Results are printed as a markdown table (with the
+//! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
-use anyhow::{bail, Context, Result};
-use ferrosync_testkit::{free_port, PgCluster, PgOptions};
-use serde_json::{json, Value};
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod client;
+mod load;
+mod phases;
+mod procstat;
+mod report;
+mod setup;
 
-const SCHEMA: &str = include_str!("../../../examples/todo/schema.sql");
-const RULES: &str = include_str!("../../../examples/todo/sync-rules.yaml");
-const SECRET: &str = "bench-secret";
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use client::{Auth, Format};
+use report::{Report, Row};
+use setup::{Target, TargetOptions};
+use std::path::PathBuf;
+use std::time::Duration;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark a PowerSync-compatible sync service through its public protocol")]
+struct Args {
+    /// Todos seeded before the snapshot (plus 1,000 lists).
+    #[arg(long, default_value_t = 200_000)]
+    rows: i64,
+    /// Todos inserted for one user while a stream is held (1,000-row transactions).
+    #[arg(long, default_value_t = 100_000)]
+    incremental_rows: i64,
+    /// Single-row inserts in the latency phase.
+    #[arg(long, default_value_t = 200)]
+    latency_samples: usize,
+    /// Pool sizes for the fan-out phase; the pool grows from one size to the next.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    fanout: Vec<usize>,
+    /// Rounds (one INSERT each) per fan-out size.
+    #[arg(long, default_value_t = 5)]
+    fanout_rounds: usize,
+    /// Service binary to start (own mode).
+    #[arg(long, default_value = "target/release/ferrosync")]
+    bin: PathBuf,
+    /// Print only; do not append to the results file.
+    #[arg(long)]
+    no_append: bool,
+    /// Results file to append to.
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    results: PathBuf,
+    /// Phases to skip (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<Phase>,
+    /// Longest wait for progress anywhere (a line, a round, a connection step), in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// External mode: URL of a running service (needs --source-uri).
+    #[arg(long, requires = "source_uri")]
+    url: Option<String>,
+    /// External mode: Postgres URI of the service's source database (todo schema loaded).
+    #[arg(long, requires = "url")]
+    source_uri: Option<String>,
+    /// HS256 secret the service accepts for client tokens.
+    #[arg(long, default_value = "bench-secret")]
+    jwt_secret: String,
+    /// Key id (`kid`) for client tokens.
+    #[arg(long, default_value = "k1")]
+    jwt_kid: String,
+    /// Audience (`aud`) for client tokens.
+    #[arg(long, default_value = "bench")]
+    jwt_aud: String,
+    /// External mode: service pid, for RSS and CPU.
+    #[arg(long)]
+    service_pid: Option<u32>,
+    /// External mode: Postgres URI of the service's storage database, for its size.
+    #[arg(long)]
+    storage_uri: Option<String>,
+}
+
+/// Phases that `--skip` accepts (the snapshot starts the service, so it always runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Idle,
+    Storage,
+    Latency,
+    Incremental,
+    Download,
+    Fanout,
+}
+
+impl Args {
+    fn runs(&self, phase: Phase) -> bool {
+        !self.skip.contains(&phase)
+    }
+
+    fn stall(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    fn target_options(&self) -> TargetOptions {
+        TargetOptions {
+            rows: self.rows,
+            bin: self.bin.clone(),
+            auth: Auth {
+                secret: self.jwt_secret.clone(),
+                kid: self.jwt_kid.clone(),
+                audience: self.jwt_aud.clone(),
+            },
+            external: self.url.clone().zip(self.source_uri.clone()),
+            service_pid: self.service_pid,
+            storage_uri: self.storage_uri.clone(),
+        }
+    }
+
+    /// Describes the setup for the results heading.
+    fn mode(&self) -> String {
+        let scale = format!(
+            "rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds",
+            self.rows, self.incremental_rows, self.latency_samples, self.fanout, self.fanout_rounds
+        );
+        match &self.url {
+            Some(url) => format!("external service {url}; {scale}"),
+            None => format!(
+                "own Postgres (fsync on), service {}; service + Postgres + bench on one machine; {scale}",
+                self.bin.display()
+            ),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let rows: i64 = arg("--rows", "200000").parse()?;
-    let samples: usize = arg("--latency-samples", "100").parse()?;
-    let bin = arg("--bin", "target/release/ferrosync");
-    let users = 1000;
-    let cluster = PgCluster::start(PgOptions {
-        fsync: true,
-        ..PgOptions::default()
-    })?;
-    cluster.create_database("todo").await?;
-    cluster.create_database("storage").await?;
-    let db = cluster.connect("todo").await?;
-    db.batch_execute(SCHEMA).await?;
-    db.batch_execute(&format!(
-        "INSERT INTO lists (id, name, owner_id) SELECT gen_random_uuid(), 'list ' || g, 'u' || g FROM generate_series(1, 1000) g;
-         INSERT INTO todos (description, owner_id, list_id)
-         SELECT 'todo number ' || g, 'u' || (g % {users}), (SELECT id FROM lists LIMIT 1) FROM generate_series(1, {rows}) g;"
-    ))
-    .await?;
-    let dir = tempfile_dir()?;
-    let port = free_port()?;
-    let k = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, SECRET);
-    std::fs::write(format!("{dir}/sync-rules.yaml"), RULES)?;
-    std::fs::write(
-        format!("{dir}/powersync.yaml"),
-        format!(
-            "replication:\n  connections:\n    - type: postgresql\n      uri: {}\n      sslmode: disable\nstorage:\n  type: postgresql\n  uri: {}\n  sslmode: disable\nport: {port}\nbind_address: 127.0.0.1\nsync_config:\n  path: sync-rules.yaml\nclient_auth:\n  audience: [bench]\n  jwks:\n    keys:\n      - {{kty: oct, alg: HS256, kid: k1, k: {k}}}\n",
-            cluster.uri("todo"),
-            cluster.uri("storage")
-        ),
-    )?;
-    let total_rows = rows + 1000;
-    let started = Instant::now();
-    let mut child = Command::new(&bin)
-        .args(["serve", "--config", &format!("{dir}/powersync.yaml")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {bin} (build it with cargo build --release -p ferrosync)"))?;
-    let storage = cluster.connect("storage").await?;
-    loop {
-        let active = storage
-            .query_opt("SELECT 1 FROM ferrosync.sync_rules WHERE state = 'ACTIVE'", &[])
-            .await
-            .ok()
-            .flatten();
-        if active.is_some() {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("snapshot did not finish");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let args = Args::parse();
+    // Before anything is spawned, so the service child inherits the raised limit too.
+    procstat::raise_nofile_limit()?;
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        .to_string();
+    eprintln!("setting up ({} rows)...", args.rows);
+    let mut target = setup::prepare(&args.target_options()).await.context("setting up")?;
+    let mut report = Report::default();
+    // On Ctrl-C / SIGTERM (e.g. from `timeout`) stop the phases but still run the cleanup
+    // below, so no service or Postgres process outlives the bench.
+    let result = tokio::select! {
+        r = run(&mut target, &args, &run_id, &mut report) => r,
+        s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}")),
+    };
+    if let Err(e) = &result {
+        eprintln!("aborted: {e:#}");
     }
-    let snapshot_secs = started.elapsed().as_secs_f64();
+    service_log_note(&target, &mut report);
+    target.shutdown();
+    drop(target);
+    scale_notes(&args, &mut report);
+    let heading = report::heading(&args.mode());
+    let body = report.markdown();
+    println!("{heading}\n\n{body}");
+    if !args.no_append {
+        report::append(&args.results, &heading, &body)?;
+    }
+    result
+}
 
-    // Download: user u1 has rows/users todos plus 1000 lists.
-    let url = format!("http://127.0.0.1:{port}");
-    let t0 = Instant::now();
-    let mut stream = open(&url, "u1").await?;
-    let mut ops = 0usize;
-    let mut bytes = 0usize;
-    let mut buf = Vec::new();
-    loop {
-        let line = next_line(&mut stream, &mut buf, &mut bytes).await?;
-        if let Some(d) = line.get("data") {
-            ops += d["data"].as_array().map_or(0, Vec::len);
-        }
-        if line.get("checkpoint_complete").is_some() {
-            break;
+/// Resolves on SIGINT or SIGTERM, naming the signal.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without handlers the default action (exit) applies; never resolve.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// All phases in order. Only a failure to get the service synced at all aborts the run; other
+/// phase failures are recorded in the table and the run continues.
+async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> Result<()> {
+    start(t, args, report).await?;
+    if args.runs(Phase::Idle) {
+        if t.service_pid().is_some() {
+            let r = phases::idle_rss(t, report).await;
+            record(report, "idle RSS", &report::IDLE_RSS, r);
+        } else {
+            report
+                .rows
+                .push(Row::new("idle RSS", "n/a (needs --service-pid)", &report::IDLE_RSS, None));
         }
     }
-    let download_secs = t0.elapsed().as_secs_f64();
-
-    // Commit -> client latency, one insert at a time.
-    let mut latencies = Vec::with_capacity(samples);
-    for i in 0..samples {
-        let marker = format!("latency {i}");
-        let t = Instant::now();
-        db.execute(
-            "INSERT INTO todos (description, owner_id, list_id) SELECT $1, 'u1', id FROM lists LIMIT 1",
-            &[&marker],
-        )
-        .await?;
-        loop {
-            let line = next_line(&mut stream, &mut buf, &mut bytes).await?;
-            if line.get("data").is_some() && line.to_string().contains(&marker) {
-                break;
-            }
-        }
-        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+    if args.runs(Phase::Storage) {
+        let r = phases::storage(t, report).await;
+        record(report, "storage size", &report::STORAGE, r);
     }
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
-    let _ = child.kill();
-    let _ = child.wait();
-
-    let table = format!(
-        "| metric | value |\n|---|---|\n| initial snapshot, {total_rows} rows (start -> ACTIVE, incl. boot) | {:.2} s = {:.0} rows/s |\n| download to one client, {ops} ops (NDJSON) | {:.2} s = {:.0} ops/s, {:.0} B/op |\n| commit -> client latency, {samples} single-row inserts | p50 {:.1} ms, p99 {:.1} ms |\n",
-        snapshot_secs,
-        total_rows as f64 / snapshot_secs,
-        download_secs,
-        ops as f64 / download_secs,
-        bytes as f64 / ops.max(1) as f64,
-        pct(0.5),
-        pct(0.99),
-    );
-    println!("{table}");
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open("bench/RESULTS.md")?;
-    writeln!(
-        f,
-        "\n## {date} — {} cores, {cpu}; Postgres fsync on, service + Postgres + client on one machine\n\n{table}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    )?;
+    if args.runs(Phase::Latency) {
+        let r = phases::latency(t, args.latency_samples, run_id, args.stall(), report).await;
+        record(report, "commit → client latency", &report::LATENCY, r);
+    }
+    let big = phases::fresh_big_user(t, run_id).await?;
+    if args.runs(Phase::Incremental) {
+        let r = phases::incremental(t, &big, args.incremental_rows, args.stall()).await;
+        record(report, "incremental replication", &report::INCREMENTAL, r);
+    }
+    if args.runs(Phase::Download) {
+        for (format, spec) in [(Format::Ndjson, &report::DOWNLOAD_NDJSON), (Format::Bson, &report::DOWNLOAD_BSON)] {
+            let r = phases::download(t, &big, format, args.stall(), report).await;
+            record(report, &format!("download to one client ({})", format.name()), spec, r);
+        }
+    }
+    if args.runs(Phase::Fanout) {
+        let opts = load::FanoutOptions {
+            sizes: args.fanout.clone(),
+            rounds: args.fanout_rounds,
+            run_id: run_id.to_string(),
+            timeout: args.stall(),
+        };
+        // Failures are already in the table; the run goes on to shut down cleanly.
+        if let Err(e) = load::fanout(t, &opts, report).await {
+            eprintln!("fan-out stopped: {e:#}");
+        }
+    }
     Ok(())
 }
 
-fn tempfile_dir() -> Result<String> {
-    let dir = std::env::temp_dir().join(format!("ferrosync-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir.display().to_string())
-}
-
-fn token(sub: &str) -> Result<String> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    header.kid = Some("k1".into());
-    let claims = json!({"sub": sub, "aud": "bench", "iat": now, "exp": now + 3600});
-    Ok(jsonwebtoken::encode(
-        &header,
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )?)
-}
-
-async fn open(url: &str, user: &str) -> Result<reqwest::Response> {
-    let resp = reqwest::Client::new()
-        .post(format!("{url}/sync/stream"))
-        .header("Authorization", format!("Token {}", token(user)?))
-        .header("Accept", "application/x-ndjson")
-        .json(&json!({"buckets": []}))
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("sync stream failed: {}", resp.status());
-    }
-    Ok(resp)
-}
-
-async fn next_line(resp: &mut reqwest::Response, buf: &mut Vec<u8>, bytes: &mut usize) -> Result<Value> {
-    loop {
-        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            return Ok(serde_json::from_slice(&line[..pos])?);
+/// Own mode: start the service and time the snapshot. External mode: make sure it serves u1.
+async fn start(t: &mut Target, args: &Args, report: &mut Report) -> Result<()> {
+    if t.service.is_some() {
+        eprintln!("phase: snapshot");
+        let r = phases::snapshot(t, args.rows).await;
+        let failed = r.is_err();
+        record(report, "initial snapshot", &report::SNAPSHOT, r);
+        if failed {
+            anyhow::bail!("the service never completed its first checkpoint");
         }
-        let chunk = tokio::time::timeout(Duration::from_secs(60), resp.chunk())
-            .await
-            .context("no sync line within 60 s")??
-            .context("stream ended")?;
-        *bytes += chunk.len();
-        buf.extend_from_slice(&chunk);
+        return Ok(());
     }
+    report
+        .rows
+        .push(Row::new("initial snapshot", "n/a (external service)", &report::SNAPSHOT, None));
+    let mut stream = t.endpoint.open("u1", Format::Ndjson, &[]).await?;
+    stream
+        .until_complete(Some(args.stall()))
+        .await
+        .context("first sync against the external service")?;
+    Ok(())
+}
+
+fn record(report: &mut Report, metric: &str, spec: &'static report::Spec, result: Result<Row>) {
+    match result {
+        Ok(row) => {
+            eprintln!("{}: {}", row.metric, row.value);
+            report.rows.push(row);
+        }
+        Err(e) => {
+            eprintln!("{metric} FAILED: {e:#}");
+            report.failed(metric, spec, &e);
+        }
+    }
+}
+
+fn service_log_note(t: &Target, report: &mut Report) {
+    let Some(svc) = &t.service else {
+        return;
+    };
+    let lines = svc.log_summary();
+    let total: usize = lines.iter().map(|l| l.0).sum();
+    if total > 0 {
+        let shown: Vec<String> = lines.iter().take(5).map(|(n, m)| format!("{n}× `{m}`")).collect();
+        report
+            .notes
+            .push(format!("Service log: {total} WARN/ERROR lines: {}", shown.join("; ")));
+    }
+}
+
+fn scale_notes(args: &Args, report: &mut Report) {
+    let skipped: Vec<String> = args.skip.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
+    report.notes.push(format!(
+        "Scale: {} seeded todos over 1,000 users + 1,000 lists; {} latency samples; {} incremental rows; \
+         downloads best/median of 3; fan-out sizes {:?}, {} rounds each, timeout {} s{}.",
+        report::thousands(args.rows as u64),
+        args.latency_samples,
+        report::thousands(args.incremental_rows as u64),
+        args.fanout,
+        args.fanout_rounds,
+        args.timeout_secs,
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; skipped: {}", skipped.join(", "))
+        }
+    ));
+    report.notes.push(
+        "CPU columns: seconds used during the phase by the service process, the whole Postgres cluster \
+         (postmaster + live children + reaped children) and the bench process (client)."
+            .into(),
+    );
 }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Settings for [`PgCluster::start`].
-#[derive(Debug, Clone)]
+/// Settings for [`PgCluster::start`]. The default is a throwaway cluster without fsync.
+#[derive(Debug, Clone, Default)]
 pub struct PgOptions {
     /// Keep data durable (fsync on). Tests turn it off for speed; benchmarks keep it on.
     pub fsync: bool,
@@ -20,16 +20,6 @@ pub struct PgOptions {
     pub persistent_dir: Option<PathBuf>,
     /// Fixed port; a free one is picked when `None`.
     pub port: Option<u16>,
-}
-
-impl Default for PgOptions {
-    fn default() -> Self {
-        PgOptions {
-            fsync: false,
-            persistent_dir: None,
-            port: None,
-        }
-    }
 }
 
 /// A running PostgreSQL server owned by this process.
