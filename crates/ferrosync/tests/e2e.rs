@@ -338,6 +338,21 @@ async fn http_protocol_end_to_end() -> Result<()> {
         .await?;
     assert_eq!(client_todos(&u1), source_todos(&db, "u1").await?);
 
+    // TOAST: an update that leaves a large out-of-line value unchanged replicates it as
+    // "unchanged"; the client must still get the full value (merged from the stored image).
+    db.batch_execute(
+        "INSERT INTO todos (description, owner_id, list_id)
+         SELECT (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 400)), 'u1', id FROM lists LIMIT 1",
+    )
+    .await?;
+    s1.sync_until(&mut u1, T, |s| client_todos(s).values().any(|d| d.len() > 10_000))
+        .await
+        .with_context(|| svc.log())?;
+    db.batch_execute("UPDATE todos SET completed = true WHERE length(description) > 10000").await?;
+    let toasted = |s: &ClientState| s.table("todos").values().any(|v| v["completed"] == json!(1) && v["description"].as_str().is_some_and(|d| d.len() > 10_000));
+    s1.sync_until(&mut u1, T, toasted).await.with_context(|| svc.log())?;
+    assert_eq!(client_todos(&u1), source_todos(&db, "u1").await?);
+
     // A todo moves from u1 to u2: REMOVE for u1, PUT for u2.
     let mut u2 = ClientState::default();
     let mut s2 = RawStream::open(&url, &token("u2"), json!({"buckets": [], "client_id": "c2"})).await?;
@@ -346,7 +361,8 @@ async fn http_protocol_end_to_end() -> Result<()> {
         "UPDATE todos SET owner_id = 'u2', description = 'moved' WHERE id = (SELECT id FROM todos WHERE owner_id = 'u1' LIMIT 1)",
     )
     .await?;
-    s1.sync_until(&mut u1, T, |s| client_todos(s).len() == 4).await?;
+    let remaining = source_todos(&db, "u1").await?.len();
+    s1.sync_until(&mut u1, T, |s| client_todos(s).len() == remaining).await?;
     s2.sync_until(&mut u2, T, |s| client_todos(s).values().any(|d| d == "moved"))
         .await?;
     assert_eq!(client_todos(&u1), source_todos(&db, "u1").await?);

@@ -398,7 +398,7 @@ impl BucketWriter {
             self.push_tombstone(old, table.id, key, out);
         }
         CurrentRow {
-            image: table.store_image.then_some(row),
+            image: (table.store_image && may_be_toasted(&row)).then_some(row),
             buckets,
             lookups,
         }
@@ -542,6 +542,27 @@ impl BucketWriter {
         self.stream.snapshot_done = true;
         Ok(())
     }
+}
+
+/// Postgres stores values out of line, and then replicates them as "unchanged", only in rows
+/// over TOAST_TUPLE_THRESHOLD (~2 KB). Smaller rows never need their image for a TOAST merge,
+/// so it is not stored: for typical rows that halves current state. The estimate errs high
+/// (text sizes, 8 bytes per other value, column overhead); a table configured with a lower
+/// `toast_tuple_target` is the exception, and its incomplete updates are logged and held until
+/// a full update arrives (as for rows without any image).
+fn may_be_toasted(row: &Row) -> bool {
+    const IMAGE_MIN_BYTES: usize = 1024;
+    let size: usize = row
+        .iter()
+        .map(|(_, v)| {
+            2 + match v {
+                ferrosync_rules::SqliteValue::Text(t) => t.len(),
+                ferrosync_rules::SqliteValue::Blob(b) => b.len(),
+                _ => 8,
+            }
+        })
+        .sum();
+    size >= IMAGE_MIN_BYTES
 }
 
 /// Postgres' `X/Y` text form of an LSN.
