@@ -79,7 +79,8 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
     if !streams::try_lease(&storage, stream.id, &config.owner, 30).await? {
         bail!(ferrosync_storage::StorageError::Locked(stream.id));
     }
-    let lease = spawn_lease_renewal(config.storage_conn.clone(), stream.id, config.owner.clone());
+    // Renewal stops with this function, also when the replicator task is aborted at shutdown.
+    let _lease = AbortOnDrop(spawn_lease_renewal(config.storage_conn.clone(), stream.id, config.owner.clone()));
     let mut options = config.rules_options.clone();
     options.sync_rules_id = stream.id as u64;
     let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
@@ -113,9 +114,15 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
             reason: "the slot is missing or lost; redeploy to rebuild".into()
         });
     }
-    let result = repl.stream_changes().await;
-    lease.abort();
-    result
+    repl.stream_changes().await
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn spawn_lease_renewal(conn: String, id: i64, owner: String) -> tokio::task::JoinHandle<()> {

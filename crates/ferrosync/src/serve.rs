@@ -74,15 +74,16 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         ferrosync_storage::schema::migrate(&storage_client).await?;
     }
     let mut source_client = None;
+    let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+    let mut replication = None;
     if let Some(source) = &config.replication {
-        let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
-        tokio::spawn(replicator::run(ReplicatorConfig {
+        replication = Some(tokio::spawn(replicator::run(ReplicatorConfig {
             source: source.clone(),
             storage_conn: storage_conn.clone(),
             rules_content: sync.content.clone(),
             rules_options: rules_options(),
-            owner,
-        }));
+            owner: owner.clone(),
+        })));
         let (client, conn) = tokio_postgres::connect(&source.connection_string(), tokio_postgres::NoTls)
             .await
             .context("connecting to source")?;
@@ -112,9 +113,21 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "ferrosync listening");
     state.probes.started.store(true, Ordering::Relaxed);
-    axum::serve(listener, ferrosync_api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // Sync streams never end on their own, so shutdown does not wait for them: clients
+    // reconnect (to another instance) and resume from their positions.
+    tokio::select! {
+        served = axum::serve(listener, ferrosync_api::router(state)) => served?,
+        () = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    if let Some(task) = replication {
+        // Writes in flight roll back and their LSNs were never acknowledged: nothing is lost.
+        task.abort();
+        let _ = task.await;
+        // Hand the replication lease over now rather than after it expires.
+        if let Err(e) = ferrosync_storage::streams::release_leases_of(&storage_client, &owner).await {
+            tracing::warn!(error = %e, "could not release the replication lease; a successor waits for it to expire");
+        }
+    }
     Ok(())
 }
 

@@ -88,12 +88,12 @@ pub async fn try_lease(client: &Client, id: i64, owner: &str, ttl_secs: i64) -> 
     Ok(n == 1)
 }
 
-/// Give the lease up (clean shutdown), so a successor does not wait for it to expire.
-pub async fn release_lease(client: &Client, id: i64, owner: &str) -> Result<(), StorageError> {
+/// Give up every lease `owner` holds (clean shutdown), so a successor does not wait for expiry.
+pub async fn release_leases_of(client: &Client, owner: &str) -> Result<(), StorageError> {
     client
         .execute(
-            "UPDATE ferrosync.sync_rules SET lock_owner = NULL WHERE id = $1 AND lock_owner = $2",
-            &[&id, &owner],
+            "UPDATE ferrosync.sync_rules SET lock_owner = NULL, lock_expires_at = NULL WHERE lock_owner = $1",
+            &[&owner],
         )
         .await?;
     Ok(())
