@@ -2,6 +2,7 @@
 
 use crate::replicator::{self, ReplicatorConfig};
 use anyhow::{bail, Context, Result};
+use axum::serve::ListenerExt;
 use ferrosync_api::auth::KeyStore;
 use ferrosync_api::probes::ProbeState;
 use ferrosync_api::AppState;
@@ -108,9 +109,12 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         probes: ProbeState::default(),
     });
     let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = listen(&addr).await.with_context(|| format!("binding {addr}"))?.tap_io(|tcp| {
+        // Sync lines are small and latency-bound: never hold them back for Nagle's algorithm.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     tracing::info!(%addr, "ferrosync listening");
     state.probes.started.store(true, Ordering::Relaxed);
     // Sync streams never end on their own, so shutdown does not wait for them: clients
@@ -129,6 +133,23 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bind with a deep accept backlog: thousands of clients reconnecting at once (after a deploy
+/// or a network blip) should queue, not have their SYNs dropped and retried a second later.
+async fn listen(addr: &str) -> Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .context("bind address resolves to nothing")?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(8192)?)
 }
 
 fn hostname() -> String {
