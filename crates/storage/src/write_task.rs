@@ -43,10 +43,10 @@ pub(crate) struct Batch {
     pub ops: Vec<OpRow>,
     /// (lookup, table_id, key, id, bucket_parameters JSON)
     pub params: Vec<(String, i64, Uuid, i64, String)>,
-    pub upserts: Vec<CurrentRecord>,
+    /// Current state of rows storage lacks (COPY) and of rows it has (upsert).
+    pub inserts: Vec<CurrentRecord>,
+    pub updates: Vec<CurrentRecord>,
     pub deletes: Vec<(i64, Uuid)>,
-    /// Rows are new to storage (table copy): current state is COPYed, not merged.
-    pub fresh_rows: bool,
     pub buckets: Vec<String>,
     pub lookups: Vec<String>,
     pub persisted_op: i64,
@@ -105,11 +105,8 @@ async fn write_batch(client: &mut Client, group: i64, batch: Batch) -> Result<()
     let tx = client.transaction().await?;
     copy_ops(&tx, g, &batch.ops).await?;
     copy_params(&tx, g, &batch.params).await?;
-    if batch.fresh_rows {
-        copy_current(&tx, g, &batch.upserts).await?;
-    } else {
-        upsert_current(&tx, g, &batch.upserts).await?;
-    }
+    copy_current(&tx, g, &batch.inserts).await?;
+    upsert_current(&tx, g, &batch.updates).await?;
     delete_current(&tx, g, &batch.deletes).await?;
     if !batch.buckets.is_empty() || !batch.lookups.is_empty() {
         tx.execute(
@@ -189,7 +186,7 @@ async fn copy_params(tx: &Transaction<'_>, group: i32, params: &[(String, i64, U
     Ok(())
 }
 
-/// New rows' current state, by binary COPY (table copies hold only rows storage lacks).
+/// New rows' current state, by binary COPY.
 async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) -> Result<(), StorageError> {
     if rows.is_empty() {
         return Ok(());
@@ -235,8 +232,13 @@ async fn delete_current(tx: &Transaction<'_>, group: i32, rows: &[(i64, Uuid)]) 
     let tables: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let keys: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
     tx.execute(
-        "DELETE FROM ferrosync.current_data c USING unnest($2::int8[], $3::uuid[]) AS k(table_id, key)
-         WHERE c.group_id = $1 AND c.table_id = k.table_id AND c.key = k.key",
+        // Found by index lookups per key (LATERAL), deleted by TID: a plain join may hash the
+        // whole group's current_data.
+        "DELETE FROM ferrosync.current_data WHERE ctid = ANY (ARRAY(
+            SELECT c.ctid FROM unnest($2::int8[], $3::uuid[]) AS k(table_id, key)
+            CROSS JOIN LATERAL (
+                SELECT ctid FROM ferrosync.current_data c
+                WHERE c.group_id = $1 AND c.table_id = k.table_id AND c.key = k.key OFFSET 0) c))",
         &[&group, &tables, &keys],
     )
     .await?;

@@ -219,11 +219,12 @@ impl BucketWriter {
         } else {
             self.load_current(&ops).await?
         };
+        let existed: HashSet<RowKey> = state.iter().filter(|(_, row)| row.is_some()).map(|(key, _)| *key).collect();
         let mut out = FlushOutput::default();
         for op in ops {
             self.apply(op, &mut state, &mut out);
         }
-        let batch = self.batch(state, out);
+        let batch = self.batch(state, &existed, out);
         self.send(Job::Batch(Box::new(batch))).await?;
         if self.overlay.len() > OVERLAY_ROWS {
             self.drain().await?;
@@ -270,10 +271,14 @@ impl BucketWriter {
         let rows = self
             .client
             .query(
+                // An index lookup per key: as a plain join (and a LATERAL without the OFFSET 0
+                // fence is flattened into one) the planner hashed the group's whole current_data
+                // for every batch, which made incremental replication Postgres-bound.
                 "SELECT c.table_id, c.key, c.data, c.buckets, c.lookups
-                 FROM ferrosync.current_data c
-                 JOIN unnest($2::int8[], $3::uuid[]) AS k(table_id, key) ON c.table_id = k.table_id AND c.key = k.key
-                 WHERE c.group_id = $1",
+                 FROM unnest($2::int8[], $3::uuid[]) AS k(table_id, key)
+                 CROSS JOIN LATERAL (
+                    SELECT * FROM ferrosync.current_data c
+                    WHERE c.group_id = $1 AND c.table_id = k.table_id AND c.key = k.key OFFSET 0) c",
                 &[&group, &read_tables, &read_keys],
             )
             .await?;
@@ -436,11 +441,11 @@ impl BucketWriter {
     }
 
     /// Turn a flush's result into a write-task batch, recording the rows' new state in the overlay.
-    fn batch(&mut self, mut state: HashMap<RowKey, Option<CurrentRow>>, out: FlushOutput) -> Batch {
+    /// `existed`: rows storage holds (or will, once earlier batches commit) before this batch.
+    fn batch(&mut self, mut state: HashMap<RowKey, Option<CurrentRow>>, existed: &HashSet<RowKey>, out: FlushOutput) -> Batch {
         let mut batch = Batch {
             ops: out.ops,
             params: out.params,
-            fresh_rows: self.snapshot,
             buckets: out.buckets.into_iter().collect(),
             lookups: out.lookups.into_iter().collect(),
             persisted_op: self.next_op - 1,
@@ -449,15 +454,21 @@ impl BucketWriter {
         };
         for key in out.dirty {
             let current = state.remove(&key).flatten();
+            let existing = existed.contains(&key);
             match &current {
-                Some(row) => batch.upserts.push(CurrentRecord {
-                    table_id: key.0,
-                    key: key.1,
-                    data: row.image.as_ref().map(row_codec::encode),
-                    buckets: serde_json::to_string(&row.buckets).unwrap_or_else(|_| "[]".into()),
-                    lookups: serde_json::to_string(&row.lookups).unwrap_or_else(|_| "[]".into()),
-                }),
-                None => batch.deletes.push(key),
+                Some(row) => {
+                    let record = CurrentRecord {
+                        table_id: key.0,
+                        key: key.1,
+                        data: row.image.as_ref().map(row_codec::encode),
+                        buckets: serde_json::to_string(&row.buckets).unwrap_or_else(|_| "[]".into()),
+                        lookups: serde_json::to_string(&row.lookups).unwrap_or_else(|_| "[]".into()),
+                    };
+                    // New rows are COPYed; only rows storage already has need an upsert.
+                    if existing { &mut batch.updates } else { &mut batch.inserts }.push(record);
+                }
+                None if existing => batch.deletes.push(key),
+                None => {}
             }
             // Copied rows are read back only after the copy is drained: no overlay needed.
             if !self.snapshot {
