@@ -6,6 +6,7 @@
 //! needs; [`PgStorage`] implements it.
 
 pub mod checksum;
+pub mod chunk;
 pub mod error;
 pub mod model;
 pub mod notify;

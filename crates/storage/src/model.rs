@@ -42,6 +42,17 @@ pub struct OplogEntry {
     pub checksum: u32,
 }
 
+/// Ops read for some buckets (see [`crate::SyncStorage::bucket_data`]).
+#[derive(Debug, Default)]
+pub struct OpBatch {
+    /// (bucket, op), in request order then ascending op_id.
+    pub ops: Vec<(String, OplogEntry)>,
+    /// Set when the read stopped early: continue with this bucket from this position (it may
+    /// lie beyond the last op returned), followed by the buckets requested after it. Buckets
+    /// requested before it are complete.
+    pub resume: Option<(String, i64)>,
+}
+
 /// A consistent position: everything with `op_id <= op_id` is visible; `lsn` is the source position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Checkpoint {

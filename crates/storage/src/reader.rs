@@ -1,7 +1,8 @@
 //! Read side for the sync layer: the [`SyncStorage`] trait and its PostgreSQL implementation.
 
+use crate::chunk;
 use crate::error::StorageError;
-use crate::model::{BucketChecksum, ChangeSet, OpType, OplogEntry, StreamRecord, WriteCheckpoint};
+use crate::model::{BucketChecksum, ChangeSet, OpBatch, StreamRecord, WriteCheckpoint};
 use crate::writer::{lsn_from_text, lsn_to_text};
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,14 +25,16 @@ pub trait SyncStorage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<HashMap<String, BucketChecksum>, StorageError>> + Send;
     /// Buckets and lookups written in `(after, up_to]`.
     fn changes(&self, group: i64, after: i64, up_to: i64) -> impl Future<Output = Result<ChangeSet, StorageError>> + Send;
-    /// Up to `limit` ops with `after < op_id <= checkpoint`, per bucket in request order, ascending op_id.
+    /// Ops with `after < op_id <= checkpoint` for each requested bucket, in request order then
+    /// ascending op_id: about `limit` ops in all (whole chunks are read, so a few more may come).
+    /// [`OpBatch::resume`] says where to continue when the read stopped early.
     fn bucket_data(
         &self,
         group: i64,
         checkpoint: i64,
         requests: &[(String, i64)],
-        limit: i64,
-    ) -> impl Future<Output = Result<Vec<(String, OplogEntry)>, StorageError>> + Send;
+        limit: usize,
+    ) -> impl Future<Output = Result<OpBatch, StorageError>> + Send;
     /// Live parameter rows (the stored `bucket_parameters` JSON) for each lookup at `checkpoint`.
     fn parameter_sets(
         &self,
@@ -44,6 +47,13 @@ pub trait SyncStorage: Send + Sync + 'static {
     /// Store a new write checkpoint for `user_key` at source position `head`; returns its id.
     fn create_write_checkpoint(&self, user_key: &str, head: u64) -> impl Future<Output = Result<i64, StorageError>> + Send;
 }
+
+fn request(requests: &[(String, i64)], ord: i64) -> Option<&(String, i64)> {
+    usize::try_from(ord - 1).ok().and_then(|i| requests.get(i))
+}
+
+/// Most chunks of one bucket read by one [`SyncStorage::bucket_data`] call.
+const CHUNKS_PER_READ: i64 = 256;
 
 /// [`SyncStorage`] on PostgreSQL, over a few pipelined connections.
 pub struct PgStorage {
@@ -81,26 +91,40 @@ impl SyncStorage for PgStorage {
         checkpoint: i64,
         buckets: &[String],
     ) -> Result<HashMap<String, BucketChecksum>, StorageError> {
+        // Chunks never straddle a checkpoint (a flush is written whole before one is taken),
+        // so the second arm is normally empty; it keeps arbitrary ranges exact.
         let rows = self
             .client()
             .query(
-                "SELECT bucket, (sum(checksum) % 4294967296)::int8, count(*) FROM ferrosync.bucket_data
-                 WHERE group_id = $1 AND bucket = ANY($2) AND op_id > $3 AND op_id <= $4 GROUP BY bucket",
+                "SELECT bucket, (sum(checksum) % 4294967296)::int8, sum(op_count)::int8, NULL::bytea FROM ferrosync.op_chunks
+                 WHERE group_id = $1 AND bucket = ANY($2) AND last_op > $3 AND first_op > $3 AND last_op <= $4 GROUP BY bucket
+                 UNION ALL
+                 SELECT bucket, 0, 0, ops FROM ferrosync.op_chunks
+                 WHERE group_id = $1 AND bucket = ANY($2) AND last_op > $3 AND first_op <= $4 AND (first_op <= $3 OR last_op > $4)",
                 &[&(group as i32), &buckets, &after, &checkpoint],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    BucketChecksum {
-                        checksum: r.get::<_, i64>(1) as u32,
-                        count: r.get(2),
-                    },
-                )
-            })
-            .collect())
+        let mut out: HashMap<String, BucketChecksum> = HashMap::new();
+        for r in rows {
+            let sum = out.entry(r.get(0)).or_default();
+            match r.get::<_, Option<&[u8]>>(3) {
+                None => {
+                    sum.checksum = sum.checksum.wrapping_add(r.get::<_, i64>(1) as u32);
+                    sum.count += r.get::<_, i64>(2);
+                }
+                Some(payload) => {
+                    for op in chunk::decode(payload)?
+                        .iter()
+                        .filter(|op| op.op_id > after && op.op_id <= checkpoint)
+                    {
+                        sum.checksum = sum.checksum.wrapping_add(op.checksum);
+                        sum.count += 1;
+                    }
+                }
+            }
+        }
+        out.retain(|_, c| c.count > 0);
+        Ok(out)
     }
 
     async fn changes(&self, group: i64, after: i64, up_to: i64) -> Result<ChangeSet, StorageError> {
@@ -119,43 +143,62 @@ impl SyncStorage for PgStorage {
         Ok(set)
     }
 
-    async fn bucket_data(
-        &self,
-        group: i64,
-        checkpoint: i64,
-        requests: &[(String, i64)],
-        limit: i64,
-    ) -> Result<Vec<(String, OplogEntry)>, StorageError> {
+    async fn bucket_data(&self, group: i64, checkpoint: i64, requests: &[(String, i64)], limit: usize) -> Result<OpBatch, StorageError> {
         let buckets: Vec<&str> = requests.iter().map(|(b, _)| b.as_str()).collect();
         let afters: Vec<i64> = requests.iter().map(|(_, a)| *a).collect();
+        // Per bucket at most CHUNKS_PER_READ chunks (an index range scan each); overall the
+        // chunks up to the one that reaches `limit` ops.
         let rows = self
             .client()
             .query(
-                "SELECT r.bucket, d.op_id, d.op, d.row_type, d.row_id, d.subkey, d.data, d.checksum
-                 FROM unnest($2::text[], $3::int8[]) WITH ORDINALITY AS r(bucket, after_op, ord)
-                 CROSS JOIN LATERAL (
-                    SELECT * FROM ferrosync.bucket_data d
-                    WHERE d.group_id = $1 AND d.bucket = r.bucket AND d.op_id > r.after_op AND d.op_id <= $4
-                    ORDER BY d.op_id LIMIT $5) d
-                 ORDER BY r.ord, d.op_id LIMIT $5",
-                &[&(group as i32), &buckets, &afters, &checkpoint, &limit],
+                "SELECT ord, ops, total, last_op FROM (
+                    SELECT r.ord, c.ops, c.last_op, c.op_count, sum(c.op_count) OVER (ORDER BY r.ord, c.last_op) AS total
+                    FROM unnest($2::text[], $3::int8[]) WITH ORDINALITY AS r(bucket, after_op, ord)
+                    CROSS JOIN LATERAL (
+                        SELECT ops, last_op, op_count FROM ferrosync.op_chunks c
+                        WHERE c.group_id = $1 AND c.bucket = r.bucket AND c.last_op > r.after_op AND c.first_op <= $4
+                        ORDER BY c.last_op LIMIT $6) c
+                 ) t WHERE total - op_count < $5 ORDER BY ord, last_op",
+                &[&(group as i32), &buckets, &afters, &checkpoint, &(limit as i64), &CHUNKS_PER_READ],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                let op: i16 = r.get(2);
-                let entry = OplogEntry {
-                    op_id: r.get(1),
-                    op: OpType::from_i16(op).ok_or_else(|| StorageError::Corrupt(format!("unknown op type {op}")))?,
-                    object_type: r.get(3),
-                    object_id: r.get(4),
-                    subkey: r.get(5),
-                    data: r.get(6),
-                    checksum: r.get::<_, i64>(7) as u32,
-                };
-                Ok((r.get(0), entry))
-            })
-            .collect()
+        let mut batch = OpBatch::default();
+        let mut chunks_of_bucket = 0;
+        let mut last: Option<(i64, i64)> = None;
+        let mut capped = false;
+        // Counted in whole chunks, before ops outside the range are dropped: the same total
+        // the query cut at.
+        let mut total: i64 = 0;
+        for r in &rows {
+            let ord: i64 = r.get(0);
+            chunks_of_bucket = if last.is_some_and(|(o, _)| o == ord) {
+                chunks_of_bucket + 1
+            } else {
+                1
+            };
+            total = r.get(2);
+            last = Some((ord, r.get(3)));
+            let Some((bucket, after)) = request(requests, ord) else {
+                return Err(StorageError::Corrupt(format!("bucket_data: unexpected ordinal {ord}")));
+            };
+            let ops = chunk::decode(r.get(1))?;
+            batch.ops.extend(
+                ops.into_iter()
+                    .filter(|op| op.op_id > *after && op.op_id <= checkpoint)
+                    .map(|op| (bucket.clone(), op)),
+            );
+            if chunks_of_bucket == CHUNKS_PER_READ {
+                // This bucket may have more: stop here, later buckets are read next time.
+                capped = true;
+                break;
+            }
+        }
+        if capped || total >= limit as i64 {
+            if let Some((ord, last_op)) = last {
+                batch.resume = request(requests, ord).map(|(bucket, _)| (bucket.clone(), last_op));
+            }
+        }
+        Ok(batch)
     }
 
     async fn parameter_sets(&self, group: i64, checkpoint: i64, lookups: &[String]) -> Result<HashMap<String, Vec<String>>, StorageError> {

@@ -3,9 +3,10 @@
 use crate::error::StorageError;
 use tokio_postgres::Client;
 
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE ferrosync.sync_rules (
     id bigserial PRIMARY KEY,
     content text NOT NULL,
@@ -80,7 +81,34 @@ CREATE TABLE ferrosync.write_checkpoints (
 );
 CREATE INDEX ON ferrosync.write_checkpoints (seq);
 "#,
-)];
+    ),
+    (
+        2,
+        // Ops move from one row each to compressed per-bucket chunks (see chunk.rs). The old
+        // layout only ever held pre-release data, which is not converted.
+        r#"
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM ferrosync.bucket_data LIMIT 1) THEN
+        RAISE EXCEPTION 'bucket storage holds ops in the pre-release per-op layout; run DROP SCHEMA ferrosync CASCADE on the storage database and restart (the service replicates again and clients re-sync)';
+    END IF;
+END $$;
+DROP TABLE ferrosync.bucket_data;
+CREATE TABLE ferrosync.op_chunks (
+    group_id integer NOT NULL,
+    bucket text COLLATE "C" NOT NULL,
+    last_op bigint NOT NULL,
+    first_op bigint NOT NULL,
+    op_count integer NOT NULL,
+    -- Sum of the ops' checksums, mod 2^32.
+    checksum bigint NOT NULL,
+    ops bytea NOT NULL,
+    PRIMARY KEY (group_id, bucket, last_op)
+);
+-- Payloads are zstd already: no pglz attempt when they are moved out of line.
+ALTER TABLE ferrosync.op_chunks ALTER COLUMN ops SET STORAGE EXTERNAL;
+"#,
+    ),
+];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several
 /// processes starting at once do not race.

@@ -7,25 +7,21 @@
 //! After a checkpoint commits, its LSN is published as durable: only then may the source
 //! acknowledge it.
 
+use crate::chunk;
 use crate::error::StorageError;
-use crate::model::{Checkpoint, OpType};
+use crate::model::{Checkpoint, OplogEntry};
 use crate::writer::{lsn_to_text, TableProgress, CHECKPOINT_CHANNEL};
+use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
-/// One op row as stored in `bucket_data`.
+/// One op and the bucket it belongs to.
 pub(crate) struct OpRow {
     pub bucket: String,
-    pub op_id: i64,
-    pub op: OpType,
-    pub row_type: Option<String>,
-    pub row_id: Option<String>,
-    pub subkey: Option<String>,
-    pub data: Option<String>,
-    pub checksum: u32,
+    pub entry: OplogEntry,
 }
 
 /// A row's stored current state (`data` is the row image, `buckets`/`lookups` JSON text).
@@ -127,41 +123,36 @@ async fn write_batch(client: &mut Client, group: i64, batch: Batch) -> Result<()
     Ok(())
 }
 
+/// Most ops in one chunk: bounds what a read decodes beyond the ops it needs.
+const CHUNK_OPS: usize = 256;
+
+/// The batch's ops as one or more chunks per bucket, by binary COPY.
 async fn copy_ops(tx: &Transaction<'_>, group: i32, ops: &[OpRow]) -> Result<(), StorageError> {
     if ops.is_empty() {
         return Ok(());
     }
+    // Ops were allocated in ascending op_id order, so each bucket's list is ascending too.
+    let mut by_bucket: HashMap<&str, Vec<&OplogEntry>> = HashMap::new();
+    for op in ops {
+        by_bucket.entry(op.bucket.as_str()).or_default().push(&op.entry);
+    }
     let sink = tx
-        .copy_in("COPY ferrosync.bucket_data (group_id, bucket, op_id, op, row_type, row_id, subkey, data, checksum) FROM STDIN BINARY")
+        .copy_in("COPY ferrosync.op_chunks (group_id, bucket, last_op, first_op, op_count, checksum, ops) FROM STDIN BINARY")
         .await?;
-    let types = [
-        Type::INT4,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT2,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-    ];
+    let types = [Type::INT4, Type::TEXT, Type::INT8, Type::INT8, Type::INT4, Type::INT8, Type::BYTEA];
     let writer = BinaryCopyInWriter::new(sink, &types);
     futures::pin_mut!(writer);
-    for op in ops {
-        let checksum = i64::from(op.checksum);
-        let kind = op.op as i16;
-        let row: [&(dyn ToSql + Sync); 9] = [
-            &group,
-            &op.bucket,
-            &op.op_id,
-            &kind,
-            &op.row_type,
-            &op.row_id,
-            &op.subkey,
-            &op.data,
-            &checksum,
-        ];
-        writer.as_mut().write(&row).await?;
+    for (bucket, entries) in by_bucket {
+        for chunk in entries.chunks(CHUNK_OPS) {
+            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                continue;
+            };
+            let count = chunk.len() as i32;
+            let checksum = i64::from(chunk.iter().fold(0u32, |sum, op| sum.wrapping_add(op.checksum)));
+            let payload = chunk::encode(chunk.iter().copied());
+            let row: [&(dyn ToSql + Sync); 7] = [&group, &bucket, &last.op_id, &first.op_id, &count, &checksum, &payload];
+            writer.as_mut().write(&row).await?;
+        }
     }
     writer.finish().await?;
     Ok(())

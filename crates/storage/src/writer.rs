@@ -7,7 +7,7 @@
 
 use crate::checksum;
 use crate::error::StorageError;
-use crate::model::{Checkpoint, OpType, StreamRecord, StreamState};
+use crate::model::{Checkpoint, OpType, OplogEntry, StreamRecord, StreamState};
 use crate::row_codec;
 use crate::write_task::{self, Batch, CurrentRecord, Job, OpRow};
 use ferrosync_rules::{Row, SourceTableName, SyncRules};
@@ -371,13 +371,15 @@ impl BucketWriter {
             out.buckets.insert(r.bucket.clone());
             out.ops.push(OpRow {
                 bucket: r.bucket,
-                op_id,
-                op: OpType::Put,
-                row_type: Some(r.table),
-                row_id: Some(r.id),
-                subkey: Some(subkey.clone()),
-                data: Some(r.data),
-                checksum,
+                entry: OplogEntry {
+                    op_id,
+                    op: OpType::Put,
+                    object_type: Some(r.table),
+                    object_id: Some(r.id),
+                    subkey: Some(subkey.clone()),
+                    data: Some(r.data),
+                    checksum,
+                },
             });
         }
         for old in existing.buckets.iter().filter(|b| !buckets.contains(b)) {
@@ -424,13 +426,15 @@ impl BucketWriter {
         out.buckets.insert(bucket.clone());
         out.ops.push(OpRow {
             bucket: bucket.clone(),
-            op_id,
-            op: OpType::Remove,
-            row_type: Some(row_type.clone()),
-            row_id: Some(row_id.clone()),
-            subkey: Some(subkey.to_string()),
-            data: None,
-            checksum: checksum::remove(subkey),
+            entry: OplogEntry {
+                op_id,
+                op: OpType::Remove,
+                object_type: Some(row_type.clone()),
+                object_id: Some(row_id.clone()),
+                subkey: Some(subkey.to_string()),
+                data: None,
+                checksum: checksum::remove(subkey),
+            },
         });
     }
 

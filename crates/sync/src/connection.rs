@@ -344,26 +344,23 @@ impl<S: SyncStorage> Connection<S> {
         }
         let store = self.hub.storage().clone();
         let requests = self.requests(&pending, None);
-        let mut batch = storage(store.bucket_data(group, cp, &requests, FETCH_LIMIT as i64).await)?;
+        let mut batch = storage(store.bucket_data(group, cp, &requests, FETCH_LIMIT).await)?;
         loop {
-            let full = batch.len() >= FETCH_LIMIT;
-            let next = match (full, batch.last()) {
-                (true, Some((last, op))) => {
-                    // Buckets before the last one returned are complete; continue from it.
-                    if let Some(pos) = pending.iter().position(|b| b == last) {
-                        pending.drain(..pos);
-                    }
-                    Some(self.requests(&pending, Some((last.as_str(), op.op_id))))
+            let full = batch.resume.is_some();
+            let next = batch.resume.as_ref().map(|(bucket, after)| {
+                // Buckets before the one to resume are complete.
+                if let Some(pos) = pending.iter().position(|b| b == bucket) {
+                    pending.drain(..pos);
                 }
-                _ => None,
-            };
+                self.requests(&pending, Some((bucket.as_str(), *after)))
+            });
             let prefetch = async {
                 match &next {
-                    Some(requests) => store.bucket_data(group, cp, requests, FETCH_LIMIT as i64).await.map(Some),
+                    Some(requests) => store.bucket_data(group, cp, requests, FETCH_LIMIT).await.map(Some),
                     None => Ok(None),
                 }
             };
-            let (fetched, sent) = tokio::join!(prefetch, self.send_batch(&batch, full));
+            let (fetched, sent) = tokio::join!(prefetch, self.send_batch(&batch.ops, full));
             sent?;
             match storage(fetched)? {
                 Some(rows) => batch = rows,

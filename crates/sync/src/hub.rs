@@ -143,12 +143,12 @@ impl<S: SyncStorage> CheckpointHub<S> {
             return Ok(Step::Ops(HashMap::new()));
         }
         let requests: Vec<(String, i64)> = buckets.iter().map(|b| (b.clone(), from)).collect();
-        let rows = self.storage.bucket_data(group, to, &requests, STEP_OPS as i64 + 1).await?;
-        if rows.len() > STEP_OPS {
+        let batch = self.storage.bucket_data(group, to, &requests, STEP_OPS).await?;
+        if batch.resume.is_some() {
             return Ok(Step::Checksums(self.storage.checksums(group, from, to, &buckets).await?));
         }
         let mut ops: HashMap<String, Vec<OplogEntry>> = buckets.into_iter().map(|b| (b, Vec::new())).collect();
-        for (bucket, op) in rows {
+        for (bucket, op) in batch.ops {
             ops.entry(bucket).or_default().push(op);
         }
         Ok(Step::Ops(ops))

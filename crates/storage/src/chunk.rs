@@ -1,0 +1,160 @@
+//! Op chunks: the ops one flush wrote to one bucket, stored as one compressed row.
+//!
+//! Per-op rows cost a tuple header, an index entry with the bucket name and the JSON in full
+//! (~490 B per op); ops of one bucket share most of their bytes (column names, types, ids of
+//! the same lists), so a chunk compresses them together. Layout: format byte, raw length
+//! (u32 LE), then a zstd frame of the ops, each `op_id i64 | op u8 | checksum u32 | four
+//! optional strings (u32 length, u32::MAX = absent)`, ascending op_id.
+
+use crate::error::StorageError;
+use crate::model::{OpType, OplogEntry};
+
+const FORMAT_RAW: u8 = 0;
+const FORMAT_ZSTD: u8 = 1;
+/// zstd level 1: ~3x smaller ops at a small CPU cost (replication writes every op once).
+const LEVEL: i32 = 1;
+const ABSENT: u32 = u32::MAX;
+
+/// Encode ops (ascending op_id) into a chunk payload.
+pub fn encode<'a>(ops: impl Iterator<Item = &'a OplogEntry>) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for op in ops {
+        raw.extend_from_slice(&op.op_id.to_le_bytes());
+        raw.push(op.op as u8);
+        raw.extend_from_slice(&op.checksum.to_le_bytes());
+        for field in [&op.object_type, &op.object_id, &op.subkey, &op.data] {
+            match field {
+                Some(s) => {
+                    raw.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    raw.extend_from_slice(s.as_bytes());
+                }
+                None => raw.extend_from_slice(&ABSENT.to_le_bytes()),
+            }
+        }
+    }
+    match zstd::bulk::compress(&raw, LEVEL) {
+        Ok(compressed) => {
+            let mut out = Vec::with_capacity(5 + compressed.len());
+            out.push(FORMAT_ZSTD);
+            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            out.extend_from_slice(&compressed);
+            out
+        }
+        // Only on allocation failure; the ops stay readable uncompressed.
+        Err(e) => {
+            tracing::error!(error = %e, "zstd compression failed; storing the chunk uncompressed");
+            let mut out = vec![FORMAT_RAW];
+            out.extend_from_slice(&raw);
+            out
+        }
+    }
+}
+
+/// Decode a chunk payload.
+pub fn decode(payload: &[u8]) -> Result<Vec<OplogEntry>, StorageError> {
+    let corrupt = |what: &str| StorageError::Corrupt(format!("op chunk: {what}"));
+    let (&format, rest) = payload.split_first().ok_or_else(|| corrupt("empty"))?;
+    let raw = match format {
+        FORMAT_RAW => rest.to_vec(),
+        FORMAT_ZSTD if rest.len() >= 4 => {
+            let raw_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            zstd::bulk::decompress(&rest[4..], raw_len).map_err(|e| corrupt(&e.to_string()))?
+        }
+        _ => return Err(corrupt("unknown format")),
+    };
+    let mut reader = Reader { buf: &raw, pos: 0 };
+    let mut ops = Vec::new();
+    while reader.pos < raw.len() {
+        let op_id = i64::from_le_bytes(reader.array().ok_or_else(|| corrupt("truncated op"))?);
+        let [kind] = reader.array().ok_or_else(|| corrupt("truncated op"))?;
+        let op = OpType::from_i16(i16::from(kind)).ok_or_else(|| corrupt("unknown op type"))?;
+        let checksum = u32::from_le_bytes(reader.array().ok_or_else(|| corrupt("truncated op"))?);
+        let mut field = || reader.string().ok_or_else(|| corrupt("truncated field"));
+        let (object_type, object_id, subkey, data) = (field()?, field()?, field()?, field()?);
+        ops.push(OplogEntry {
+            op_id,
+            op,
+            object_type,
+            object_id,
+            subkey,
+            data,
+            checksum,
+        });
+    }
+    Ok(ops)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let bytes = self.buf.get(self.pos..self.pos + N)?;
+        self.pos += N;
+        bytes.try_into().ok()
+    }
+
+    /// `None` on truncation or bad UTF-8; `Some(None)` for an absent field.
+    fn string(&mut self) -> Option<Option<String>> {
+        let len = u32::from_le_bytes(self.array()?);
+        if len == ABSENT {
+            return Some(None);
+        }
+        let bytes = self.buf.get(self.pos..self.pos + len as usize)?;
+        self.pos += len as usize;
+        String::from_utf8(bytes.to_vec()).ok().map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(op_id: i64, data: Option<&str>) -> OplogEntry {
+        OplogEntry {
+            op_id,
+            op: if data.is_some() { OpType::Put } else { OpType::Remove },
+            object_type: Some("todos".into()),
+            object_id: Some(format!("id-{op_id}")),
+            subkey: Some(format!("1/{op_id}")),
+            data: data.map(str::to_string),
+            checksum: op_id as u32 * 7919,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_compresses() {
+        let ops: Vec<OplogEntry> = (1..=50)
+            .map(|i| {
+                op(
+                    i,
+                    (i % 5 != 0).then_some(r#"{"id":"x","description":"a todo with some text","completed":0}"#),
+                )
+            })
+            .collect();
+        let payload = encode(ops.iter());
+        let decoded = decode(&payload).expect("decodes");
+        assert_eq!(decoded.len(), ops.len());
+        for (a, b) in decoded.iter().zip(&ops) {
+            assert_eq!((a.op_id, a.op, a.checksum), (b.op_id, b.op, b.checksum));
+            assert_eq!(
+                (&a.object_type, &a.object_id, &a.subkey, &a.data),
+                (&b.object_type, &b.object_id, &b.subkey, &b.data)
+            );
+        }
+        let raw: usize = ops.iter().map(|o| 45 + o.data.as_ref().map_or(0, String::len)).sum();
+        assert!(payload.len() * 3 < raw, "{} bytes for {raw} raw", payload.len());
+    }
+
+    #[test]
+    fn rejects_damaged_payloads() {
+        let payload = encode([op(1, Some("{}"))].iter());
+        assert!(decode(&[]).is_err());
+        assert!(decode(&payload[..payload.len() - 3]).is_err());
+        let mut wrong = payload.clone();
+        wrong[0] = 9;
+        assert!(decode(&wrong).is_err());
+    }
+}
