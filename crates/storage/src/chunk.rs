@@ -8,12 +8,19 @@
 
 use crate::error::StorageError;
 use crate::model::{OpType, OplogEntry};
+use std::cell::RefCell;
 
 const FORMAT_RAW: u8 = 0;
 const FORMAT_ZSTD: u8 = 1;
 /// zstd level 1: ~3x smaller ops at a small CPU cost (replication writes every op once).
 const LEVEL: i32 = 1;
 const ABSENT: u32 = u32::MAX;
+
+thread_local! {
+    // A zstd context costs more to set up than compressing a small chunk: keep one per thread.
+    static COMPRESSOR: RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> = RefCell::new(zstd::bulk::Compressor::new(LEVEL));
+    static DECOMPRESSOR: RefCell<std::io::Result<zstd::bulk::Decompressor<'static>>> = RefCell::new(zstd::bulk::Decompressor::new());
+}
 
 /// Encode ops (ascending op_id) into a chunk payload.
 pub fn encode<'a>(ops: impl Iterator<Item = &'a OplogEntry>) -> Vec<u8> {
@@ -32,7 +39,12 @@ pub fn encode<'a>(ops: impl Iterator<Item = &'a OplogEntry>) -> Vec<u8> {
             }
         }
     }
-    match zstd::bulk::compress(&raw, LEVEL) {
+    match COMPRESSOR.with(|c| {
+        c.borrow_mut()
+            .as_mut()
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .compress(&raw)
+    }) {
         Ok(compressed) => {
             let mut out = Vec::with_capacity(5 + compressed.len());
             out.push(FORMAT_ZSTD);
@@ -58,7 +70,14 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OplogEntry>, StorageError> {
         FORMAT_RAW => rest.to_vec(),
         FORMAT_ZSTD if rest.len() >= 4 => {
             let raw_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            zstd::bulk::decompress(&rest[4..], raw_len).map_err(|e| corrupt(&e.to_string()))?
+            DECOMPRESSOR
+                .with(|d| {
+                    d.borrow_mut()
+                        .as_mut()
+                        .map_err(|e| std::io::Error::other(e.to_string()))?
+                        .decompress(&rest[4..], raw_len)
+                })
+                .map_err(|e| corrupt(&e.to_string()))?
         }
         _ => return Err(corrupt("unknown format")),
     };
