@@ -49,12 +49,19 @@ pub(crate) struct Batch {
     pub progress: Option<TableProgress>,
 }
 
+/// A checkpoint to publish: ops up to `checkpoint.op_id` become visible.
+pub(crate) struct NewCheckpoint {
+    pub checkpoint: Checkpoint,
+    /// Also switch the served stream to this one (its first checkpoint).
+    pub activate: bool,
+}
+
 pub(crate) enum Job {
-    Batch(Box<Batch>),
-    /// Make ops up to `checkpoint.op_id` visible; `activate` also switches the served stream.
-    Checkpoint {
-        checkpoint: Checkpoint,
-        activate: bool,
+    /// One transaction: a batch, a checkpoint, or a batch and the checkpoint that covers it
+    /// (the common case while streaming: one commit, one fsync).
+    Write {
+        batch: Option<Box<Batch>>,
+        checkpoint: Option<NewCheckpoint>,
     },
     /// Publish `lsn` as durable once every earlier job is committed (nothing pending for it).
     Durable(u64),
@@ -72,10 +79,21 @@ pub(crate) async fn run(
 ) -> Result<(), StorageError> {
     while let Some(job) = jobs.recv().await {
         match job {
-            Job::Batch(batch) => write_batch(&mut client, group, *batch).await?,
-            Job::Checkpoint { checkpoint, activate } => {
-                write_checkpoint(&mut client, group, checkpoint, activate).await?;
-                durable.send_if_modified(|d| raise(d, checkpoint.lsn));
+            Job::Write { batch, checkpoint } => {
+                let tx = client.transaction().await?;
+                if let Some(batch) = batch {
+                    write_batch(&tx, group, *batch).await?;
+                }
+                if let Some(cp) = &checkpoint {
+                    write_checkpoint(&tx, group, cp).await?;
+                }
+                tx.commit().await?;
+                if let Some(cp) = checkpoint {
+                    if cp.activate {
+                        tracing::info!(stream = group, "replication stream is now ACTIVE");
+                    }
+                    durable.send_if_modified(|d| raise(d, cp.checkpoint.lsn));
+                }
             }
             Job::Durable(lsn) => {
                 durable.send_if_modified(|d| raise(d, lsn));
@@ -96,14 +114,13 @@ fn raise(current: &mut u64, lsn: u64) -> bool {
     raised
 }
 
-async fn write_batch(client: &mut Client, group: i64, batch: Batch) -> Result<(), StorageError> {
+async fn write_batch(tx: &Transaction<'_>, group: i64, batch: Batch) -> Result<(), StorageError> {
     let g = group as i32;
-    let tx = client.transaction().await?;
-    copy_ops(&tx, g, &batch.ops).await?;
-    copy_params(&tx, g, &batch.params).await?;
-    copy_current(&tx, g, &batch.inserts).await?;
-    upsert_current(&tx, g, &batch.updates).await?;
-    delete_current(&tx, g, &batch.deletes).await?;
+    copy_ops(tx, g, &batch.ops).await?;
+    copy_params(tx, g, &batch.params).await?;
+    copy_current(tx, g, &batch.inserts).await?;
+    upsert_current(tx, g, &batch.updates).await?;
+    delete_current(tx, g, &batch.deletes).await?;
     if !batch.buckets.is_empty() || !batch.lookups.is_empty() {
         tx.execute(
             "INSERT INTO ferrosync.bucket_changes (group_id, max_op_id, buckets, lookups) VALUES ($1, $2, $3, $4)",
@@ -117,9 +134,8 @@ async fn write_batch(client: &mut Client, group: i64, batch: Batch) -> Result<()
     )
     .await?;
     if let Some(p) = &batch.progress {
-        crate::streams::save_table_progress(&tx, p.table_id, p.last_key.as_deref(), p.rows, p.done).await?;
+        crate::streams::save_table_progress(tx, p.table_id, p.last_key.as_deref(), p.rows, p.done).await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 
@@ -236,15 +252,14 @@ async fn delete_current(tx: &Transaction<'_>, group: i32, rows: &[(i64, Uuid)]) 
     Ok(())
 }
 
-async fn write_checkpoint(client: &mut Client, group: i64, checkpoint: Checkpoint, activate: bool) -> Result<(), StorageError> {
-    let lsn_text = lsn_to_text(checkpoint.lsn);
-    let tx = client.transaction().await?;
+async fn write_checkpoint(tx: &Transaction<'_>, group: i64, new: &NewCheckpoint) -> Result<(), StorageError> {
+    let lsn_text = lsn_to_text(new.checkpoint.lsn);
     tx.execute(
         "UPDATE ferrosync.sync_rules SET last_checkpoint = $2, last_checkpoint_lsn = $3::text::pg_lsn WHERE id = $1",
-        &[&group, &checkpoint.op_id, &lsn_text],
+        &[&group, &new.checkpoint.op_id, &lsn_text],
     )
     .await?;
-    if activate {
+    if new.activate {
         tx.execute(
             "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'ACTIVE' AND id <> $1",
             &[&group],
@@ -253,11 +268,8 @@ async fn write_checkpoint(client: &mut Client, group: i64, checkpoint: Checkpoin
         tx.execute("UPDATE ferrosync.sync_rules SET state = 'ACTIVE' WHERE id = $1", &[&group])
             .await?;
     }
-    let payload = format!("{}:{}:{}", group, checkpoint.op_id, lsn_text);
+    // Delivered at commit: listeners never see a checkpoint before its ops.
+    let payload = format!("{}:{}:{}", group, new.checkpoint.op_id, lsn_text);
     tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
-    tx.commit().await?;
-    if activate {
-        tracing::info!(stream = group, "replication stream is now ACTIVE");
-    }
     Ok(())
 }

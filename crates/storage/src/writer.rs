@@ -9,7 +9,7 @@ use crate::checksum;
 use crate::error::StorageError;
 use crate::model::{Checkpoint, OpType, OplogEntry, StreamRecord, StreamState};
 use crate::row_codec;
-use crate::write_task::{self, Batch, CurrentRecord, Job, OpRow};
+use crate::write_task::{self, Batch, CurrentRecord, Job, NewCheckpoint, OpRow};
 use ferrosync_rules::{Row, SourceTableName, SyncRules};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -210,8 +210,26 @@ impl BucketWriter {
 
     /// Hand everything buffered to the write task (without making it visible: that is `commit`).
     pub async fn flush(&mut self) -> Result<(), StorageError> {
-        if self.pending.is_empty() && self.progress.is_none() {
+        let batch = self.prepare().await?;
+        self.write(batch, None).await
+    }
+
+    async fn write(&mut self, batch: Option<Batch>, checkpoint: Option<NewCheckpoint>) -> Result<(), StorageError> {
+        if batch.is_none() && checkpoint.is_none() {
             return Ok(());
+        }
+        let batch = batch.map(Box::new);
+        self.send(Job::Write { batch, checkpoint }).await?;
+        if self.overlay.len() > OVERLAY_ROWS {
+            self.drain().await?;
+        }
+        Ok(())
+    }
+
+    /// Evaluate everything buffered into a batch for the write task.
+    async fn prepare(&mut self) -> Result<Option<Batch>, StorageError> {
+        if self.pending.is_empty() && self.progress.is_none() {
+            return Ok(None);
         }
         let ops = std::mem::take(&mut self.pending);
         let mut state = if self.snapshot {
@@ -224,12 +242,7 @@ impl BucketWriter {
         for op in ops {
             self.apply(op, &mut state, &mut out);
         }
-        let batch = self.batch(state, &existed, out);
-        self.send(Job::Batch(Box::new(batch))).await?;
-        if self.overlay.len() > OVERLAY_ROWS {
-            self.drain().await?;
-        }
-        Ok(())
+        Ok(Some(self.batch(state, &existed, out)))
     }
 
     async fn load_current(&self, ops: &[RecordOp]) -> Result<HashMap<RowKey, Option<CurrentRow>>, StorageError> {
@@ -510,11 +523,12 @@ impl BucketWriter {
     /// ops visible as a checkpoint, unless blocked by an unfinished snapshot. The checkpoint is
     /// committed by the write task; [`BucketWriter::durable`] reports when.
     pub async fn commit(&mut self, lsn: u64, force: bool) -> Result<Option<Checkpoint>, StorageError> {
-        self.flush().await?;
+        let batch = self.prepare().await?;
         let s = &self.stream;
         let has_new = s.persisted_op > s.checkpoint.op_id;
         let blocked = !s.snapshot_done || lsn < s.no_checkpoint_before || lsn < s.checkpoint.lsn;
         if (!has_new && !force) || blocked {
+            self.write(batch, None).await?;
             // Flushed ops are kept across restarts even before a checkpoint shows them.
             self.send(Job::Durable(lsn)).await?;
             return Ok(None);
@@ -524,7 +538,7 @@ impl BucketWriter {
             lsn,
         };
         let activate = s.state == StreamState::Processing;
-        self.send(Job::Checkpoint { checkpoint, activate }).await?;
+        self.write(batch, Some(NewCheckpoint { checkpoint, activate })).await?;
         if activate {
             self.stream.state = StreamState::Active;
         }
