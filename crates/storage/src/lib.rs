@@ -19,7 +19,7 @@ pub mod writer;
 
 pub use error::StorageError;
 pub use model::*;
-pub use notify::CheckpointListener;
+pub use notify::{parse_checkpoint_payload, CheckpointListener};
 pub use reader::{PgStorage, SyncStorage};
 pub use writer::{BucketWriter, RecordOp, TableHandle, TableProgress};
 

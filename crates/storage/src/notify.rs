@@ -42,4 +42,19 @@ impl CheckpointListener {
     pub async fn recv(&mut self) -> Option<Option<String>> {
         self.rx.recv().await
     }
+
+    /// A notification that already arrived, if any.
+    pub fn try_recv(&mut self) -> Option<Option<String>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// The checkpoint a notification announces: `(group, checkpoint)` from its `group:op_id:lsn`
+/// payload. It is sent in the transaction that stores the checkpoint, so it is exact.
+pub fn parse_checkpoint_payload(payload: &str) -> Option<(i64, crate::Checkpoint)> {
+    let mut parts = payload.splitn(3, ':');
+    let group = parts.next()?.parse().ok()?;
+    let op_id = parts.next()?.parse().ok()?;
+    let lsn = crate::writer::lsn_from_text(parts.next()?)?;
+    Some((group, crate::Checkpoint { op_id, lsn }))
 }

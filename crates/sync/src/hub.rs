@@ -5,7 +5,7 @@
 
 use crate::cache::{BucketCache, Step};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
-use ferrosync_storage::{BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
+use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -30,6 +30,10 @@ struct Shared {
     lookup_history: VecDeque<(i64, i64, HashSet<String>)>,
     /// user_key -> (write checkpoint id, source lsn it needs).
     write_checkpoints: HashMap<String, (i64, u64)>,
+}
+
+fn is_newer(checkpoint: Checkpoint, than: Checkpoint) -> bool {
+    checkpoint != than && checkpoint.op_id >= than.op_id && checkpoint.lsn >= than.lsn
 }
 
 /// Shared by all connections of the process.
@@ -79,39 +83,75 @@ impl<S: SyncStorage> CheckpointHub<S> {
         let mut listener = CheckpointListener::connect(conn).await?;
         let mut write_seq = 0;
         let mut current: Option<HubState> = None;
+        let mut announced: Option<(i64, Checkpoint)> = None;
         loop {
-            // Re-read on every wake-up: payloads are hints, storage is the truth.
-            write_seq = self.refresh_write_checkpoints(write_seq).await?;
-            if let Some(stream) = self.storage.active_stream().await? {
-                let same_group = current.as_ref().is_some_and(|c| c.group == stream.id);
-                if !same_group {
-                    let mut opts = options.clone();
-                    opts.sync_rules_id = stream.id as u64;
-                    match SyncRules::parse(&stream.content, &opts) {
-                        Ok(rules) => {
-                            self.reset(stream.id, stream.checkpoint.op_id);
-                            current = Some(HubState {
-                                group: stream.id,
-                                checkpoint: stream.checkpoint,
-                                rules: Arc::new(rules),
-                            });
-                            tx.send_replace(current.clone());
-                        }
-                        Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
-                    }
-                } else if let Some(state) = current.as_mut() {
-                    if stream.checkpoint != state.checkpoint {
-                        self.advance(state.group, state.checkpoint.op_id, stream.checkpoint.op_id).await?;
-                        state.checkpoint = stream.checkpoint;
+            match (announced, current.as_mut()) {
+                // The usual wake-up: a new checkpoint of the served stream, exact from the
+                // payload. Write checkpoints are re-read alongside the advance.
+                (Some((group, checkpoint)), Some(state)) if group == state.group => {
+                    // A checkpoint may repeat the op_id at a later LSN (an idle source passing a
+                    // write checkpoint's position): connections still need it.
+                    if is_newer(checkpoint, state.checkpoint) {
+                        write_seq = self.refresh_write_checkpoints(write_seq).await?;
+                        self.advance(group, state.checkpoint.op_id, checkpoint.op_id).await?;
+                        state.checkpoint = checkpoint;
                         tx.send_replace(Some(state.clone()));
                     }
                 }
+                // Start, reconnects, and other streams' checkpoints (a new config activating).
+                _ => {
+                    write_seq = self.refresh_write_checkpoints(write_seq).await?;
+                    self.reload(&mut current, tx, options).await?;
+                }
             }
-            match listener.recv().await {
-                Some(Some(_)) => {}
+            let mut payload = match listener.recv().await {
+                Some(Some(payload)) => payload,
                 _ => return Err(StorageError::Corrupt("checkpoint listener disconnected".into())),
+            };
+            // Checkpoints queued meanwhile: jump straight to the newest.
+            while let Some(next) = listener.try_recv() {
+                payload = next.ok_or_else(|| StorageError::Corrupt("checkpoint listener disconnected".into()))?;
+            }
+            announced = parse_checkpoint_payload(&payload);
+        }
+    }
+
+    /// Read the served stream from storage and switch to it, or advance to its checkpoint.
+    async fn reload(
+        &self,
+        current: &mut Option<HubState>,
+        tx: &watch::Sender<Option<HubState>>,
+        options: &SyncRulesOptions,
+    ) -> Result<(), StorageError> {
+        let Some(stream) = self.storage.active_stream().await? else {
+            return Ok(());
+        };
+        match current.as_mut() {
+            Some(state) if state.group == stream.id => {
+                if is_newer(stream.checkpoint, state.checkpoint) {
+                    self.advance(state.group, state.checkpoint.op_id, stream.checkpoint.op_id).await?;
+                    state.checkpoint = stream.checkpoint;
+                    tx.send_replace(Some(state.clone()));
+                }
+            }
+            _ => {
+                let mut opts = options.clone();
+                opts.sync_rules_id = stream.id as u64;
+                match SyncRules::parse(&stream.content, &opts) {
+                    Ok(rules) => {
+                        self.reset(stream.id, stream.checkpoint.op_id);
+                        *current = Some(HubState {
+                            group: stream.id,
+                            checkpoint: stream.checkpoint,
+                            rules: Arc::new(rules),
+                        });
+                        tx.send_replace(current.clone());
+                    }
+                    Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+                }
             }
         }
+        Ok(())
     }
 
     fn reset(&self, group: i64, checkpoint: i64) {
