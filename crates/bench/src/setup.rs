@@ -192,20 +192,19 @@ async fn seed(db: &tokio_postgres::Client, rows: i64) -> Result<()> {
 }
 
 fn write_config(dir: &Path, cluster: &PgCluster, port: u16, auth: &Auth) -> Result<PathBuf> {
-    let k = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &auth.secret);
     std::fs::write(dir.join("sync-rules.yaml"), RULES)?;
-    let yaml = format!(
-        "replication:\n  connections:\n    - type: postgresql\n      uri: {source}\n      sslmode: disable\n\
-         storage:\n  type: postgresql\n  uri: {storage}\n  sslmode: disable\n\
-         port: {port}\nbind_address: 127.0.0.1\n\
-         sync_config:\n  path: sync-rules.yaml\n\
-         api:\n  parameters:\n    max_concurrent_connections: 12000\n\
-         client_auth:\n  audience: [{aud}]\n  jwks:\n    keys:\n      - {{kty: oct, alg: HS256, kid: {kid}, k: {k}}}\n",
-        source = cluster.uri("todo"),
-        storage = cluster.uri("storage"),
-        aud = auth.audience,
-        kid = auth.kid,
-    );
+    let yaml = ferrosync_testkit::ServiceConfig {
+        source_uri: cluster.uri("todo"),
+        storage_uri: cluster.uri("storage"),
+        port,
+        bind_address: Some("127.0.0.1"),
+        rules_path: "sync-rules.yaml",
+        audience: &auth.audience,
+        kid: &auth.kid,
+        secret: &auth.secret,
+        max_connections: Some(12_000),
+    }
+    .to_yaml();
     let path = dir.join("powersync.yaml");
     std::fs::write(&path, yaml).context("writing service config")?;
     Ok(path)

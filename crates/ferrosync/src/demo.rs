@@ -43,32 +43,18 @@ pub async fn run(dir: &Path, port: u16) -> Result<()> {
 
 /// A config in the PowerSync format pointing at the demo cluster.
 pub fn config_yaml(cluster: &PgCluster, port: u16) -> String {
-    format!(
-        r#"replication:
-  connections:
-    - type: postgresql
-      uri: {source}
-      sslmode: disable
-storage:
-  type: postgresql
-  uri: {storage}
-  sslmode: disable
-port: {port}
-sync_config:
-  path: sync-rules.yaml
-client_auth:
-  audience: [powersync-dev]
-  jwks:
-    keys:
-      - kty: oct
-        alg: HS256
-        kid: demo
-        k: {k}
-"#,
-        source = cluster.uri("todo"),
-        storage = cluster.uri("ferrosync_storage"),
-        k = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, DEMO_SECRET),
-    )
+    ferrosync_testkit::ServiceConfig {
+        source_uri: cluster.uri("todo"),
+        storage_uri: cluster.uri("ferrosync_storage"),
+        port,
+        bind_address: None,
+        rules_path: "sync-rules.yaml",
+        audience: "powersync-dev",
+        kid: "demo",
+        secret: DEMO_SECRET,
+        max_connections: None,
+    }
+    .to_yaml()
 }
 
 /// A token for the demo key.

@@ -31,12 +31,18 @@ impl Service {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
         let port = free_port()?;
-        let k = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, SECRET);
-        let config = format!(
-            "replication:\n  connections:\n    - type: postgresql\n      uri: {}\n      sslmode: disable\nstorage:\n  type: postgresql\n  uri: {}\n  sslmode: disable\nport: {port}\nbind_address: 127.0.0.1\nsync_config:\n  path: sync-rules.yaml\nclient_auth:\n  audience: [test-aud]\n  jwks:\n    keys:\n      - {{kty: oct, alg: HS256, kid: k1, k: {k}}}\n",
-            cluster.uri("todo"),
-            cluster.uri("storage")
-        );
+        let config = ferrosync_testkit::ServiceConfig {
+            source_uri: cluster.uri("todo"),
+            storage_uri: cluster.uri("storage"),
+            port,
+            bind_address: Some("127.0.0.1"),
+            rules_path: "sync-rules.yaml",
+            audience: "test-aud",
+            kid: "k1",
+            secret: SECRET,
+            max_connections: None,
+        }
+        .to_yaml();
         std::fs::write(dir.path().join("powersync.yaml"), config)?;
         Ok(Service {
             cluster,

@@ -288,3 +288,42 @@ pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
+
+/// A PowerSync-format service config for a local cluster, with one HS256 client key: what the
+/// demo, the end-to-end tests and the benchmark run the service with.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig<'a> {
+    pub source_uri: String,
+    pub storage_uri: String,
+    pub port: u16,
+    /// `bind_address`; the service's default (all interfaces) when `None`.
+    pub bind_address: Option<&'a str>,
+    /// Sync rules file, relative to the config file.
+    pub rules_path: &'a str,
+    pub audience: &'a str,
+    pub kid: &'a str,
+    pub secret: &'a str,
+    /// `api.parameters.max_concurrent_connections`, when not the default.
+    pub max_connections: Option<usize>,
+}
+
+impl ServiceConfig<'_> {
+    pub fn to_yaml(&self) -> String {
+        use base64::Engine;
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.secret);
+        let mut yaml = format!(
+            "replication:\n  connections:\n    - type: postgresql\n      uri: {}\n      sslmode: disable\n\
+             storage:\n  type: postgresql\n  uri: {}\n  sslmode: disable\n\
+             port: {}\nsync_config:\n  path: {}\n\
+             client_auth:\n  audience: [{}]\n  jwks:\n    keys:\n      - {{kty: oct, alg: HS256, kid: {}, k: {k}}}\n",
+            self.source_uri, self.storage_uri, self.port, self.rules_path, self.audience, self.kid
+        );
+        if let Some(bind) = self.bind_address {
+            yaml.push_str(&format!("bind_address: {bind}\n"));
+        }
+        if let Some(n) = self.max_connections {
+            yaml.push_str(&format!("api:\n  parameters:\n    max_concurrent_connections: {n}\n"));
+        }
+        yaml
+    }
+}
