@@ -2,6 +2,7 @@
 pub mod auth;
 pub mod checkpoint;
 pub mod error;
+pub mod http_server;
 pub mod probes;
 pub mod server;
 pub mod stream;

@@ -9,10 +9,10 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use ferrosync_rules::RequestParameters;
-use ferrosync_sync::{run_connection, ConnectionRequest, LineFormat};
+use ferrosync_sync::{connection_stream, ConnectionRequest, LineFormat};
+use futures::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 /// The request body (protocol spec §2.3); unknown fields are ignored.
 #[derive(Deserialize)]
@@ -87,19 +87,10 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
         format,
         keepalive_lines: true,
     };
-    // Chunks are up to ~64 KiB: a few in flight keep the socket busy without buffering a download.
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
-    let hub = state.hub.clone();
-    let limits = state.limits;
-    let user = auth.user_id.clone();
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Err(e) = run_connection(hub, req, limits, tx).await {
-            tracing::warn!(user = %user, error = %e, "sync stream ended with an error");
-        }
-    });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    // The permit lives as long as the response body, which drives the connection.
+    let stream = connection_stream(state.hub.clone(), req, state.limits).map(move |chunk| {
+        let _permit = &permit;
+        Ok::<_, std::convert::Infallible>(chunk)
     });
     let mut response = Body::from_stream(stream).into_response();
     let h = response.headers_mut();

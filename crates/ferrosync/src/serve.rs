@@ -2,7 +2,6 @@
 
 use crate::replicator::{self, ReplicatorConfig};
 use anyhow::{bail, Context, Result};
-use axum::serve::ListenerExt;
 use ferrosync_api::auth::KeyStore;
 use ferrosync_api::probes::ProbeState;
 use ferrosync_api::AppState;
@@ -109,18 +108,13 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         probes: ProbeState::default(),
     });
     let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
-    let listener = listen(&addr).await.with_context(|| format!("binding {addr}"))?.tap_io(|tcp| {
-        // Sync lines are small and latency-bound: never hold them back for Nagle's algorithm.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
+    let listener = listen(&addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "ferrosync listening");
     state.probes.started.store(true, Ordering::Relaxed);
     // Sync streams never end on their own, so shutdown does not wait for them: clients
     // reconnect (to another instance) and resume from their positions.
     tokio::select! {
-        served = axum::serve(listener, ferrosync_api::router(state)) => served?,
+        () = ferrosync_api::http_server::serve(listener, ferrosync_api::router(state)) => {}
         () = shutdown_signal() => tracing::info!("shutting down"),
     }
     if let Some(task) = replication {

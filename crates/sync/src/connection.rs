@@ -7,14 +7,14 @@ use crate::lines::{
     BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, DefaultReason, Line, LineFormat, OplogLine,
     PartialCompleteLine, StreamDescription,
 };
-use crate::output::{Closed, Output};
+use crate::output::{ChunkStream, Output};
 use bytes::Bytes;
 use ferrosync_rules::{BucketDescription, LookupKey, Querier, RequestParameters};
 use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
+use futures::Stream;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// Ops per storage read. The next read is issued while this one is being sent.
 const FETCH_LIMIT: usize = 2000;
@@ -74,14 +74,16 @@ struct Connection<S> {
 
 /// Serve one connection until the client disconnects, the token expires, or the active sync
 /// config changes (the client then reconnects and gets the new buckets).
-pub async fn run_connection<S: SyncStorage>(
+///
+/// The connection runs as its response body: the returned stream drives it, so a held stream
+/// costs no task of its own, and dropping the stream (the client went away) ends it at once.
+pub fn connection_stream<S: SyncStorage>(
     hub: Arc<CheckpointHub<S>>,
     req: ConnectionRequest,
     limits: Limits,
-    out: mpsc::Sender<Bytes>,
-) -> Result<(), SyncError> {
+) -> impl Stream<Item = Bytes> + Send + 'static {
     let positions = req.buckets.iter().cloned().collect();
-    let out = Output::new(req.format, out);
+    let (out, slot) = Output::new(req.format);
     let mut conn = Connection {
         hub,
         req,
@@ -94,26 +96,32 @@ pub async fn run_connection<S: SyncStorage>(
         last_checkpoint: 0,
         write_checkpoint: None,
     };
-    match conn.run().await {
-        Ok(()) | Err(Ok(Closed)) => Ok(()),
-        Err(Err(e)) => Err(e),
-    }
+    ChunkStream::new(
+        async move {
+            if let Err(e) = conn.run().await {
+                tracing::warn!(user = %conn.req.user_key, error = %e, "sync stream ended with an error");
+            }
+        },
+        slot,
+    )
 }
 
-type Step<T> = Result<T, Result<Closed, SyncError>>;
+type Step<T> = Result<T, SyncError>;
 
 fn storage<T>(r: Result<T, StorageError>) -> Step<T> {
-    r.map_err(|e| Err(SyncError::Storage(e)))
+    r.map_err(SyncError::Storage)
 }
 
 impl<S: SyncStorage> Connection<S> {
     /// Buffer a line (sent at the next [`Connection::flush`] or once a chunk is full).
     async fn send(&mut self, line: &Line<'_>) -> Step<()> {
-        self.out.push(line).await.map_err(Ok)
+        self.out.push(line).await;
+        Ok(())
     }
 
     async fn flush(&mut self) -> Step<()> {
-        self.out.flush().await.map_err(Ok)
+        self.out.flush().await;
+        Ok(())
     }
 
     /// Send a line now: keepalives and final lines.
@@ -157,7 +165,6 @@ impl<S: SyncStorage> Connection<S> {
                     _ = tokio::time::sleep_until(expire_at) => {
                         return self.send_now(&Line::TokenExpiresIn(0)).await;
                     }
-                    _ = self.out.closed() => return Ok(()),
                 }
             }
             fresh = false;
@@ -168,7 +175,9 @@ impl<S: SyncStorage> Connection<S> {
                 tracing::info!(user = %self.req.user_key, "sync config changed; closing stream so the client reconnects");
                 return Ok(());
             }
-            self.on_checkpoint(&state).await?;
+            // Boxed: the checkpoint path (storage reads, prefetch) is several KiB of future
+            // state that an idle stream, waiting in the `select!` above, should not carry.
+            Box::pin(self.on_checkpoint(&state)).await?;
         }
     }
 
@@ -183,10 +192,10 @@ impl<S: SyncStorage> Connection<S> {
             let found = storage(self.hub.storage().parameter_sets(state.group, state.checkpoint.op_id, &names).await)?;
             let total: usize = found.values().map(Vec::len).sum();
             if total > self.limits.max_parameter_results {
-                return Err(Err(SyncError::TooMany(format!(
+                return Err(SyncError::TooMany(format!(
                     "Too many parameter query results: {total} (limit of {})",
                     self.limits.max_parameter_results
-                ))));
+                )));
             }
             let results: HashMap<LookupKey, Vec<String>> = found.into_iter().map(|(k, v)| (LookupKey::from_stored(k), v)).collect();
             self.dynamic = Some(querier.resolve(&results));
@@ -197,11 +206,11 @@ impl<S: SyncStorage> Connection<S> {
     async fn on_checkpoint(&mut self, state: &HubState) -> Step<()> {
         let buckets = self.resolve_buckets(state).await?;
         if buckets.len() > self.limits.max_buckets {
-            return Err(Err(SyncError::TooMany(format!(
+            return Err(SyncError::TooMany(format!(
                 "Too many buckets: {} (limit of {})",
                 buckets.len(),
                 self.limits.max_buckets
-            ))));
+            )));
         }
         let names: Vec<&str> = buckets.iter().map(|b| b.bucket.as_str()).collect();
         let cp = state.checkpoint;

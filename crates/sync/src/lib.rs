@@ -10,6 +10,6 @@ pub mod hub;
 pub mod lines;
 mod output;
 
-pub use connection::{run_connection, ConnectionRequest, Limits};
+pub use connection::{connection_stream, ConnectionRequest, Limits};
 pub use hub::CheckpointHub;
 pub use lines::LineFormat;
