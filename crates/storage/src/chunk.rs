@@ -12,7 +12,8 @@ use std::cell::RefCell;
 
 const FORMAT_RAW: u8 = 0;
 const FORMAT_ZSTD: u8 = 1;
-/// zstd level 1: ~3x smaller ops at a small CPU cost (replication writes every op once).
+/// zstd level 1: ~3x smaller ops at a small CPU cost (replication compresses every op once;
+/// level 3 measured no smaller on the sample data).
 const LEVEL: i32 = 1;
 const ABSENT: u32 = u32::MAX;
 

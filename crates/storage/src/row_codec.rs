@@ -1,5 +1,6 @@
-//! Compact binary encoding of a row image for `current_data` (needed to merge TOAST values).
-//! Format per column: u16 name length, name, u8 tag, payload (i64/f64 LE, or u32 length + bytes).
+//! Compact binary encodings for `current_data`: a row image (needed to merge TOAST values;
+//! per column: u16 name length, name, u8 tag, payload: i64/f64 LE, or u32 length + bytes) and
+//! string lists (the buckets and lookups a row is in; per string: LEB128 length, bytes).
 
 use ferrosync_rules::{Row, SqliteValue};
 
@@ -62,6 +63,76 @@ pub fn decode(mut buf: &[u8]) -> Option<Row> {
     Some(row)
 }
 
+/// A list of strings; `None` for an empty list (stored as NULL). Each string is a LEB128
+/// header `len << 1` and its bytes, or header `1` and 16 bytes for a canonical lowercase UUID
+/// (most PowerSync row ids): 17 bytes instead of 37.
+pub fn encode_strings<'a>(strings: impl IntoIterator<Item = &'a str>) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for s in strings {
+        match canonical_uuid(s) {
+            Some(uuid) => {
+                out.push(1);
+                out.extend_from_slice(uuid.as_bytes());
+            }
+            None => {
+                push_leb128(&mut out, s.len() << 1);
+                out.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// `s` parsed as a UUID only if it prints back identically (lowercase, hyphenated).
+fn canonical_uuid(s: &str) -> Option<uuid::Uuid> {
+    if s.len() != 36 {
+        return None;
+    }
+    let uuid = uuid::Uuid::parse_str(s).ok()?;
+    let mut buf = uuid::Uuid::encode_buffer();
+    (uuid.hyphenated().encode_lower(&mut buf) == s).then_some(uuid)
+}
+
+fn push_leb128(out: &mut Vec<u8>, mut value: usize) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn read_leb128(buf: &mut &[u8]) -> Option<usize> {
+    let mut value = 0usize;
+    for shift in (0..35).step_by(7) {
+        let [byte] = take::<1>(buf)?;
+        value |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Decode [`encode_strings`]; `None` if the bytes are damaged.
+pub fn decode_strings(mut buf: &[u8]) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let header = read_leb128(&mut buf)?;
+        if header == 1 {
+            out.push(uuid::Uuid::from_bytes(take::<16>(&mut buf)?).hyphenated().to_string());
+            continue;
+        }
+        let len = header >> 1;
+        out.push(String::from_utf8(buf.get(..len)?.to_vec()).ok()?);
+        buf = &buf[len..];
+    }
+    Some(out)
+}
+
 fn take<const N: usize>(buf: &mut &[u8]) -> Option<[u8; N]> {
     let head: [u8; N] = buf.get(..N)?.try_into().ok()?;
     *buf = &buf[N..];
@@ -83,5 +154,23 @@ mod tests {
         let bytes = encode(&row);
         assert_eq!(decode(&bytes), Some(row));
         assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+    }
+
+    #[test]
+    fn string_lists_round_trip() {
+        let long = "x".repeat(300);
+        let strings = [
+            "",
+            "user_todos[\"u1\"]",
+            long.as_str(),
+            "é",
+            "0b6c3c8e-5a1f-4d3e-9c2b-7f1e2d3c4b5a",
+            // Not canonical: must come back exactly as written.
+            "0B6C3C8E-5A1F-4D3E-9C2B-7F1E2D3C4B5A",
+        ];
+        let bytes = encode_strings(strings).expect("not empty");
+        assert_eq!(decode_strings(&bytes), Some(strings.iter().map(|s| s.to_string()).collect()));
+        assert_eq!(decode_strings(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(encode_strings([]), None);
     }
 }

@@ -106,6 +106,18 @@ CREATE TABLE ferrosync.op_chunks (
 );
 -- Payloads are zstd already: no pglz attempt when they are moved out of line.
 ALTER TABLE ferrosync.op_chunks ALTER COLUMN ops SET STORAGE EXTERNAL;
+-- Current state shrinks too: int4 table ids (no alignment padding in heap or index) and the
+-- buckets/lookups lists in a compact binary form (row_codec), NULL when empty.
+DROP TABLE ferrosync.current_data;
+CREATE TABLE ferrosync.current_data (
+    group_id integer NOT NULL,
+    table_id integer NOT NULL,
+    key uuid NOT NULL,
+    data bytea,
+    buckets bytea,
+    lookups bytea,
+    PRIMARY KEY (group_id, table_id, key)
+);
 "#,
     ),
 ];

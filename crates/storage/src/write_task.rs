@@ -24,13 +24,14 @@ pub(crate) struct OpRow {
     pub entry: OplogEntry,
 }
 
-/// A row's stored current state (`data` is the row image, `buckets`/`lookups` JSON text).
+/// A row's stored current state (`data` is the row image, `buckets`/`lookups` string lists in
+/// `row_codec` form).
 pub(crate) struct CurrentRecord {
     pub table_id: i64,
     pub key: Uuid,
     pub data: Option<Vec<u8>>,
-    pub buckets: String,
-    pub lookups: String,
+    pub buckets: Option<Vec<u8>>,
+    pub lookups: Option<Vec<u8>>,
 }
 
 /// Everything one flush writes, in one transaction.
@@ -201,16 +202,22 @@ async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) 
     let sink = tx
         .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups) FROM STDIN BINARY")
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT8, Type::UUID, Type::BYTEA, Type::TEXT, Type::TEXT]);
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::UUID, Type::BYTEA, Type::BYTEA, Type::BYTEA]);
     futures::pin_mut!(writer);
     for r in rows {
+        let table_id = table_id(r.table_id)?;
         writer
             .as_mut()
-            .write(&[&group, &r.table_id, &r.key, &r.data, &r.buckets, &r.lookups])
+            .write(&[&group, &table_id, &r.key, &r.data, &r.buckets, &r.lookups])
             .await?;
     }
     writer.finish().await?;
     Ok(())
+}
+
+/// Source table ids are small serials; current_data stores them as int4.
+fn table_id(id: i64) -> Result<i32, StorageError> {
+    i32::try_from(id).map_err(|_| StorageError::Corrupt(format!("source table id {id} exceeds int4")))
 }
 
 async fn upsert_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) -> Result<(), StorageError> {
@@ -220,11 +227,11 @@ async fn upsert_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]
     let tables: Vec<i64> = rows.iter().map(|r| r.table_id).collect();
     let keys: Vec<Uuid> = rows.iter().map(|r| r.key).collect();
     let data: Vec<Option<&[u8]>> = rows.iter().map(|r| r.data.as_deref()).collect();
-    let buckets: Vec<&str> = rows.iter().map(|r| r.buckets.as_str()).collect();
-    let lookups: Vec<&str> = rows.iter().map(|r| r.lookups.as_str()).collect();
+    let buckets: Vec<Option<&[u8]>> = rows.iter().map(|r| r.buckets.as_deref()).collect();
+    let lookups: Vec<Option<&[u8]>> = rows.iter().map(|r| r.lookups.as_deref()).collect();
     tx.execute(
         "INSERT INTO ferrosync.current_data (group_id, table_id, key, data, buckets, lookups)
-         SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::text[], $6::text[])
+         SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::bytea[], $6::bytea[])
          ON CONFLICT (group_id, table_id, key) DO UPDATE SET data = excluded.data, buckets = excluded.buckets, lookups = excluded.lookups",
         &[&group, &tables, &keys, &data, &buckets, &lookups],
     )

@@ -297,14 +297,17 @@ impl BucketWriter {
             .await?;
         for r in rows {
             let data: Option<Vec<u8>> = r.get(2);
-            let buckets: String = r.get(3);
-            let lookups: String = r.get(4);
+            let buckets: Option<&[u8]> = r.get(3);
+            let lookups: Option<&[u8]> = r.get(4);
             let current = CurrentRow {
                 image: data.as_deref().and_then(row_codec::decode),
-                buckets: serde_json::from_str(&buckets).map_err(|e| StorageError::Corrupt(format!("current_data.buckets: {e}")))?,
-                lookups: serde_json::from_str(&lookups).map_err(|e| StorageError::Corrupt(format!("current_data.lookups: {e}")))?,
+                buckets: decode_bucket_refs(buckets).ok_or_else(|| StorageError::Corrupt("current_data.buckets".into()))?,
+                lookups: lookups
+                    .map(row_codec::decode_strings)
+                    .unwrap_or(Some(Vec::new()))
+                    .ok_or_else(|| StorageError::Corrupt("current_data.lookups".into()))?,
             };
-            state.insert((r.get(0), r.get(1)), Some(current));
+            state.insert((i64::from(r.get::<_, i32>(0)), r.get(1)), Some(current));
         }
         Ok(state)
     }
@@ -478,8 +481,8 @@ impl BucketWriter {
                         table_id: key.0,
                         key: key.1,
                         data: row.image.as_ref().map(row_codec::encode),
-                        buckets: serde_json::to_string(&row.buckets).unwrap_or_else(|_| "[]".into()),
-                        lookups: serde_json::to_string(&row.lookups).unwrap_or_else(|_| "[]".into()),
+                        buckets: row_codec::encode_strings(row.buckets.iter().flat_map(|(b, t, i)| [b.as_str(), t.as_str(), i.as_str()])),
+                        lookups: row_codec::encode_strings(row.lookups.iter().map(String::as_str)),
                     };
                     // New rows are COPYed; only rows storage already has need an upsert.
                     if existing { &mut batch.updates } else { &mut batch.inserts }.push(record);
@@ -503,7 +506,7 @@ impl BucketWriter {
             let rows = self
                 .client
                 .query(
-                    "SELECT key FROM ferrosync.current_data WHERE group_id = $1 AND table_id = $2 LIMIT 5000",
+                    "SELECT key FROM ferrosync.current_data WHERE group_id = $1 AND table_id = $2::int8 LIMIT 5000",
                     &[&(self.stream.id as i32), &table.id],
                 )
                 .await?;
@@ -571,6 +574,21 @@ impl BucketWriter {
         self.stream.snapshot_done = true;
         Ok(())
     }
+}
+
+/// (bucket, object_type, object_id) triples, as stored by `batch`; NULL is none.
+fn decode_bucket_refs(bytes: Option<&[u8]>) -> Option<Vec<BucketRef>> {
+    let Some(bytes) = bytes else { return Some(Vec::new()) };
+    let strings = row_codec::decode_strings(bytes)?;
+    if strings.len() % 3 != 0 {
+        return None;
+    }
+    let mut refs = Vec::with_capacity(strings.len() / 3);
+    let mut it = strings.into_iter();
+    while let (Some(bucket), Some(object_type), Some(object_id)) = (it.next(), it.next(), it.next()) {
+        refs.push((bucket, object_type, object_id));
+    }
+    Some(refs)
 }
 
 /// Postgres stores values out of line, and then replicates them as "unchanged", only in rows
