@@ -18,7 +18,7 @@ mod stream_http1;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::io;
 use std::pin::Pin;
@@ -59,22 +59,32 @@ async fn accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// How long a new connection may take to send its first request (head and, for the lean path,
+/// body), and hyper's limit for each later request head: idle sockets cannot pile up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn connection(tcp: TcpStream, router: Router) {
-    match stream_http1::sniff(&tcp).await {
-        Ok(stream_http1::Sniffed::SyncStream(request)) => stream_http1::serve(tcp, request, router).await,
+    connection_with_timeout(tcp, router, REQUEST_TIMEOUT).await
+}
+
+async fn connection_with_timeout(tcp: TcpStream, router: Router, request_timeout: Duration) {
+    match tokio::time::timeout(request_timeout, stream_http1::sniff(&tcp)).await {
+        Ok(Ok(stream_http1::Sniffed::SyncStream(request))) => stream_http1::serve(tcp, request, router).await,
         // Boxed: hyper's connection state machine is large, and would otherwise size the task of
         // every held stream too.
-        Ok(stream_http1::Sniffed::Other(read)) => Box::pin(hyper_connection(Prefixed::new(read, tcp), router)).await,
-        // The client went away before sending a request.
-        Err(_) => {}
+        Ok(Ok(stream_http1::Sniffed::Other(read))) => Box::pin(hyper_connection(Prefixed::new(read, tcp), router, request_timeout)).await,
+        // The client went away, or sent no complete request in time: close.
+        Ok(Err(_)) => {}
+        Err(_) => tracing::debug!("closing a connection that sent no request in time"),
     }
 }
 
 /// Serve a connection with hyper (HTTP/1.1 with keep-alive, or h2), as `axum::serve` does.
-async fn hyper_connection(io: Prefixed, router: Router) {
+async fn hyper_connection(io: Prefixed, router: Router, header_timeout: Duration) {
     let service = TowerToHyperService::new(router.map_request(|req: Request<hyper::body::Incoming>| req.map(Body::new)));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http2().enable_connect_protocol();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
         tracing::trace!(error = %e, "connection ended with an error");
     }
@@ -214,6 +224,28 @@ mod tests {
             "POST /sync/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
+    }
+
+    #[tokio::test]
+    async fn silent_connections_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = router(Arc::new(Notify::new()));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(connection_with_timeout(tcp, router.clone(), Duration::from_millis(200)));
+            }
+        });
+        // Nothing sent at all, and half a request head: both are closed by the server.
+        for partial in ["", "POST /sync/stream HTTP/1.1\r\nHost: x\r\n"] {
+            let mut tcp = send(addr, partial).await;
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(T, tcp.read(&mut buf)).await;
+            assert!(
+                matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+                "connection left open after {partial:?}: {read:?}"
+            );
+        }
     }
 
     #[tokio::test]
