@@ -128,6 +128,9 @@ pub struct BucketChecksum {
 pub struct ChangeSet {
     pub buckets: std::collections::HashSet<String>,
     pub lookups: std::collections::HashSet<String>,
+    /// False when old change records for the range were already pruned: the sets may be
+    /// missing entries, so a reader must start over from the checkpoint instead.
+    pub complete: bool,
 }
 
 /// A write checkpoint row: `user_key` = `<sub>/<client_id>`.

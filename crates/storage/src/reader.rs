@@ -128,17 +128,22 @@ impl SyncStorage for PgStorage {
     }
 
     async fn changes(&self, group: i64, after: i64, up_to: i64) -> Result<ChangeSet, StorageError> {
+        // One round trip: the prune horizon, then the change records (NULLs when none).
         let rows = self
             .client()
             .query(
-                "SELECT buckets, lookups FROM ferrosync.bucket_changes WHERE group_id = $1 AND max_op_id > $2 AND max_op_id <= $3",
-                &[&(group as i32), &after, &up_to],
+                "SELECT (SELECT changes_pruned_to FROM ferrosync.sync_rules WHERE id = $4), c.buckets, c.lookups
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN ferrosync.bucket_changes c ON c.group_id = $1 AND c.max_op_id > $2 AND c.max_op_id <= $3",
+                &[&(group as i32), &after, &up_to, &group],
             )
             .await?;
         let mut set = ChangeSet::default();
+        let pruned_to: Option<i64> = rows.first().and_then(|r| r.get(0));
+        set.complete = after >= pruned_to.unwrap_or(0);
         for r in rows {
-            set.buckets.extend(r.get::<_, Vec<String>>(0));
-            set.lookups.extend(r.get::<_, Vec<String>>(1));
+            set.buckets.extend(r.get::<_, Option<Vec<String>>>(1).unwrap_or_default());
+            set.lookups.extend(r.get::<_, Option<Vec<String>>>(2).unwrap_or_default());
         }
         Ok(set)
     }

@@ -118,6 +118,8 @@ CREATE TABLE ferrosync.current_data (
     lookups bytea,
     PRIMARY KEY (group_id, table_id, key)
 );
+-- bucket_changes rows up to this op_id have been deleted (see write_task::Pruner).
+ALTER TABLE ferrosync.sync_rules ADD COLUMN changes_pruned_to bigint NOT NULL DEFAULT 0;
 "#,
     ),
 ];

@@ -12,6 +12,7 @@ use crate::error::StorageError;
 use crate::model::{Checkpoint, OplogEntry};
 use crate::writer::{lsn_to_text, TableProgress, CHECKPOINT_CHANNEL};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
@@ -78,6 +79,7 @@ pub(crate) async fn run(
     mut jobs: mpsc::Receiver<Job>,
     durable: watch::Sender<u64>,
 ) -> Result<(), StorageError> {
+    let mut pruner = Pruner::new(CHANGES_RETENTION);
     while let Some(job) = jobs.recv().await {
         match job {
             Job::Write { batch, checkpoint } => {
@@ -94,6 +96,7 @@ pub(crate) async fn run(
                         tracing::info!(stream = group, "replication stream is now ACTIVE");
                     }
                     durable.send_if_modified(|d| raise(d, cp.checkpoint.lsn));
+                    pruner.after_checkpoint(&mut client, group, cp.checkpoint.op_id).await?;
                 }
             }
             Job::Durable(lsn) => {
@@ -105,6 +108,54 @@ pub(crate) async fn run(
         }
     }
     Ok(())
+}
+
+/// How long `bucket_changes` rows are kept once a newer checkpoint exists. Hubs (one per API
+/// process) read them within moments of each checkpoint; one that falls further behind finds
+/// its range pruned and rebuilds its cache from the checkpoint instead.
+const CHANGES_RETENTION: Duration = Duration::from_secs(60);
+
+/// Deletes change records older than a checkpoint that is at least [`CHANGES_RETENTION`] old,
+/// so `bucket_changes` stays small however long replication runs.
+struct Pruner {
+    retention: Duration,
+    /// A checkpoint op_id seen one retention period ago (0: none yet).
+    horizon: i64,
+    due: Option<Instant>,
+}
+
+impl Pruner {
+    fn new(retention: Duration) -> Pruner {
+        Pruner {
+            retention,
+            horizon: 0,
+            due: None,
+        }
+    }
+
+    async fn after_checkpoint(&mut self, client: &mut Client, group: i64, checkpoint: i64) -> Result<(), StorageError> {
+        let now = Instant::now();
+        if self.due.is_some_and(|due| now < due) {
+            return Ok(());
+        }
+        if self.horizon > 0 {
+            let tx = client.transaction().await?;
+            tx.execute(
+                "DELETE FROM ferrosync.bucket_changes WHERE group_id = $1 AND max_op_id <= $2",
+                &[&(group as i32), &self.horizon],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE ferrosync.sync_rules SET changes_pruned_to = greatest(changes_pruned_to, $2) WHERE id = $1",
+                &[&group, &self.horizon],
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        self.horizon = checkpoint;
+        self.due = Some(now + self.retention);
+        Ok(())
+    }
 }
 
 fn raise(current: &mut u64, lsn: u64) -> bool {
@@ -279,4 +330,42 @@ async fn write_checkpoint(tx: &Transaction<'_>, group: i64, new: &NewCheckpoint)
     let payload = format!("{}:{}:{}", group, new.checkpoint.op_id, lsn_text);
     tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrosync_testkit::{PgCluster, PgOptions};
+
+    async fn count(client: &Client) -> anyhow::Result<i64> {
+        Ok(client.query_one("SELECT count(*) FROM ferrosync.bucket_changes", &[]).await?.get(0))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn change_records_are_pruned_one_retention_behind() -> anyhow::Result<()> {
+        let cluster = PgCluster::start(PgOptions::default())?;
+        cluster.create_database("storage").await?;
+        let mut client = crate::connect(&cluster.conn_str("storage")).await?;
+        crate::schema::migrate(&client).await?;
+        client
+            .batch_execute(
+                "INSERT INTO ferrosync.sync_rules (id, content, state, slot_name) VALUES (1, '', 'ACTIVE', 's');
+                 INSERT INTO ferrosync.bucket_changes (group_id, max_op_id, buckets, lookups)
+                 SELECT 1, g * 10, ARRAY['b' || g], ARRAY[]::text[] FROM generate_series(1, 5) g;",
+            )
+            .await?;
+        let mut pruner = Pruner::new(Duration::ZERO);
+        // The first checkpoint only sets the horizon; the next prunes up to it.
+        pruner.after_checkpoint(&mut client, 1, 20).await?;
+        assert_eq!(count(&client).await?, 5);
+        pruner.after_checkpoint(&mut client, 1, 50).await?;
+        assert_eq!(count(&client).await?, 3, "records up to op 20 are gone");
+        let storage = crate::PgStorage::connect(&cluster.conn_str("storage"), 1).await?;
+        let recent = crate::SyncStorage::changes(&storage, 1, 20, 50).await?;
+        assert!(recent.complete);
+        assert_eq!(recent.buckets.len(), 3);
+        let stale = crate::SyncStorage::changes(&storage, 1, 10, 50).await?;
+        assert!(!stale.complete, "a range reaching behind the horizon must say so");
+        Ok(())
+    }
 }

@@ -164,6 +164,18 @@ impl<S: SyncStorage> CheckpointHub<S> {
     /// with one query for their new ops (or, past [`STEP_OPS`], their checksum deltas).
     async fn advance(&self, group: i64, from: i64, to: i64) -> Result<(), StorageError> {
         let changes = self.storage.changes(group, from, to).await?;
+        if !changes.complete {
+            // This hub fell behind the retention of change records: start over at `to`;
+            // connections re-read what they need.
+            tracing::warn!(
+                group,
+                from,
+                to,
+                "checkpoint changes already pruned; rebuilding the checkpoint cache"
+            );
+            self.reset(group, to);
+            return Ok(());
+        }
         let cached: Vec<String> = {
             let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
             changes.buckets.iter().filter(|b| shared.cache.contains(b)).cloned().collect()
