@@ -9,7 +9,7 @@ use ferrosync_config::PostgresConnectionConfig;
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_source::relation::RelationInfo;
 use ferrosync_source::setup;
-use ferrosync_source::snapshot::{copy_table, estimate_rows};
+use ferrosync_source::snapshot::{chunk_column, copy_table, estimate_rows};
 use ferrosync_source::{ChangeStream, Lsn, SourceEvent, SourceRow, StreamOptions};
 use ferrosync_storage::streams;
 use ferrosync_storage::{BucketWriter, RecordOp, TableHandle, TableProgress};
@@ -212,7 +212,10 @@ impl Replication {
         let reader_rel = rel.clone();
         let reader = tokio::spawn(async move { copy_table(&reader_source, &reader_rel, resume, SNAPSHOT_CHUNK, &compat, tx).await });
         let keys = rel.key_column_names();
-        self.writer.set_snapshot_mode(true);
+        // Only a copy that resumes after its last saved key is sure never to meet a row it
+        // stored before (composite-key and FULL-identity tables restart from the beginning,
+        // and FULL tables may hold identical rows): those merge with current state instead.
+        self.writer.set_snapshot_mode(chunk_column(rel).is_some());
         let mut last_log = Instant::now();
         while let Some(chunk) = rx.recv().await {
             let chunk = chunk?;

@@ -183,9 +183,10 @@ impl BucketWriter {
         self.send(Job::Durable(lsn)).await
     }
 
-    /// Snapshot mode: every saved row is new to storage (a table copy whose progress is saved
-    /// with [`BucketWriter::flush_snapshot_chunk`]), so current state is neither read nor
-    /// merged, and rows are buffered until the chunk is flushed.
+    /// Snapshot mode: every saved row is new to storage, so current state is neither read nor
+    /// merged, and rows are buffered until the chunk is flushed. Only for a table copy that
+    /// resumes strictly after the key saved with [`BucketWriter::flush_snapshot_chunk`]; a row
+    /// seen twice would fail the copy.
     pub fn set_snapshot_mode(&mut self, on: bool) {
         self.snapshot = on;
     }
@@ -593,12 +594,14 @@ fn decode_bucket_refs(bytes: Option<&[u8]>) -> Option<Vec<BucketRef>> {
 
 /// Postgres stores values out of line, and then replicates them as "unchanged", only in rows
 /// over TOAST_TUPLE_THRESHOLD (~2 KB). Smaller rows never need their image for a TOAST merge,
-/// so it is not stored: for typical rows that halves current state. The estimate errs high
-/// (text sizes, 8 bytes per other value, column overhead); a table configured with a lower
-/// `toast_tuple_target` is the exception, and its incomplete updates are logged and held until
-/// a full update arrives (as for rows without any image).
+/// so it is not stored: for typical rows that halves current state. The estimate is taken on
+/// the replicated text form (8 bytes per number, 2 per column), with a 4x margin below the
+/// threshold because some types (arrays of small numbers, jsonb) are larger on disk than as
+/// text. A table configured with a lower `toast_tuple_target` is the exception: its
+/// incomplete updates are logged and held until a full update arrives (as for rows without
+/// any image).
 fn may_be_toasted(row: &Row) -> bool {
-    const IMAGE_MIN_BYTES: usize = 1024;
+    const IMAGE_MIN_BYTES: usize = 512;
     let size: usize = row
         .iter()
         .map(|(_, v)| {
