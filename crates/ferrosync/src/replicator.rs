@@ -295,7 +295,9 @@ impl Replication {
             let first = tokio::select! {
                 event = stream.recv() => event.context("replication stream ended")??,
                 changed = durable.changed() => {
-                    changed.context("storage writer stopped")?;
+                    if changed.is_err() {
+                        return Err(self.writer.failure().await.into());
+                    }
                     stream.ack(Lsn(*durable.borrow_and_update()));
                     continue;
                 }

@@ -71,6 +71,11 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OplogEntry>, StorageError> {
         FORMAT_RAW => rest.to_vec(),
         FORMAT_ZSTD if rest.len() >= 4 => {
             let raw_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            // The frame states its own size: a damaged length must not size an allocation.
+            let frame_len = zstd::zstd_safe::get_frame_content_size(&rest[4..]).ok().flatten();
+            if frame_len != Some(raw_len as u64) {
+                return Err(corrupt("length does not match the frame"));
+            }
             DECOMPRESSOR
                 .with(|d| {
                     d.borrow_mut()
@@ -176,5 +181,8 @@ mod tests {
         let mut wrong = payload.clone();
         wrong[0] = 9;
         assert!(decode(&wrong).is_err());
+        let mut huge = payload.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge).is_err(), "a damaged length must not be trusted");
     }
 }

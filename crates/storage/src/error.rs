@@ -8,4 +8,7 @@ pub enum StorageError {
     Corrupt(String),
     #[error("[PSYNC_S1003] replication stream {0} is locked by another process")]
     Locked(i64),
+    /// The replication write task ended without reporting a storage error.
+    #[error("[PSYNC_S2401] bucket storage writer stopped: {0}")]
+    WriterStopped(String),
 }

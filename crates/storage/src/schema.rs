@@ -88,7 +88,7 @@ CREATE INDEX ON ferrosync.write_checkpoints (seq);
         // layout only ever held pre-release data, which is not converted.
         r#"
 DO $$ BEGIN
-    IF EXISTS (SELECT 1 FROM ferrosync.bucket_data LIMIT 1) THEN
+    IF EXISTS (SELECT 1 FROM ferrosync.bucket_data LIMIT 1) OR EXISTS (SELECT 1 FROM ferrosync.current_data LIMIT 1) THEN
         RAISE EXCEPTION 'bucket storage holds ops in the pre-release per-op layout; run DROP SCHEMA ferrosync CASCADE on the storage database and restart (the service replicates again and clients re-sync)';
     END IF;
 END $$;
@@ -118,6 +118,11 @@ CREATE TABLE ferrosync.current_data (
     lookups bytea,
     PRIMARY KEY (group_id, table_id, key)
 );
+"#,
+    ),
+    (
+        3,
+        r#"
 -- bucket_changes rows up to this op_id have been deleted (see write_task::Pruner).
 ALTER TABLE ferrosync.sync_rules ADD COLUMN changes_pruned_to bigint NOT NULL DEFAULT 0;
 "#,

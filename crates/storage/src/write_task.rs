@@ -61,7 +61,9 @@ pub(crate) struct NewCheckpoint {
 pub(crate) enum Job {
     /// One transaction: a batch, a checkpoint, or a batch and the checkpoint that covers it
     /// (the common case while streaming: one commit, one fsync).
+    /// `seq` numbers writes in order; it is reported once committed.
     Write {
+        seq: u64,
         batch: Option<Box<Batch>>,
         checkpoint: Option<NewCheckpoint>,
     },
@@ -78,11 +80,12 @@ pub(crate) async fn run(
     group: i64,
     mut jobs: mpsc::Receiver<Job>,
     durable: watch::Sender<u64>,
+    committed: watch::Sender<u64>,
 ) -> Result<(), StorageError> {
     let mut pruner = Pruner::new(CHANGES_RETENTION);
     while let Some(job) = jobs.recv().await {
         match job {
-            Job::Write { batch, checkpoint } => {
+            Job::Write { seq, batch, checkpoint } => {
                 let tx = client.transaction().await?;
                 if let Some(batch) = batch {
                     write_batch(&tx, group, *batch).await?;
@@ -91,6 +94,7 @@ pub(crate) async fn run(
                     write_checkpoint(&tx, group, cp).await?;
                 }
                 tx.commit().await?;
+                committed.send_replace(seq);
                 if let Some(cp) = checkpoint {
                     if cp.activate {
                         tracing::info!(stream = group, "replication stream is now ACTIVE");

@@ -22,8 +22,8 @@ use uuid::Uuid;
 const FLUSH_RECORDS: usize = 5_000;
 /// Batches queued for the write task beyond the one it is writing.
 const QUEUED_BATCHES: usize = 2;
-/// Overlay entries kept before the pipeline is drained and the overlay dropped.
-const OVERLAY_ROWS: usize = 100_000;
+/// Overlay size from which entries of committed writes are dropped.
+const OVERLAY_PRUNE_AT: usize = 4_096;
 
 /// Notification channel for new checkpoints (payload `group:op_id:lsn`).
 pub const CHECKPOINT_CHANNEL: &str = "ferrosync_checkpoints";
@@ -82,8 +82,12 @@ pub struct BucketWriter {
     jobs: mpsc::Sender<Job>,
     task: Option<JoinHandle<Result<(), StorageError>>>,
     durable: watch::Receiver<u64>,
-    /// Current state of rows written by batches that may still be in flight (None: deleted).
-    overlay: HashMap<RowKey, Option<CurrentRow>>,
+    /// Current state of rows written by batches that may still be in flight (None: deleted),
+    /// with the `seq` of the write that stores it; entries go once `committed` reaches it.
+    overlay: HashMap<RowKey, (u64, Option<CurrentRow>)>,
+    /// The last write handed to the write task, and the last one it committed.
+    write_seq: u64,
+    committed: watch::Receiver<u64>,
     stream: StreamRecord,
     rules: Arc<SyncRules>,
     next_op: i64,
@@ -109,13 +113,16 @@ impl BucketWriter {
         let next_op = stream.persisted_op + 1;
         let (jobs, rx) = mpsc::channel(QUEUED_BATCHES);
         let (durable_tx, durable) = watch::channel(stream.checkpoint.lsn);
-        let task = tokio::spawn(write_task::run(writer, stream.id, rx, durable_tx));
+        let (committed_tx, committed) = watch::channel(0);
+        let task = tokio::spawn(write_task::run(writer, stream.id, rx, durable_tx, committed_tx));
         BucketWriter {
             client: reader,
             jobs,
             task: Some(task),
             durable,
             overlay: HashMap::new(),
+            write_seq: 0,
+            committed,
             stream,
             rules,
             next_op,
@@ -145,18 +152,19 @@ impl BucketWriter {
         if self.jobs.send(job).await.is_ok() {
             return Ok(());
         }
-        Err(self.task_error().await)
+        Err(self.failure().await)
     }
 
-    /// Why the write task stopped.
-    async fn task_error(&mut self) -> StorageError {
+    /// Why the write task stopped (call once [`BucketWriter::durable`] closed or a call failed):
+    /// the storage error it ended with.
+    pub async fn failure(&mut self) -> StorageError {
         match self.task.take() {
             Some(task) => match task.await {
                 Ok(Err(e)) => e,
-                Ok(Ok(())) => StorageError::Corrupt("storage write task stopped".into()),
-                Err(e) => StorageError::Corrupt(format!("storage write task failed: {e}")),
+                Ok(Ok(())) => StorageError::WriterStopped("the job queue closed".into()),
+                Err(e) => StorageError::WriterStopped(e.to_string()),
             },
-            None => StorageError::Corrupt("storage write task stopped earlier".into()),
+            None => StorageError::WriterStopped("it failed earlier".into()),
         }
     }
 
@@ -170,7 +178,7 @@ impl BucketWriter {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Sync(tx)).await?;
         if rx.await.is_err() {
-            return Err(self.task_error().await);
+            return Err(self.failure().await);
         }
         self.overlay.clear();
         Ok(())
@@ -220,9 +228,17 @@ impl BucketWriter {
             return Ok(());
         }
         let batch = batch.map(Box::new);
-        self.send(Job::Write { batch, checkpoint }).await?;
-        if self.overlay.len() > OVERLAY_ROWS {
-            self.drain().await?;
+        self.send(Job::Write {
+            seq: self.write_seq,
+            batch,
+            checkpoint,
+        })
+        .await?;
+        if self.overlay.len() > OVERLAY_PRUNE_AT {
+            // Committed rows are read from storage again; the overlay only needs the writes
+            // still queued (a few batches), so it stays small.
+            let committed = *self.committed.borrow();
+            self.overlay.retain(|_, (seq, _)| *seq > committed);
         }
         Ok(())
     }
@@ -267,7 +283,7 @@ impl BucketWriter {
         let (mut read_tables, mut read_keys) = (Vec::new(), Vec::new());
         for (table, key) in table_ids.into_iter().zip(keys) {
             match self.overlay.get(&(table, key)) {
-                Some(known) => {
+                Some((_, known)) => {
                     state.insert((table, key), known.clone());
                 }
                 None => {
@@ -464,6 +480,8 @@ impl BucketWriter {
     /// Turn a flush's result into a write-task batch, recording the rows' new state in the overlay.
     /// `existed`: rows storage holds (or will, once earlier batches commit) before this batch.
     fn batch(&mut self, mut state: HashMap<RowKey, Option<CurrentRow>>, existed: &HashSet<RowKey>, out: FlushOutput) -> Batch {
+        // The write that will carry this batch (see `write`).
+        self.write_seq += 1;
         let mut batch = Batch {
             ops: out.ops,
             params: out.params,
@@ -493,7 +511,7 @@ impl BucketWriter {
             }
             // Copied rows are read back only after the copy is drained: no overlay needed.
             if !self.snapshot {
-                self.overlay.insert(key, current);
+                self.overlay.insert(key, (self.write_seq, current));
             }
         }
         self.stream.persisted_op = batch.persisted_op;
@@ -574,6 +592,17 @@ impl BucketWriter {
             .await?;
         self.stream.snapshot_done = true;
         Ok(())
+    }
+}
+
+impl Drop for BucketWriter {
+    /// Stop the write task with the writer: a transaction in flight rolls back (its LSN was
+    /// never acknowledged), and no write outlives a replicator that is shutting down or about
+    /// to be replaced by a fresh one reading `persisted_op`.
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
