@@ -4,6 +4,7 @@
 //! the buckets that changed), recently changed parameter lookups, and write checkpoints.
 
 use crate::cache::{BucketCache, Step};
+use crate::misses::MissBatcher;
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -41,6 +42,7 @@ pub struct CheckpointHub<S> {
     storage: Arc<S>,
     state: watch::Receiver<Option<HubState>>,
     shared: RwLock<Shared>,
+    misses: MissBatcher,
 }
 
 impl<S: SyncStorage> CheckpointHub<S> {
@@ -48,6 +50,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
     pub async fn start(storage: Arc<S>, listen_conn: String, rules_options: SyncRulesOptions) -> Arc<CheckpointHub<S>> {
         let (tx, rx) = watch::channel(None);
         let hub = Arc::new(CheckpointHub {
+            misses: MissBatcher::start(storage.clone()),
             storage,
             state: rx,
             shared: RwLock::new(Shared {
@@ -242,7 +245,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
             }
         }
         if !missing.is_empty() {
-            let fetched = self.storage.checksums(group, 0, checkpoint, &missing).await?;
+            let fetched = self.misses.checksums(group, checkpoint, missing.clone()).await?;
             let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
             let still_valid = shared.cache.is_at(group, checkpoint);
             for b in missing {

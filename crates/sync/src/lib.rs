@@ -8,6 +8,7 @@ mod cache;
 pub mod connection;
 pub mod hub;
 pub mod lines;
+mod misses;
 mod output;
 
 pub use connection::{connection_stream, ConnectionRequest, Limits};
