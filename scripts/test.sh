@@ -5,3 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 (cd clients/node-agent && npm ci --no-audit --no-fund)
 cargo test --workspace -- --test-threads=2
+# The benchmark tool, end to end at a tiny scale (numbers are meaningless here; it must run).
+cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \
+  --rows 2000 --incremental-rows 2000 --latency-samples 10 --fanout 10,50 --fanout-rounds 2 > /dev/null

@@ -155,7 +155,8 @@ impl Framer {
             // Drop consumed lines once per refill, so the unfinished tail is copied at most once
             // per line boundary rather than once per chunk.
             self.buf.drain(..self.start);
-            self.scanned -= self.start;
+            // Only NDJSON tracks `scanned`; BSON frames leave it at 0.
+            self.scanned = self.scanned.saturating_sub(self.start);
             self.start = 0;
         }
         if self.buf.is_empty() && self.buf.capacity() > (1 << 20) {

@@ -160,7 +160,11 @@ async fn main() -> Result<()> {
     if !args.no_append {
         report::append(&args.results, &heading, &body)?;
     }
-    result
+    // A failed phase fails the run (CI runs a small one to keep the tool working).
+    match report.failures() {
+        0 => result,
+        n => result.and(Err(anyhow::anyhow!("{n} phase(s) failed; see the table"))),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM, naming the signal.

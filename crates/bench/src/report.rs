@@ -106,6 +106,11 @@ impl Report {
         self.rows.push(Row::new(metric, format!("FAILED: {msg}"), spec, None));
     }
 
+    /// Phases that failed (their rows say so).
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| r.value.starts_with("FAILED")).count()
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = String::from(
             "| metric | ferrosync | reference | target | service CPU s | Postgres CPU s | bench CPU s |\n|---|---|---|---|---|---|---|\n",
