@@ -12,7 +12,6 @@
 //! request body, `Expect`, HTTP/1.0, h2, oversized or malformed heads), goes to hyper with the
 //! bytes already read put back in front of the socket.
 
-#[path = "stream_http1.rs"]
 mod stream_http1;
 
 use axum::body::Body;

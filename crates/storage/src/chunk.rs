@@ -8,6 +8,7 @@
 
 use crate::error::StorageError;
 use crate::model::{OpType, OplogEntry};
+use crate::row_codec::take;
 use std::cell::RefCell;
 
 const FORMAT_RAW: u8 = 0;
@@ -87,14 +88,15 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OplogEntry>, StorageError> {
         }
         _ => return Err(corrupt("unknown format")),
     };
-    let mut reader = Reader { buf: &raw, pos: 0 };
+    let mut buf = &raw[..];
     let mut ops = Vec::new();
-    while reader.pos < raw.len() {
-        let op_id = i64::from_le_bytes(reader.array().ok_or_else(|| corrupt("truncated op"))?);
-        let [kind] = reader.array().ok_or_else(|| corrupt("truncated op"))?;
+    while !buf.is_empty() {
+        let truncated = || corrupt("truncated op");
+        let op_id = i64::from_le_bytes(take(&mut buf).ok_or_else(truncated)?);
+        let [kind] = take(&mut buf).ok_or_else(truncated)?;
         let op = OpType::from_i16(i16::from(kind)).ok_or_else(|| corrupt("unknown op type"))?;
-        let checksum = u32::from_le_bytes(reader.array().ok_or_else(|| corrupt("truncated op"))?);
-        let mut field = || reader.string().ok_or_else(|| corrupt("truncated field"));
+        let checksum = u32::from_le_bytes(take(&mut buf).ok_or_else(truncated)?);
+        let mut field = || string(&mut buf).ok_or_else(|| corrupt("truncated field"));
         let (object_type, object_id, subkey, data) = (field()?, field()?, field()?, field()?);
         ops.push(OplogEntry {
             op_id,
@@ -109,28 +111,15 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OplogEntry>, StorageError> {
     Ok(ops)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl Reader<'_> {
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let bytes = self.buf.get(self.pos..self.pos + N)?;
-        self.pos += N;
-        bytes.try_into().ok()
+/// `None` on truncation or bad UTF-8; `Some(None)` for an absent field.
+fn string(buf: &mut &[u8]) -> Option<Option<String>> {
+    let len = u32::from_le_bytes(take(buf)?);
+    if len == ABSENT {
+        return Some(None);
     }
-
-    /// `None` on truncation or bad UTF-8; `Some(None)` for an absent field.
-    fn string(&mut self) -> Option<Option<String>> {
-        let len = u32::from_le_bytes(self.array()?);
-        if len == ABSENT {
-            return Some(None);
-        }
-        let bytes = self.buf.get(self.pos..self.pos + len as usize)?;
-        self.pos += len as usize;
-        String::from_utf8(bytes.to_vec()).ok().map(Some)
-    }
+    let bytes = buf.get(..len as usize)?;
+    *buf = &buf[len as usize..];
+    String::from_utf8(bytes.to_vec()).ok().map(Some)
 }
 
 #[cfg(test)]

@@ -133,7 +133,8 @@ pub fn decode_strings(mut buf: &[u8]) -> Option<Vec<String>> {
     Some(out)
 }
 
-fn take<const N: usize>(buf: &mut &[u8]) -> Option<[u8; N]> {
+/// The next `N` bytes of `buf`, advancing it.
+pub(crate) fn take<const N: usize>(buf: &mut &[u8]) -> Option<[u8; N]> {
     let head: [u8; N] = buf.get(..N)?.try_into().ok()?;
     *buf = &buf[N..];
     Some(head)
