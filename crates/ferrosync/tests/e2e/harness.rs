@@ -1,0 +1,414 @@
+//! What the end-to-end tests share: a service under test (throwaway Postgres + the real
+//! binary), tokens, a raw protocol client that checks every checksum, and the Node SDK agent.
+
+use anyhow::{bail, Context, Result};
+use ferrosync_testkit::{free_port, PgCluster, PgOptions};
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SCHEMA: &str = include_str!("../../../../examples/todo/schema.sql");
+pub const RULES: &str = include_str!("../../../../examples/todo/sync-rules.yaml");
+pub const SECRET: &str = "e2e-test-secret";
+
+pub struct Service {
+    pub cluster: PgCluster,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl Service {
+    pub async fn new() -> Result<Service> {
+        let cluster = PgCluster::start(PgOptions::default())?;
+        cluster.create_database("todo").await?;
+        cluster.create_database("storage").await?;
+        cluster.connect("todo").await?.batch_execute(SCHEMA).await?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
+        let port = free_port()?;
+        let config = ferrosync_testkit::ServiceConfig {
+            source_uri: cluster.uri("todo"),
+            storage_uri: cluster.uri("storage"),
+            port,
+            bind_address: Some("127.0.0.1"),
+            rules_path: "sync-rules.yaml",
+            audience: "test-aud",
+            kid: "k1",
+            secret: SECRET,
+            max_connections: None,
+        }
+        .to_yaml();
+        std::fs::write(dir.path().join("powersync.yaml"), config)?;
+        Ok(Service {
+            cluster,
+            dir,
+            port,
+            child: None,
+        })
+    }
+
+    /// Start the binary and wait until it answers HTTP.
+    pub async fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ferrosync.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrosync"))
+            .args(["serve", "--config"])
+            .arg(self.dir.path().join("powersync.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + T;
+        while client.get(format!("{}/probes/liveness", self.url())).send().await.is_err() {
+            if Instant::now() > deadline {
+                bail!("server did not start: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// kill -9: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn terminate(&mut self) -> Result<()> {
+        let Some(mut c) = self.child.take() else { return Ok(()) };
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("no exit within 10 s of SIGTERM: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ferrosync.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn source(&self) -> Result<tokio_postgres::Client> {
+        self.cluster.connect("todo").await
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn token_with(claims: Value, kid: &str, secret: &str) -> String {
+    let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("encode token")
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+pub fn token(sub: &str) -> String {
+    token_with(
+        json!({"sub": sub, "aud": "test-aud", "iat": now(), "exp": now() + 3600}),
+        "k1",
+        SECRET,
+    )
+}
+
+/// What a client holds after applying sync lines: per bucket, row key -> (op_id, data), and
+/// the checksum of everything received.
+#[derive(Default, Debug)]
+pub struct ClientState {
+    pub buckets: BTreeMap<String, BucketState>,
+    pub checkpoint: Option<Value>,
+    pub complete: bool,
+}
+
+#[derive(Default, Debug)]
+pub struct BucketState {
+    pub rows: HashMap<String, (i64, Option<String>, String, String)>,
+    pub checksum: u32,
+    pub last_op: i64,
+}
+
+impl ClientState {
+    pub fn apply(&mut self, line: &Value) -> Result<()> {
+        if let Some(cp) = line.get("checkpoint") {
+            self.checkpoint = Some(cp.clone());
+            self.complete = false;
+        } else if let Some(diff) = line.get("checkpoint_diff") {
+            let cp = self.checkpoint.as_mut().context("diff before checkpoint")?;
+            let mut buckets: Vec<Value> = cp["buckets"].as_array().cloned().unwrap_or_default();
+            let removed: Vec<&str> = diff["removed_buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            buckets.retain(|b| !removed.contains(&b["bucket"].as_str().unwrap_or("")));
+            for u in diff["updated_buckets"].as_array().into_iter().flatten() {
+                buckets.retain(|b| b["bucket"] != u["bucket"]);
+                buckets.push(u.clone());
+            }
+            for r in removed {
+                self.buckets.remove(r);
+            }
+            cp["buckets"] = Value::Array(buckets);
+            cp["last_op_id"] = diff["last_op_id"].clone();
+            cp["write_checkpoint"] = diff.get("write_checkpoint").cloned().unwrap_or(Value::Null);
+            self.complete = false;
+        } else if let Some(data) = line.get("data") {
+            let bucket = self
+                .buckets
+                .entry(data["bucket"].as_str().context("bucket")?.to_string())
+                .or_default();
+            for op in data["data"].as_array().context("ops")? {
+                let op_id: i64 = op["op_id"].as_str().context("op_id is a string")?.parse()?;
+                if op_id <= bucket.last_op {
+                    bail!("op {op_id} resent (bucket at {})", bucket.last_op);
+                }
+                bucket.last_op = op_id;
+                bucket.checksum = bucket.checksum.wrapping_add(op["checksum"].as_i64().context("checksum")? as u32);
+                let key = format!("{}/{}/{}", op["object_type"], op["object_id"], op["subkey"]);
+                match op["op"].as_str() {
+                    Some("PUT") => {
+                        let ty = op["object_type"].as_str().unwrap_or_default().to_string();
+                        let id = op["object_id"].as_str().unwrap_or_default().to_string();
+                        bucket.rows.insert(key, (op_id, op["data"].as_str().map(str::to_string), ty, id));
+                    }
+                    Some("REMOVE") => {
+                        bucket.rows.remove(&key);
+                    }
+                    other => bail!("unexpected op {other:?}"),
+                }
+            }
+        } else if line.get("checkpoint_complete").is_some() {
+            let cp = self.checkpoint.as_ref().context("complete before checkpoint")?;
+            for b in cp["buckets"].as_array().context("buckets")? {
+                let name = b["bucket"].as_str().context("name")?;
+                let expected = b["checksum"].as_i64().context("checksum")? as u32;
+                let actual = self.buckets.get(name).map_or(0, |s| s.checksum);
+                if expected != actual {
+                    bail!("checksum mismatch for {name}: expected {expected}, got {actual}");
+                }
+            }
+            self.complete = true;
+        }
+        Ok(())
+    }
+
+    /// Rows of `table` the client would show (object_id -> data).
+    pub fn table(&self, table: &str) -> BTreeMap<String, Value> {
+        let mut best: BTreeMap<String, (i64, Value)> = BTreeMap::new();
+        for b in self.buckets.values() {
+            for (op_id, data, ty, id) in b.rows.values() {
+                if ty == table {
+                    let data: Value = data.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or(Value::Null);
+                    if best.get(id).is_none_or(|(o, _)| op_id > o) {
+                        best.insert(id.clone(), (*op_id, data));
+                    }
+                }
+            }
+        }
+        best.into_iter().map(|(k, (_, v))| (k, v)).collect()
+    }
+
+    pub fn positions(&self) -> Vec<Value> {
+        let last = self.checkpoint.as_ref().map(|c| c["last_op_id"].clone()).unwrap_or(json!("0"));
+        self.buckets.keys().map(|b| json!({"name": b, "after": last})).collect()
+    }
+}
+
+/// A raw HTTP sync stream, read line by line.
+pub struct RawStream {
+    pub response: reqwest::Response,
+    pub buf: Vec<u8>,
+}
+
+impl RawStream {
+    pub async fn open(url: &str, token: &str, body: Value) -> Result<RawStream> {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/sync/stream"))
+            .header("Authorization", format!("Token {token}"))
+            .header("Accept", "application/x-ndjson")
+            .json(&body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("status {}: {}", response.status(), response.text().await.unwrap_or_default());
+        }
+        Ok(RawStream { response, buf: Vec::new() })
+    }
+
+    pub async fn next_line(&mut self, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Ok(serde_json::from_slice(&line[..pos])?);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = tokio::time::timeout(left, self.response.chunk())
+                .await
+                .context("timed out waiting for a sync line")??;
+            self.buf.extend_from_slice(&chunk.context("stream ended")?);
+        }
+    }
+
+    /// Apply lines until a checkpoint is complete and `done` holds.
+    pub async fn sync_until(&mut self, state: &mut ClientState, timeout: Duration, done: impl Fn(&ClientState) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.next_line(deadline.saturating_duration_since(Instant::now())).await?;
+            state.apply(&line)?;
+            if state.complete && done(state) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+pub async fn source_todos(db: &tokio_postgres::Client, owner: &str) -> Result<BTreeMap<String, String>> {
+    let rows = db
+        .query("SELECT id::text, description FROM todos WHERE owner_id = $1", &[&owner])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+pub fn client_todos(state: &ClientState) -> BTreeMap<String, String> {
+    state
+        .table("todos")
+        .into_iter()
+        .map(|(id, v)| (id, v["description"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+pub async fn seed(db: &tokio_postgres::Client, lists: usize, todos_per_user: usize, users: &[&str]) -> Result<()> {
+    db.batch_execute(&format!(
+        "INSERT INTO lists (id, name, owner_id) SELECT gen_random_uuid(), 'list ' || g, 'u1' FROM generate_series(1, {lists}) g"
+    ))
+    .await?;
+    for u in users {
+        db.execute(
+            "INSERT INTO todos (description, owner_id, list_id) SELECT 'todo ' || g, $1, (SELECT id FROM lists LIMIT 1) FROM generate_series(1, $2::int) g",
+            &[u, &(todos_per_user as i32)],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub const T: Duration = Duration::from_secs(60);
+
+/// The real PowerSync Node SDK, driven through `clients/node-agent`.
+pub struct NodeAgent {
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub stdout: BufReader<ChildStdout>,
+    pub next_id: u64,
+}
+
+pub fn agent_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../clients/node-agent")
+}
+
+impl NodeAgent {
+    pub fn start() -> Result<NodeAgent> {
+        let dir = agent_dir();
+        if !dir.join("node_modules").exists() {
+            bail!("clients/node-agent/node_modules is missing: run `npm ci` in clients/node-agent (the README's test command does)");
+        }
+        let mut child = Command::new("node")
+            .arg(dir.join("agent.mjs"))
+            .env("FERROSYNC_AGENT_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        Ok(NodeAgent {
+            child,
+            stdin,
+            stdout,
+            next_id: 0,
+        })
+    }
+
+    pub fn call(&mut self, mut cmd: Value) -> Result<Value> {
+        self.next_id += 1;
+        cmd["id"] = json!(self.next_id);
+        writeln!(self.stdin, "{cmd}")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let resp: Value = serde_json::from_str(&line).with_context(|| format!("agent said {line:?}"))?;
+        if resp["ok"] != json!(true) {
+            bail!("agent command {cmd} failed: {}", resp["error"]);
+        }
+        Ok(resp["result"].clone())
+    }
+
+    pub fn todos(&mut self) -> Result<BTreeMap<String, String>> {
+        let rows = self.call(json!({"cmd": "query", "sql": "SELECT id, description FROM todos"}))?;
+        Ok(rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap_or_default().to_string(),
+                    r["description"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn eventually_equal(agent: &mut NodeAgent, db: &tokio_postgres::Client, user: &str) -> Result<()> {
+    let deadline = Instant::now() + T;
+    loop {
+        let expected = source_todos(db, user).await?;
+        let got = agent.todos()?;
+        if got == expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "client rows differ from source:\n client: {got:?}\n source: {expected:?}\n status: {}",
+                agent.call(json!({"cmd": "status"}))?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,98 @@
+//! kill -9 during the snapshot and during streaming: clients converge to the source.
+
+use crate::harness::*;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_snapshot_and_streaming_converges() -> Result<()> {
+    kill_9_converges(false).await
+}
+
+/// The same with REPLICA IDENTITY FULL: the copy cannot resume after a key, so the restarted
+/// copy meets rows it stored before the kill and must merge them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_unresumable_snapshot_converges() -> Result<()> {
+    kill_9_converges(true).await
+}
+
+async fn kill_9_converges(identity_full: bool) -> Result<()> {
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    if identity_full {
+        db.batch_execute("ALTER TABLE todos REPLICA IDENTITY FULL").await?;
+    }
+    seed(&db, 10, 60_000, &["u1", "u2"]).await?;
+    svc.start().await?;
+    // Kill in the middle of the snapshot, once some chunks of todos are committed.
+    let storage = svc.cluster.connect("storage").await?;
+    let deadline = Instant::now() + T;
+    loop {
+        let copied: Option<i64> = storage
+            .query_opt(
+                "SELECT snapshot_rows FROM ferrosync.source_tables WHERE table_name = 'todos' AND NOT snapshot_done",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0));
+        if copied.is_some_and(|rows| rows > 0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("snapshot never got going: {}", svc.log());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    svc.kill();
+    assert!(
+        !svc.log().contains("initial snapshot done"),
+        "snapshot finished before the kill; make it bigger"
+    );
+    svc.start().await?;
+
+    // Keep writing while we kill it again mid-stream.
+    let writer = tokio::spawn({
+        let db = svc.source().await?;
+        async move {
+            for i in 0..200 {
+                let owner = if i % 2 == 0 { "u1" } else { "u2" };
+                db.execute(
+                    "INSERT INTO todos (description, owner_id, list_id) SELECT 'stream ' || $1::text, $2, id FROM lists LIMIT 1",
+                    &[&i.to_string(), &owner],
+                )
+                .await?;
+                db.execute(
+                    "UPDATE todos SET owner_id = CASE owner_id WHEN 'u1' THEN 'u2' ELSE 'u1' END WHERE description = 'todo ' || $1::text",
+                    &[&i.to_string()],
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok(())
+        }
+    });
+    let deadline = Instant::now() + T;
+    while !svc.log().contains("streaming changes") {
+        if Instant::now() > deadline {
+            bail!("streaming never started: {}", svc.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    svc.kill();
+    svc.start().await?;
+    writer.await??;
+
+    for user in ["u1", "u2"] {
+        let expected = source_todos(&db, user).await?;
+        let mut state = ClientState::default();
+        let mut s = RawStream::open(&svc.url(), &token(user), json!({"buckets": []})).await?;
+        s.sync_until(&mut state, Duration::from_secs(120), |s| client_todos(s) == expected)
+            .await
+            .with_context(|| svc.log())?;
+    }
+    Ok(())
+}

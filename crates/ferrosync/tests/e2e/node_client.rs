@@ -1,0 +1,56 @@
+//! The real PowerSync Node SDK syncing the todo app.
+
+use crate::harness::*;
+use anyhow::{Context, Result};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn powersync_node_client_syncs_todo_app() -> Result<()> {
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    seed(&db, 2, 20, &["u1", "u2"]).await?;
+    svc.start().await?;
+    let mut agent = NodeAgent::start()?;
+    agent.call(json!({"cmd": "open", "db_path": svc.dir.path().join("client.sqlite")}))?;
+    let connect = json!({"cmd": "connect", "endpoint": svc.url(), "token": token("u1"), "source_url": svc.cluster.uri("todo"), "retry_delay_ms": 200});
+    agent.call(connect.clone())?;
+    agent
+        .call(json!({"cmd": "wait_first_sync", "timeout_ms": 60000}))
+        .with_context(|| svc.log())?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    let lists = agent.call(json!({"cmd": "query", "sql": "SELECT id FROM lists"}))?;
+    assert_eq!(lists.as_array().map(Vec::len), Some(2));
+
+    // Live changes, including a row moving to and from another user's bucket.
+    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'live', 'u1', id FROM lists LIMIT 1")
+        .await?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    db.batch_execute("UPDATE todos SET description = 'live edited' WHERE description = 'live'")
+        .await?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    db.batch_execute("UPDATE todos SET owner_id = 'u2' WHERE id IN (SELECT id FROM todos WHERE owner_id = 'u1' LIMIT 3)")
+        .await?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    db.batch_execute("UPDATE todos SET owner_id = 'u1' WHERE id IN (SELECT id FROM todos WHERE owner_id = 'u2' LIMIT 5)")
+        .await?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    db.batch_execute("DELETE FROM todos WHERE description = 'live edited'").await?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+
+    // Reconnect: changes made while disconnected arrive.
+    agent.call(json!({"cmd": "disconnect"}))?;
+    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'offline ' || g, 'u1', (SELECT id FROM lists LIMIT 1) FROM generate_series(1, 5) g").await?;
+    agent.call(connect)?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+
+    // A local write uploads to the source and comes back through a write checkpoint.
+    let list_id = lists[0]["id"].as_str().context("list id")?.to_string();
+    agent.call(json!({"cmd": "execute", "sql": "INSERT INTO todos (id, description, owner_id, list_id, completed) VALUES (uuid(), 'from client', 'u1', ?, 0)", "params": [list_id]}))?;
+    agent.call(json!({"cmd": "wait_upload_done", "timeout_ms": 30000}))?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    let status = agent.call(json!({"cmd": "status"}))?;
+    assert_eq!(status["crud_pending"], json!(0), "{status}");
+    assert_eq!(status["checksum_failures"], json!(0), "{status}");
+    agent.call(json!({"cmd": "close"}))?;
+    Ok(())
+}
