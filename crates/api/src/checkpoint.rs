@@ -37,7 +37,8 @@ pub async fn write_checkpoint(
         .source
         .as_ref()
         .ok_or_else(|| ServiceError::new("PSYNC_S2302", 500, "No replication source is configured"))?;
-    let head = ferrosync_source::setup::current_lsn(source)
+    let source = source.get().await.map_err(|e| ServiceError::internal(e.to_string()))?;
+    let head = ferrosync_source::setup::current_lsn(&source)
         .await
         .map_err(|e| ServiceError::internal(e.to_string()))?;
     let key = user_key(&auth.user_id, query.client_id.as_deref());
@@ -47,7 +48,7 @@ pub async fn write_checkpoint(
         .create_write_checkpoint(&key, head.0)
         .await
         .map_err(|e| ServiceError::internal(e.to_string()))?;
-    ferrosync_source::setup::emit_ping(source)
+    ferrosync_source::setup::emit_ping(&source)
         .await
         .map_err(|e| ServiceError::internal(e.to_string()))?;
     Ok(Json(json!({ "data": { "write_checkpoint": id.to_string() } })))

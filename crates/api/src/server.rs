@@ -13,8 +13,9 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower_http::cors::{Any, CorsLayer};
 
-/// Source access the API needs: reading the WAL head and nudging replication for write checkpoints.
-pub type SourceClient = tokio_postgres::Client;
+/// Source access the API needs: reading the WAL head and nudging replication for write
+/// checkpoints. Reconnects by itself after the source restarted.
+pub type SourceClient = ferrosync_pgconn::LazyClient;
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -24,7 +25,7 @@ pub struct AppState {
     pub limits: Limits,
     /// One permit per open sync stream (`max_concurrent_connections`).
     pub connections: Arc<Semaphore>,
-    pub probes: probes::ProbeState,
+    pub probes: Arc<probes::ProbeState>,
 }
 
 /// The router with every route and CORS for browser SDKs.

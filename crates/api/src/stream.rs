@@ -70,6 +70,10 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
         .keys
         .verify_authorization(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
         .await?;
+    if let Some(error) = state.hub.storage_error() {
+        // Answer now rather than hold a stream that cannot make progress: clients retry.
+        return Err(ServiceError::new("PSYNC_S2003", 503, "Bucket storage is unreachable; retry shortly").with_details(error));
+    }
     let permit = state
         .connections
         .clone()

@@ -49,6 +49,13 @@ pub struct PostgresConnectionConfig {
     pub max_pool_size: usize,
     /// `connect_timeout` (seconds) or the URI's `?connect_timeout=`.
     pub connect_timeout_secs: Option<u64>,
+    /// `cacert`: PEM text of the CA certificate(s) to trust instead of the public roots.
+    pub cacert: Option<String>,
+    /// `client_certificate` and `client_private_key` (PEM text), for servers that ask for one.
+    pub client_certificate: Option<String>,
+    pub client_private_key: Option<String>,
+    /// `tls_servername`: the name sent (SNI) and verified instead of `hostname`.
+    pub tls_servername: Option<String>,
 }
 
 impl PostgresConnectionConfig {
@@ -113,9 +120,6 @@ pub(crate) fn parse_postgres(
     obj.accept(&[
         "type",
         "debug_api",
-        "client_certificate",
-        "client_private_key",
-        "tls_servername",
         "reject_ip_ranges",
         "snapshot_socket_timeout",
         "heartbeat_interval_seconds",
@@ -160,6 +164,20 @@ pub(crate) fn parse_postgres(
         }
     };
     let cacert = obj.string("cacert")?;
+    let client_certificate = obj.string("client_certificate")?;
+    let client_private_key = obj.string("client_private_key")?;
+    if client_certificate.is_some() != client_private_key.is_some() {
+        let missing = if client_certificate.is_some() {
+            "client_private_key"
+        } else {
+            "client_certificate"
+        };
+        return Err(ConfigError::invalid(
+            obj.key_path(missing),
+            "client_certificate and client_private_key must be given together",
+        ));
+    }
+    let tls_servername = obj.string("tls_servername")?;
     if sslmode == SslMode::VerifyCa && cacert.is_none() {
         return Err(ConfigError::invalid(
             obj.key_path("cacert"),
@@ -222,6 +240,10 @@ pub(crate) fn parse_postgres(
         slot_name_prefix,
         max_pool_size,
         connect_timeout_secs,
+        cacert,
+        client_certificate,
+        client_private_key,
+        tls_servername,
     })
 }
 

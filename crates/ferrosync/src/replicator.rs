@@ -1,16 +1,19 @@
 //! The replication pipeline: source (snapshot + pgoutput) -> rules -> storage.
 //!
-//! One replicator per sync config, guarded by a lease in storage. Storage writes are batched
+//! One replicator per sync config, guarded by a lease in storage ([`LeaseConnection`]). Storage writes are batched
 //! across source transactions: every event already decoded is applied before one flush and
 //! one checkpoint, and the LSN is acknowledged to Postgres only after that commit returns.
 
 use anyhow::{bail, Context, Result};
+use ferrosync_api::probes::ProbeState;
 use ferrosync_config::PostgresConnectionConfig;
+use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_source::relation::RelationInfo;
 use ferrosync_source::setup;
 use ferrosync_source::snapshot::{chunk_column, copy_table, estimate_rows};
 use ferrosync_source::{ChangeStream, Lsn, SourceEvent, SourceRow, StreamOptions};
+use ferrosync_storage::lease::LeaseConnection;
 use ferrosync_storage::streams;
 use ferrosync_storage::{BucketWriter, RecordOp, TableHandle, TableProgress};
 use std::collections::HashMap;
@@ -27,37 +30,77 @@ const MAX_BATCH_RECORDS: usize = 50_000;
 #[derive(Clone)]
 pub struct ReplicatorConfig {
     pub source: PostgresConnectionConfig,
-    pub storage_conn: String,
+    pub source_endpoint: PgEndpoint,
+    pub storage: PgEndpoint,
     pub rules_content: String,
     pub rules_options: SyncRulesOptions,
     pub owner: String,
+    /// Where the replicator reports what it is doing (read by the probes).
+    pub status: Arc<ProbeState>,
 }
 
-/// Run forever, restarting after errors with a delay that depends on the error.
+/// How often a standby checks whether the lease holder is gone. Takeover happens within this
+/// interval of the holder's death (its lease connection closes with it).
+const STANDBY_POLL: Duration = Duration::from_millis(250);
+/// An attempt that ran this long was healthy: the next failure starts the backoff afresh.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Run until the process ends: take the lease (or stand by), replicate, and after any failure
+/// (source or storage restarted, network cut, lease lost) start over with backoff and jitter.
+/// Nothing is acknowledged to the source that is not durable in storage, so starting over
+/// resumes exactly where the last commit left off.
 pub async fn run(config: ReplicatorConfig) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut lease: Option<LeaseConnection> = None;
+    let mut standing_by = false;
     loop {
-        match replicate(&config).await {
-            Ok(()) => return,
+        let started = Instant::now();
+        match attempt(&config, &mut lease).await {
+            Ok(()) => {
+                if !standing_by {
+                    tracing::info!("another process holds the replication lease; standing by");
+                    config.status.set_replication("standby", None);
+                    standing_by = true;
+                }
+                tokio::time::sleep(STANDBY_POLL).await;
+            }
             Err(e) => {
-                let delay = if format!("{e:#}").contains("locked by another process") {
-                    5
-                } else {
-                    2
-                };
-                tracing::error!(error = %format!("{e:#}"), retry_in_s = delay, "replication stopped");
-                tokio::time::sleep(Duration::from_secs(delay)).await;
+                standing_by = false;
+                if started.elapsed() > HEALTHY_RUN {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                let error = format!("{e:#}");
+                tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication stopped");
+                config.status.set_replication("retrying", Some(error));
+                if lease.as_ref().is_some_and(LeaseConnection::is_closed) {
+                    lease = None;
+                }
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
-async fn connect_source(cfg: &PostgresConnectionConfig) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(&cfg.connection_string(), tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("connecting to source {}:{}/{}", cfg.hostname, cfg.port, cfg.database))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+/// One attempt: `Ok` when another process holds the lease, else runs until an error.
+async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<()> {
+    let storage = ferrosync_storage::connect(&config.storage).await?;
+    let stream = streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?;
+    if lease.is_none() {
+        *lease = Some(LeaseConnection::open(&config.storage).await?);
+    }
+    let Some(held) = lease.as_ref() else { return Ok(()) };
+    if !held.try_acquire(stream.id, &config.owner).await? {
+        return Ok(());
+    }
+    tokio::select! {
+        result = replicate(config, &storage, stream.id) => result,
+        lost = held.lost() => Err(lost.into()),
+    }
+}
+
+async fn connect_source(cfg: &ReplicatorConfig) -> Result<tokio_postgres::Client> {
+    let client = cfg.source_endpoint.connect().await?;
     client.batch_execute(ferrosync_source::types::SESSION_SETTINGS).await?;
     Ok(client)
 }
@@ -71,16 +114,12 @@ struct Replication {
     tables: HashMap<u32, (Option<Arc<TableHandle>>, Vec<String>)>,
 }
 
-async fn replicate(config: &ReplicatorConfig) -> Result<()> {
-    let source = Arc::new(connect_source(&config.source).await?);
+/// Replicate stream `id` while holding its lease.
+async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
+    // Read after taking the lease: the previous holder may have committed until a moment ago.
+    let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
+    let source = Arc::new(connect_source(config).await?);
     setup::check_source(&source).await?;
-    let storage = ferrosync_storage::connect(&config.storage_conn).await?;
-    let stream = streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?;
-    if !streams::try_lease(&storage, stream.id, &config.owner, 30).await? {
-        bail!(ferrosync_storage::StorageError::Locked(stream.id));
-    }
-    // Renewal stops with this function, also when the replicator task is aborted at shutdown.
-    let _lease = AbortOnDrop(spawn_lease_renewal(config.storage_conn.clone(), stream.id, config.owner.clone()));
     let mut options = config.rules_options.clone();
     options.sync_rules_id = stream.id as u64;
     let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
@@ -91,22 +130,23 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
     let fresh_slot = !snapshot_done && slot_status.is_none();
     let stream = if fresh_slot {
         // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
-        streams::clear_group(&storage, stream.id).await?;
+        streams::clear_group(storage, stream.id).await?;
         setup::create_slot(&source, &slot).await?;
-        streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?
+        streams::stream_by_id(storage, id).await?.context("replication stream vanished")?
     } else {
         stream
     };
-    let reader = ferrosync_storage::connect(&config.storage_conn).await?;
-    let writer = ferrosync_storage::connect(&config.storage_conn).await?;
+    let reader = ferrosync_storage::connect(&config.storage).await?;
+    let writer = ferrosync_storage::connect(&config.storage).await?;
     let mut repl = Replication {
         source,
-        writer: BucketWriter::new(reader, writer, stream, rules.clone()),
+        writer: BucketWriter::new(reader, writer, stream, rules.clone(), config.owner.clone()),
         rules,
         config: config.clone(),
         tables: HashMap::new(),
     };
     if !snapshot_done {
+        config.status.set_replication("snapshot", None);
         repl.initial_snapshot().await?;
     } else if slot_status.as_deref().is_none_or(|s| s == "lost") {
         bail!(ferrosync_source::SourceError::SlotInvalid {
@@ -115,36 +155,6 @@ async fn replicate(config: &ReplicatorConfig) -> Result<()> {
         });
     }
     repl.stream_changes().await
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn spawn_lease_renewal(conn: String, id: i64, owner: String) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Ok(client) = ferrosync_storage::connect(&conn).await else {
-            return;
-        };
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            match streams::try_lease(&client, id, &owner, 30).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::error!(
-                        stream = id,
-                        "replication lease lost to another process; exiting so only one replicator writes"
-                    );
-                    std::process::exit(3);
-                }
-                Err(e) => tracing::warn!(error = %e, "could not renew replication lease"),
-            }
-        }
-    })
 }
 
 impl Replication {
@@ -207,7 +217,7 @@ impl Replication {
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel(2);
         // The copy runs on its own connection so reading overlaps with storage writes.
-        let reader_source = connect_source(&self.config.source).await?;
+        let reader_source = connect_source(&self.config).await?;
         let compat = self.rules.compatibility().clone();
         let reader_rel = rel.clone();
         let reader = tokio::spawn(async move { copy_table(&reader_source, &reader_rel, resume, SNAPSHOT_CHUNK, &compat, tx).await });
@@ -276,19 +286,15 @@ impl Replication {
     }
 
     async fn stream_changes(&mut self) -> Result<()> {
-        let s = &self.config.source;
         let mut stream = ChangeStream::start(StreamOptions {
-            host: s.hostname.clone(),
-            port: s.port,
-            user: s.username.clone(),
-            password: s.password.clone().unwrap_or_default(),
-            database: s.database.clone(),
+            source: self.config.source_endpoint.clone(),
             slot: self.writer.stream().slot_name.clone(),
-            connection_tag: s.tag.clone(),
+            connection_tag: self.config.source.tag.clone(),
             compatibility: self.rules.compatibility().clone(),
         })
         .await?;
         tracing::info!("streaming changes");
+        self.config.status.set_replication("streaming", None);
         let mut durable = self.writer.durable();
         let mut in_tx = false;
         loop {

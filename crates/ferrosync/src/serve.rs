@@ -6,6 +6,7 @@ use ferrosync_api::auth::KeyStore;
 use ferrosync_api::probes::ProbeState;
 use ferrosync_api::AppState;
 use ferrosync_config::{load_config_file, LoadedConfig};
+use ferrosync_pgconn::{LazyClient, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::PgStorage;
 use ferrosync_sync::{CheckpointHub, Limits};
@@ -51,9 +52,8 @@ pub fn validate(path: &Path) -> Result<()> {
 
 pub async fn migrate(path: &Path) -> Result<()> {
     let loaded = load(path)?;
-    let client = ferrosync_storage::connect(&loaded.config.storage.connection_string())
-        .await
-        .context("connecting to bucket storage")?;
+    let storage = PgEndpoint::from_config(&loaded.config.storage).context("bucket storage")?;
+    let client = ferrosync_storage::connect(&storage).await.context("connecting to bucket storage")?;
     ferrosync_storage::schema::migrate(&client).await?;
     println!("storage schema is up to date");
     Ok(())
@@ -66,34 +66,37 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         .as_ref()
         .context("no sync_config/sync_rules in the config: nothing to serve")?;
     check_rules(&sync.content)?;
-    let storage_conn = config.storage.connection_string();
-    let storage_client = ferrosync_storage::connect(&storage_conn)
+    // Connection settings and TLS problems (unknown CA, host name mismatch, expired
+    // certificate) stop the start with the cause; later outages are ridden out.
+    let storage_endpoint = PgEndpoint::from_config(&config.storage).context("bucket storage")?;
+    let storage_client = ferrosync_storage::connect(&storage_endpoint)
         .await
         .context("connecting to bucket storage")?;
     if !config.migrations.disable_auto_migration {
         ferrosync_storage::schema::migrate(&storage_client).await?;
     }
+    drop(storage_client);
+    let probes = Arc::new(ProbeState::default());
     let mut source_client = None;
-    let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
     let mut replication = None;
     if let Some(source) = &config.replication {
+        let source_endpoint = PgEndpoint::from_config(source).context("replication source")?;
+        let client = LazyClient::connected(source_endpoint.clone(), None)
+            .await
+            .context("connecting to the replication source")?;
+        source_client = Some(client);
         replication = Some(tokio::spawn(replicator::run(ReplicatorConfig {
             source: source.clone(),
-            storage_conn: storage_conn.clone(),
+            source_endpoint,
+            storage: storage_endpoint.clone(),
             rules_content: sync.content.clone(),
             rules_options: rules_options(),
-            owner: owner.clone(),
+            owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
+            status: probes.clone(),
         })));
-        let (client, conn) = tokio_postgres::connect(&source.connection_string(), tokio_postgres::NoTls)
-            .await
-            .context("connecting to source")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        source_client = Some(client);
     }
-    let storage = Arc::new(PgStorage::connect(&storage_conn, 4).await?);
-    let hub = CheckpointHub::start(storage, storage_conn, rules_options()).await;
+    let storage = Arc::new(PgStorage::connect(&storage_endpoint, 4).await?);
+    let hub = CheckpointHub::start(storage, storage_endpoint, rules_options()).await;
     let keys = Arc::new(KeyStore::from_config(&config.client_auth).map_err(|e| anyhow::anyhow!("client_auth: {e}"))?);
     let params = &config.api.parameters;
     let state = Arc::new(AppState {
@@ -105,7 +108,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
             max_parameter_results: params.max_parameter_query_results,
         },
         connections: Arc::new(Semaphore::new(params.max_concurrent_connections)),
-        probes: ProbeState::default(),
+        probes,
     });
     let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
     let listener = listen(&addr).await.with_context(|| format!("binding {addr}"))?;
@@ -119,12 +122,9 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     }
     if let Some(task) = replication {
         // Writes in flight roll back and their LSNs were never acknowledged: nothing is lost.
+        // The lease connection closes with the task, which hands the lease over at once.
         task.abort();
         let _ = task.await;
-        // Hand the replication lease over now rather than after it expires.
-        if let Err(e) = ferrosync_storage::streams::release_leases_of(&storage_client, &owner).await {
-            tracing::warn!(error = %e, "could not release the replication lease; a successor waits for it to expire");
-        }
     }
     Ok(())
 }

@@ -13,6 +13,9 @@ pub enum SourceError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("[PSYNC_S1101] replication connection failed: {0}")]
     Replication(#[from] pgwire_replication::PgWireError),
+    /// No connection to the source could be made (down, unreachable, TLS refused...).
+    #[error("[PSYNC_S1101] source database unreachable: {0}")]
+    Unavailable(#[from] ferrosync_pgconn::PgConnError),
     /// pgoutput bytes we could not decode (a bug or an unsupported server feature).
     #[error("[PSYNC_S1004] could not decode replication message: {0}")]
     Decode(String),

@@ -8,8 +8,9 @@ use crate::pgoutput::{self, PgOutputMessage, TupleValue};
 use crate::relation::{ColumnInfo, ColumnValue, RelationInfo, SourceRow};
 use crate::setup::PUBLICATION;
 use crate::types::{decode_text, STARTUP_OPTIONS};
+use ferrosync_pgconn::{PgConnError, PgEndpoint};
 use ferrosync_rules::{Compatibility, SourceTableName, SqliteValue};
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -17,11 +18,7 @@ use tokio::sync::{mpsc, watch};
 /// How to reach the slot.
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: String,
-    pub database: String,
+    pub source: PgEndpoint,
     pub slot: String,
     pub connection_tag: String,
     pub compatibility: Compatibility,
@@ -74,20 +71,25 @@ pub struct ChangeStream {
 impl ChangeStream {
     /// Start streaming the slot from its confirmed position.
     pub async fn start(options: StreamOptions) -> Result<ChangeStream, SourceError> {
-        let config = ReplicationConfig::new(
-            options.host.clone(),
-            options.user.clone(),
-            options.password.clone(),
-            options.database.clone(),
-            options.slot.clone(),
-            PUBLICATION,
-        )
-        .with_port(options.port)
-        .with_tls(TlsConfig::disabled())
-        .with_options(STARTUP_OPTIONS)
-        .with_status_interval(Duration::from_secs(1))
-        .with_application_name("ferrosync");
-        let client = ReplicationClient::connect(config).await?;
+        let config = options
+            .source
+            .replication_config(&options.slot, PUBLICATION)?
+            .with_options(STARTUP_OPTIONS)
+            .with_status_interval(Duration::from_secs(1))
+            .with_application_name("ferrosync");
+        let source = &options.source;
+        let client = match tokio::time::timeout(source.connect_timeout(), ReplicationClient::connect(config)).await {
+            Ok(Ok(client)) => client,
+            // TLS failures are named like on every other connection.
+            Ok(Err(PgWireError::Tls(e))) => return Err(source.classify(&PgWireError::Tls(e)).into()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(SourceError::Unavailable(PgConnError::Timeout {
+                    endpoint: source.label().to_string(),
+                    secs: source.connect_timeout().as_secs(),
+                }))
+            }
+        };
         let (tx, events) = mpsc::channel(4096);
         let (ack, ack_rx) = watch::channel(Lsn(0));
         let task = tokio::spawn(run(client, tx, ack_rx, options));

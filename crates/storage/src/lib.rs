@@ -8,6 +8,7 @@
 pub mod checksum;
 pub mod chunk;
 pub mod error;
+pub mod lease;
 pub mod model;
 pub mod notify;
 pub mod reader;
@@ -23,13 +24,9 @@ pub use notify::{parse_checkpoint_payload, CheckpointListener};
 pub use reader::{PgStorage, SyncStorage};
 pub use writer::{BucketWriter, RecordOp, TableHandle, TableProgress};
 
-/// Connect with tokio-postgres (no TLS) and drive the connection in a task.
-pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, StorageError> {
-    let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "storage connection closed");
-        }
-    });
-    Ok(client)
+pub use ferrosync_pgconn::PgEndpoint;
+
+/// One storage connection (TLS, timeouts and keepalives as the endpoint says).
+pub async fn connect(storage: &PgEndpoint) -> Result<tokio_postgres::Client, StorageError> {
+    Ok(storage.connect().await?)
 }

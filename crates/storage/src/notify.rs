@@ -2,50 +2,36 @@
 
 use crate::error::StorageError;
 use crate::writer::CHECKPOINT_CHANNEL;
-use futures::StreamExt;
+use ferrosync_pgconn::PgEndpoint;
 use tokio::sync::mpsc;
-use tokio_postgres::AsyncMessage;
+use tokio_postgres::Notification;
 
-/// Receives a message per checkpoint notification (and one when the connection drops, as `None`).
+/// Receives a message per checkpoint notification until the connection drops.
 pub struct CheckpointListener {
-    rx: mpsc::UnboundedReceiver<Option<String>>,
+    rx: mpsc::UnboundedReceiver<Notification>,
     _client: tokio_postgres::Client,
 }
 
 impl CheckpointListener {
-    pub async fn connect(conn_str: &str) -> Result<CheckpointListener, StorageError> {
-        let (client, mut connection) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        if tx.send(Some(n.payload().to_string())).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "checkpoint listener connection failed");
-                        break;
-                    }
-                }
-            }
-            let _ = tx.send(None);
-        });
+    pub async fn connect(storage: &PgEndpoint) -> Result<CheckpointListener, StorageError> {
+        let (client, rx) = storage.connect_listening().await?;
         client.batch_execute(&format!("LISTEN {CHECKPOINT_CHANNEL}")).await?;
         Ok(CheckpointListener { rx, _client: client })
     }
 
-    /// Next notification payload; `Some(None)` means the connection was lost; `None` = closed.
-    pub async fn recv(&mut self) -> Option<Option<String>> {
-        self.rx.recv().await
+    /// Next notification payload; `None` once the connection is lost.
+    pub async fn recv(&mut self) -> Option<String> {
+        self.rx.recv().await.map(|n| n.payload().to_string())
     }
 
-    /// A notification that already arrived, if any.
+    /// A notification that already arrived: `Some(None)` when none is queued, `None` once the
+    /// connection is lost and nothing is left.
     pub fn try_recv(&mut self) -> Option<Option<String>> {
-        self.rx.try_recv().ok()
+        match self.rx.try_recv() {
+            Ok(n) => Some(Some(n.payload().to_string())),
+            Err(mpsc::error::TryRecvError::Empty) => Some(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+        }
     }
 }
 

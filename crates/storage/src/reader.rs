@@ -4,9 +4,11 @@ use crate::chunk;
 use crate::error::StorageError;
 use crate::model::{BucketChecksum, ChangeSet, OpBatch, StreamRecord, WriteCheckpoint};
 use crate::writer::{lsn_from_text, lsn_to_text};
+use ferrosync_pgconn::{LazyClient, PgEndpoint};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio_postgres::Client;
 
 /// Everything the sync layer reads. All reads are bounded by a checkpoint, so callers see a
@@ -55,17 +57,20 @@ fn request(requests: &[(String, i64)], ord: i64) -> Option<&(String, i64)> {
 /// Most chunks of one bucket read by one [`SyncStorage::bucket_data`] call.
 const CHUNKS_PER_READ: i64 = 256;
 
-/// [`SyncStorage`] on PostgreSQL, over a few pipelined connections.
+/// [`SyncStorage`] on PostgreSQL, over a few pipelined connections. A connection lost to a
+/// storage restart is replaced on its next use; until storage is back, reads fail fast with
+/// [`StorageError::Unavailable`].
 pub struct PgStorage {
-    clients: Vec<Client>,
+    clients: Vec<LazyClient>,
     next: AtomicUsize,
 }
 
 impl PgStorage {
-    pub async fn connect(conn_str: &str, connections: usize) -> Result<PgStorage, StorageError> {
+    /// Connects every connection now (a wrong address or TLS setting fails here).
+    pub async fn connect(storage: &PgEndpoint, connections: usize) -> Result<PgStorage, StorageError> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
-            clients.push(crate::connect(conn_str).await?);
+            clients.push(LazyClient::connected(storage.clone(), None).await?);
         }
         Ok(PgStorage {
             clients,
@@ -73,15 +78,15 @@ impl PgStorage {
         })
     }
 
-    fn client(&self) -> &Client {
+    async fn client(&self) -> Result<Arc<Client>, StorageError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-        &self.clients[i]
+        Ok(self.clients[i].get().await?)
     }
 }
 
 impl SyncStorage for PgStorage {
     async fn active_stream(&self) -> Result<Option<StreamRecord>, StorageError> {
-        crate::streams::active_stream(self.client()).await
+        crate::streams::active_stream(&*self.client().await?).await
     }
 
     async fn checksums(
@@ -95,6 +100,7 @@ impl SyncStorage for PgStorage {
         // so the second arm is normally empty; it keeps arbitrary ranges exact.
         let rows = self
             .client()
+            .await?
             .query(
                 "SELECT bucket, (sum(checksum) % 4294967296)::int8, sum(op_count)::int8, NULL::bytea FROM ferrosync.op_chunks
                  WHERE group_id = $1 AND bucket = ANY($2) AND last_op > $3 AND first_op > $3 AND last_op <= $4 GROUP BY bucket
@@ -131,6 +137,7 @@ impl SyncStorage for PgStorage {
         // One round trip: the prune horizon, then the change records (NULLs when none).
         let rows = self
             .client()
+            .await?
             .query(
                 "SELECT (SELECT changes_pruned_to FROM ferrosync.sync_rules WHERE id = $4), c.buckets, c.lookups
                  FROM (SELECT 1) AS one
@@ -155,6 +162,7 @@ impl SyncStorage for PgStorage {
         // chunks up to the one that reaches `limit` ops.
         let rows = self
             .client()
+            .await?
             .query(
                 "SELECT ord, ops, total, last_op FROM (
                     SELECT r.ord, c.ops, c.last_op, c.op_count, sum(c.op_count) OVER (ORDER BY r.ord, c.last_op) AS total
@@ -209,6 +217,7 @@ impl SyncStorage for PgStorage {
     async fn parameter_sets(&self, group: i64, checkpoint: i64, lookups: &[String]) -> Result<HashMap<String, Vec<String>>, StorageError> {
         let rows = self
             .client()
+            .await?
             .query(
                 "SELECT DISTINCT ON (lookup, table_id, key) lookup, bucket_parameters FROM ferrosync.bucket_parameters
                  WHERE group_id = $1 AND lookup = ANY($2) AND id <= $3
@@ -229,6 +238,7 @@ impl SyncStorage for PgStorage {
     async fn write_checkpoints_since(&self, seq: i64) -> Result<Vec<WriteCheckpoint>, StorageError> {
         let rows = self
             .client()
+            .await?
             .query(
                 "SELECT user_key, write_checkpoint, lsn::text, seq FROM ferrosync.write_checkpoints WHERE seq > $1 ORDER BY seq",
                 &[&seq],
@@ -250,6 +260,7 @@ impl SyncStorage for PgStorage {
     async fn create_write_checkpoint(&self, user_key: &str, head: u64) -> Result<i64, StorageError> {
         let row = self
             .client()
+            .await?
             .query_one(
                 "INSERT INTO ferrosync.write_checkpoints (user_key, write_checkpoint, lsn, seq)
                  VALUES ($1, 1, $2::text::pg_lsn, nextval('ferrosync.write_checkpoint_seq'))

@@ -76,27 +76,12 @@ pub async fn active_stream(client: &Client) -> Result<Option<StreamRecord>, Stor
     row.as_ref().map(stream_from_row).transpose()
 }
 
-/// Take or renew the replication lease on stream `id` for `owner`; `false` if another live owner has it.
-pub async fn try_lease(client: &Client, id: i64, owner: &str, ttl_secs: i64) -> Result<bool, StorageError> {
-    let n = client
-        .execute(
-            "UPDATE ferrosync.sync_rules SET lock_owner = $2, lock_expires_at = now() + make_interval(secs => $3)
-             WHERE id = $1 AND (lock_owner IS NULL OR lock_owner = $2 OR lock_expires_at < now())",
-            &[&id, &owner, &(ttl_secs as f64)],
-        )
+/// The stream with id `id`, as stored now.
+pub async fn stream_by_id(client: &Client, id: i64) -> Result<Option<StreamRecord>, StorageError> {
+    let row = client
+        .query_opt(&format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE id = $1"), &[&id])
         .await?;
-    Ok(n == 1)
-}
-
-/// Give up every lease `owner` holds (clean shutdown), so a successor does not wait for expiry.
-pub async fn release_leases_of(client: &Client, owner: &str) -> Result<(), StorageError> {
-    client
-        .execute(
-            "UPDATE ferrosync.sync_rules SET lock_owner = NULL, lock_expires_at = NULL WHERE lock_owner = $1",
-            &[&owner],
-        )
-        .await?;
-    Ok(())
+    row.as_ref().map(stream_from_row).transpose()
 }
 
 /// The stream's record of a source table, creating it if new. A table whose oid or key

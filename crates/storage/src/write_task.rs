@@ -78,6 +78,7 @@ pub(crate) enum Job {
 pub(crate) async fn run(
     mut client: Client,
     group: i64,
+    owner: String,
     mut jobs: mpsc::Receiver<Job>,
     durable: watch::Sender<u64>,
     committed: watch::Sender<u64>,
@@ -88,10 +89,10 @@ pub(crate) async fn run(
             Job::Write { seq, batch, checkpoint } => {
                 let tx = client.transaction().await?;
                 if let Some(batch) = batch {
-                    write_batch(&tx, group, *batch).await?;
+                    write_batch(&tx, group, &owner, *batch).await?;
                 }
                 if let Some(cp) = &checkpoint {
-                    write_checkpoint(&tx, group, cp).await?;
+                    write_checkpoint(&tx, group, &owner, cp).await?;
                 }
                 tx.commit().await?;
                 committed.send_replace(seq);
@@ -170,7 +171,7 @@ fn raise(current: &mut u64, lsn: u64) -> bool {
     raised
 }
 
-async fn write_batch(tx: &Transaction<'_>, group: i64, batch: Batch) -> Result<(), StorageError> {
+async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch) -> Result<(), StorageError> {
     let g = group as i32;
     copy_ops(tx, g, &batch.ops).await?;
     copy_params(tx, g, &batch.params).await?;
@@ -184,11 +185,13 @@ async fn write_batch(tx: &Transaction<'_>, group: i64, batch: Batch) -> Result<(
         )
         .await?;
     }
-    tx.execute(
-        "UPDATE ferrosync.sync_rules SET persisted_op = $2 WHERE id = $1",
-        &[&group, &batch.persisted_op],
-    )
-    .await?;
+    let fenced = tx
+        .execute(
+            "UPDATE ferrosync.sync_rules SET persisted_op = $2 WHERE id = $1 AND lock_owner = $3",
+            &[&group, &batch.persisted_op, &owner],
+        )
+        .await?;
+    check_lease(fenced, group)?;
     if let Some(p) = &batch.progress {
         crate::streams::save_table_progress(tx, p.table_id, p.last_key.as_deref(), p.rows, p.done).await?;
     }
@@ -314,13 +317,27 @@ async fn delete_current(tx: &Transaction<'_>, group: i32, rows: &[(i64, Uuid)]) 
     Ok(())
 }
 
-async fn write_checkpoint(tx: &Transaction<'_>, group: i64, new: &NewCheckpoint) -> Result<(), StorageError> {
+/// The fencing check: the lease-guarded row was updated only if `owner` still holds the lease.
+/// The update runs in the write's own transaction, so a writer that lost the lease commits nothing.
+pub(crate) fn check_lease(updated: u64, group: i64) -> Result<(), StorageError> {
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(StorageError::LeaseLost(format!(
+            "another process took over replication stream {group}"
+        )))
+    }
+}
+
+async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &NewCheckpoint) -> Result<(), StorageError> {
     let lsn_text = lsn_to_text(new.checkpoint.lsn);
-    tx.execute(
-        "UPDATE ferrosync.sync_rules SET last_checkpoint = $2, last_checkpoint_lsn = $3::text::pg_lsn WHERE id = $1",
-        &[&group, &new.checkpoint.op_id, &lsn_text],
-    )
-    .await?;
+    let fenced = tx
+        .execute(
+            "UPDATE ferrosync.sync_rules SET last_checkpoint = $2, last_checkpoint_lsn = $3::text::pg_lsn WHERE id = $1 AND lock_owner = $4",
+            &[&group, &new.checkpoint.op_id, &lsn_text, &owner],
+        )
+        .await?;
+    check_lease(fenced, group)?;
     if new.activate {
         tx.execute(
             "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'ACTIVE' AND id <> $1",
@@ -349,7 +366,7 @@ mod tests {
     async fn change_records_are_pruned_one_retention_behind() -> anyhow::Result<()> {
         let cluster = PgCluster::start(PgOptions::default())?;
         cluster.create_database("storage").await?;
-        let mut client = crate::connect(&cluster.conn_str("storage")).await?;
+        let mut client = crate::connect(&crate::PgEndpoint::from_conn_str(&cluster.conn_str("storage"))?).await?;
         crate::schema::migrate(&client).await?;
         client
             .batch_execute(
@@ -364,7 +381,7 @@ mod tests {
         assert_eq!(count(&client).await?, 5);
         pruner.after_checkpoint(&mut client, 1, 50).await?;
         assert_eq!(count(&client).await?, 3, "records up to op 20 are gone");
-        let storage = crate::PgStorage::connect(&cluster.conn_str("storage"), 1).await?;
+        let storage = crate::PgStorage::connect(&crate::PgEndpoint::from_conn_str(&cluster.conn_str("storage"))?, 1).await?;
         let recent = crate::SyncStorage::changes(&storage, 1, 20, 50).await?;
         assert!(recent.complete);
         assert_eq!(recent.buckets.len(), 3);

@@ -85,6 +85,8 @@ pub struct BucketWriter {
     /// Current state of rows written by batches that may still be in flight (None: deleted),
     /// with the `seq` of the write that stores it; entries go once `committed` reaches it.
     overlay: HashMap<RowKey, (u64, Option<CurrentRow>)>,
+    /// The lease holder this writer writes as (the fencing token).
+    owner: String,
     /// The last write handed to the write task, and the last one it committed.
     write_seq: u64,
     committed: watch::Receiver<u64>,
@@ -108,19 +110,21 @@ pub struct TableProgress {
 }
 
 impl BucketWriter {
-    /// `reader` serves reads; `writer` is owned by the write task.
-    pub fn new(reader: Client, writer: Client, stream: StreamRecord, rules: Arc<SyncRules>) -> BucketWriter {
+    /// `reader` serves reads; `writer` is owned by the write task. Every write checks that
+    /// `owner` still holds the stream's lease ([`crate::lease`]).
+    pub fn new(reader: Client, writer: Client, stream: StreamRecord, rules: Arc<SyncRules>, owner: String) -> BucketWriter {
         let next_op = stream.persisted_op + 1;
         let (jobs, rx) = mpsc::channel(QUEUED_BATCHES);
         let (durable_tx, durable) = watch::channel(stream.checkpoint.lsn);
         let (committed_tx, committed) = watch::channel(0);
-        let task = tokio::spawn(write_task::run(writer, stream.id, rx, durable_tx, committed_tx));
+        let task = tokio::spawn(write_task::run(writer, stream.id, owner.clone(), rx, durable_tx, committed_tx));
         BucketWriter {
             client: reader,
             jobs,
             task: Some(task),
             durable,
             overlay: HashMap::new(),
+            owner,
             write_seq: 0,
             committed,
             stream,
@@ -572,24 +576,27 @@ impl BucketWriter {
     pub async fn block_checkpoints_until(&mut self, lsn: u64) -> Result<(), StorageError> {
         self.sync().await?;
         self.stream.no_checkpoint_before = self.stream.no_checkpoint_before.max(lsn);
-        self.client
+        let fenced = self
+            .client
             .execute(
-                "UPDATE ferrosync.sync_rules SET no_checkpoint_before = $2::text::pg_lsn WHERE id = $1",
-                &[&self.stream.id, &lsn_to_text(self.stream.no_checkpoint_before)],
+                "UPDATE ferrosync.sync_rules SET no_checkpoint_before = $2::text::pg_lsn WHERE id = $1 AND lock_owner = $3",
+                &[&self.stream.id, &lsn_to_text(self.stream.no_checkpoint_before), &self.owner],
             )
             .await?;
-        Ok(())
+        write_task::check_lease(fenced, self.stream.id)
     }
 
     /// All tables are copied: checkpoints may be created once the stream passes `lsn`.
     pub async fn mark_snapshot_done(&mut self, lsn: u64) -> Result<(), StorageError> {
         self.block_checkpoints_until(lsn).await?;
-        self.client
+        let fenced = self
+            .client
             .execute(
-                "UPDATE ferrosync.sync_rules SET snapshot_done = true WHERE id = $1",
-                &[&self.stream.id],
+                "UPDATE ferrosync.sync_rules SET snapshot_done = true WHERE id = $1 AND lock_owner = $2",
+                &[&self.stream.id, &self.owner],
             )
             .await?;
+        write_task::check_lease(fenced, self.stream.id)?;
         self.stream.snapshot_done = true;
         Ok(())
     }

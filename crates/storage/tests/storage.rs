@@ -81,7 +81,7 @@ async fn op_chunks_read_back_exactly() -> Result<()> {
     // Enough chunks per bucket (~750) that one read hits the per-bucket chunk cap.
     let total = 30_000;
     let model = seed(&db, total, &mut rng).await?;
-    let storage = PgStorage::connect(&cluster.conn_str("storage"), 1).await?;
+    let storage = PgStorage::connect(&ferrosync_storage::PgEndpoint::from_conn_str(&cluster.conn_str("storage"))?, 1).await?;
     for case in 0..25 {
         let checkpoint = 1 + rng.below(total as u64 + 20) as i64;
         let limit = [1, 7, 100, 1000, 5000][case % 5];

@@ -5,10 +5,11 @@
 
 use crate::cache::{BucketCache, Step};
 use crate::misses::MissBatcher;
+use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -43,11 +44,15 @@ pub struct CheckpointHub<S> {
     state: watch::Receiver<Option<HubState>>,
     shared: RwLock<Shared>,
     misses: MissBatcher,
+    /// Why the hub cannot follow storage right now (`None` while it does).
+    storage_error: Mutex<Option<String>>,
 }
 
 impl<S: SyncStorage> CheckpointHub<S> {
-    /// Start following checkpoints. `listen_conn` is a storage connection string for LISTEN.
-    pub async fn start(storage: Arc<S>, listen_conn: String, rules_options: SyncRulesOptions) -> Arc<CheckpointHub<S>> {
+    /// Start following checkpoints, LISTENing on a connection to `listen`. While storage is
+    /// unreachable the hub keeps its last state (held streams stay open, idle) and retries
+    /// with backoff; on reconnect it catches up from where it was.
+    pub async fn start(storage: Arc<S>, listen: PgEndpoint, rules_options: SyncRulesOptions) -> Arc<CheckpointHub<S>> {
         let (tx, rx) = watch::channel(None);
         let hub = Arc::new(CheckpointHub {
             misses: MissBatcher::start(storage.clone()),
@@ -58,19 +63,41 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 lookup_history: VecDeque::new(),
                 write_checkpoints: HashMap::new(),
             }),
+            storage_error: Mutex::new(None),
         });
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            let mut current: Option<HubState> = None;
             loop {
                 let Some(hub) = weak.upgrade() else { return };
-                if let Err(e) = hub.follow(&listen_conn, &tx, &rules_options).await {
-                    tracing::warn!(error = %e, "checkpoint hub lost storage; retrying");
+                let mut write_seq = 0;
+                if let Err(e) = hub
+                    .follow(&listen, &tx, &rules_options, &mut current, &mut write_seq, &mut backoff)
+                    .await
+                {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "checkpoint hub lost bucket storage; retrying");
+                    hub.set_storage_error(Some(e.to_string()));
+                    drop(hub);
+                    tokio::time::sleep(delay).await;
                 }
-                drop(hub);
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
         hub
+    }
+
+    /// Why bucket storage cannot be followed right now; `None` when it can.
+    pub fn storage_error(&self) -> Option<String> {
+        self.storage_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_storage_error(&self, error: Option<String>) {
+        let mut current = self.storage_error.lock().unwrap_or_else(|e| e.into_inner());
+        if current.is_some() && error.is_none() {
+            tracing::info!("checkpoint hub follows bucket storage again");
+        }
+        *current = error;
     }
 
     /// Watch for new checkpoints (`None` until a sync config is active).
@@ -82,11 +109,20 @@ impl<S: SyncStorage> CheckpointHub<S> {
         &self.storage
     }
 
-    async fn follow(&self, conn: &str, tx: &watch::Sender<Option<HubState>>, options: &SyncRulesOptions) -> Result<(), StorageError> {
-        let mut listener = CheckpointListener::connect(conn).await?;
-        let mut write_seq = 0;
-        let mut current: Option<HubState> = None;
+    /// Follow checkpoints until the storage connection fails. `current` and `write_seq`
+    /// survive reconnects, so the hub resumes from its last checkpoint instead of resetting.
+    async fn follow(
+        &self,
+        listen: &PgEndpoint,
+        tx: &watch::Sender<Option<HubState>>,
+        options: &SyncRulesOptions,
+        current: &mut Option<HubState>,
+        write_seq: &mut i64,
+        backoff: &mut Backoff,
+    ) -> Result<(), StorageError> {
+        let mut listener = CheckpointListener::connect(listen).await?;
         let mut announced: Option<(i64, Checkpoint)> = None;
+        let mut healthy = false;
         loop {
             match (announced, current.as_mut()) {
                 // The usual wake-up: a new checkpoint of the served stream, exact from the
@@ -95,7 +131,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                     // A checkpoint may repeat the op_id at a later LSN (an idle source passing a
                     // write checkpoint's position): connections still need it.
                     if is_newer(checkpoint, state.checkpoint) {
-                        write_seq = self.refresh_write_checkpoints(write_seq).await?;
+                        *write_seq = self.refresh_write_checkpoints(*write_seq).await?;
                         self.advance(group, state.checkpoint.op_id, checkpoint.op_id).await?;
                         state.checkpoint = checkpoint;
                         tx.send_replace(Some(state.clone()));
@@ -103,17 +139,20 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 }
                 // Start, reconnects, and other streams' checkpoints (a new config activating).
                 _ => {
-                    write_seq = self.refresh_write_checkpoints(write_seq).await?;
-                    self.reload(&mut current, tx, options).await?;
+                    *write_seq = self.refresh_write_checkpoints(*write_seq).await?;
+                    self.reload(current, tx, options).await?;
                 }
             }
-            let mut payload = match listener.recv().await {
-                Some(Some(payload)) => payload,
-                _ => return Err(StorageError::Corrupt("checkpoint listener disconnected".into())),
-            };
+            if !healthy {
+                healthy = true;
+                backoff.reset();
+                self.set_storage_error(None);
+            }
+            let lost = || StorageError::ConnectionLost("the checkpoint listener connection closed");
+            let mut payload = listener.recv().await.ok_or_else(lost)?;
             // Checkpoints queued meanwhile: jump straight to the newest.
-            while let Some(next) = listener.try_recv() {
-                payload = next.ok_or_else(|| StorageError::Corrupt("checkpoint listener disconnected".into()))?;
+            while let Some(next) = listener.try_recv().ok_or_else(lost)? {
+                payload = next;
             }
             announced = parse_checkpoint_payload(&payload);
         }

@@ -1,0 +1,107 @@
+//! The replication lease: one replicator per stream. It is a session advisory lock on a
+//! dedicated storage connection, so it is released the moment its holder dies (kill -9, OOM,
+//! a crashed host: the server ends the session) and a standby takes over within its polling
+//! interval instead of waiting out a timeout. `sync_rules.lock_owner` names the holder, and
+//! every write transaction of the replicator checks it ([`crate::BucketWriter`]): a replicator
+//! that lost the lease can never commit again, even before it notices.
+
+use crate::error::StorageError;
+use ferrosync_pgconn::PgEndpoint;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// Advisory-lock namespace of replication leases (the key's first half; the stream id is the second).
+const LEASE_NAMESPACE: i32 = 0x6673_796e;
+/// How often a held lease checks that its connection (and so its lock) is still alive.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A storage connection that can hold replication leases.
+pub struct LeaseConnection {
+    client: Client,
+}
+
+impl LeaseConnection {
+    pub async fn open(storage: &PgEndpoint) -> Result<LeaseConnection, StorageError> {
+        let client = storage.connect().await?;
+        // The server must notice a holder that vanished without closing its socket (a network
+        // cut, a host that died) within seconds, or it would keep the lock for hours.
+        client
+            .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3")
+            .await?;
+        Ok(LeaseConnection { client })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Take the lease on `stream` for `owner` if nobody holds it; `false` if another live
+    /// process does. Taking it makes `owner` the stream's fencing token, so the previous
+    /// holder's writes fail from now on.
+    pub async fn try_acquire(&self, stream: i64, owner: &str) -> Result<bool, StorageError> {
+        let key = i32::try_from(stream).map_err(|_| StorageError::Corrupt(format!("stream id {stream} exceeds int4")))?;
+        let got: bool = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&LEASE_NAMESPACE, &key])
+            .await?
+            .get(0);
+        if got {
+            self.client
+                .execute(
+                    "UPDATE ferrosync.sync_rules SET lock_owner = $2, lock_expires_at = NULL WHERE id = $1",
+                    &[&stream, &owner],
+                )
+                .await?;
+        }
+        Ok(got)
+    }
+
+    /// Resolves once the lease is lost: its connection ended, so the server released the lock.
+    pub async fn lost(&self) -> StorageError {
+        loop {
+            tokio::time::sleep(HEALTH_INTERVAL).await;
+            if let Err(e) = self.client.simple_query("SELECT 1").await {
+                return StorageError::LeaseLost(format!("the lease connection failed: {e}"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrosync_testkit::{PgCluster, PgOptions};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_holder_and_instant_release_when_it_dies() -> anyhow::Result<()> {
+        let cluster = PgCluster::start(PgOptions::default())?;
+        cluster.create_database("storage").await?;
+        let storage = PgEndpoint::from_conn_str(&cluster.conn_str("storage"))?;
+        crate::schema::migrate(&crate::connect(&storage).await?).await?;
+        let admin = cluster.connect("storage").await?;
+        admin
+            .batch_execute("INSERT INTO ferrosync.sync_rules (id, content, state, slot_name) VALUES (7, '', 'ACTIVE', 's')")
+            .await?;
+        let a = LeaseConnection::open(&storage).await?;
+        let b = LeaseConnection::open(&storage).await?;
+        assert!(a.try_acquire(7, "a").await?);
+        assert!(!b.try_acquire(7, "b").await?, "a holds it");
+        let owner: String = admin
+            .query_one("SELECT lock_owner FROM ferrosync.sync_rules WHERE id = 7", &[])
+            .await?
+            .get(0);
+        assert_eq!(owner, "a");
+        drop(a);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !b.try_acquire(7, "b").await? {
+            assert!(std::time::Instant::now() < deadline, "the lock outlived its connection");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let owner: String = admin
+            .query_one("SELECT lock_owner FROM ferrosync.sync_rules WHERE id = 7", &[])
+            .await?
+            .get(0);
+        assert_eq!(owner, "b", "the new holder is the fencing token");
+        Ok(())
+    }
+}
