@@ -22,11 +22,21 @@ pub struct PgOptions {
     pub port: Option<u16>,
 }
 
+/// Server-side TLS material (PEM text) for [`PgCluster::start_tls`].
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server certificate, optionally followed by intermediates.
+    pub cert_pem: String,
+    /// The server certificate's private key.
+    pub key_pem: String,
+}
+
 /// A running PostgreSQL server owned by this process.
 pub struct PgCluster {
     dir: PathBuf,
     keep_dir: bool,
     port: u16,
+    tls: bool,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -34,6 +44,17 @@ pub struct PgCluster {
 impl PgCluster {
     /// initdb (if needed) and start a server; returns once it accepts connections.
     pub fn start(options: PgOptions) -> Result<PgCluster> {
+        Self::start_with(options, None)
+    }
+
+    /// Like [`PgCluster::start`], but TCP clients must use TLS: the server presents `tls`, and
+    /// its pg_hba.conf accepts TCP only as `hostssl` (trust). Local (unix socket) connections,
+    /// in [`PgCluster::dir`], stay plain (trust), so [`PgCluster::connect`] still works.
+    pub fn start_tls(options: PgOptions, tls: ServerTls) -> Result<PgCluster> {
+        Self::start_with(options, Some(tls))
+    }
+
+    fn start_with(options: PgOptions, tls: Option<ServerTls>) -> Result<PgCluster> {
         let bin = find_pg_bin()?;
         let as_root = is_root();
         let (dir, tmp) = match &options.persistent_dir {
@@ -74,7 +95,32 @@ impl PgCluster {
         if as_root {
             chown_postgres(&dir.join("postgres.log"))?;
         }
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(tls) = &tls {
+            let cert = dir.join("server.crt");
+            let key = dir.join("server.key");
+            let hba = dir.join("pg_hba_tls.conf");
+            write_private(&cert, &tls.cert_pem, as_root)?;
+            write_private(&key, &tls.key_pem, as_root)?;
+            write_private(
+                &hba,
+                "local all all trust\nlocal replication all trust\n\
+                 hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
+                as_root,
+            )?;
+            tls_args.extend([
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".into(),
+                format!("ssl_key_file={}", key.display()),
+                "-c".into(),
+                format!("hba_file={}", hba.display()),
+            ]);
+        }
         let child = run_as_pg(as_root, &bin.join("postgres"))
+            .args(&tls_args)
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string()])
@@ -107,6 +153,7 @@ impl PgCluster {
             dir,
             keep_dir: options.persistent_dir.is_some(),
             port,
+            tls: tls.is_some(),
             child: Some(child),
             _tmp: tmp,
         };
@@ -123,9 +170,11 @@ impl PgCluster {
                 }
             }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                // The port opens slightly before the server accepts queries; psql-level check.
+                // The port opens slightly before the server accepts queries; psql-level check
+                // (over the unix socket for TLS clusters, whose TCP side wants TLS).
+                let host = self.pg_host();
                 let ok = Command::new(find_pg_bin()?.join("pg_isready"))
-                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                    .args(["-h", &host, "-p", &self.port.to_string(), "-U", "postgres"])
                     .stdout(Stdio::null())
                     .status()
                     .map(|s| s.success())
@@ -153,14 +202,35 @@ impl PgCluster {
         &self.dir
     }
 
-    /// libpq key/value connection string for `database`, user `postgres`.
-    pub fn conn_str(&self, database: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
+    /// Whether TCP clients must use TLS ([`PgCluster::start_tls`]).
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
-    /// URI form, e.g. for config files and the Node agent.
+    /// Where [`PgCluster::conn_str`] connects: 127.0.0.1, or the unix socket directory for TLS
+    /// clusters (plain connections over TCP are refused there).
+    fn pg_host(&self) -> String {
+        if self.tls {
+            self.dir.display().to_string()
+        } else {
+            "127.0.0.1".to_string()
+        }
+    }
+
+    /// libpq key/value connection string for `database`, user `postgres`, without TLS (over
+    /// the unix socket for TLS clusters).
+    pub fn conn_str(&self, database: &str) -> String {
+        format!("host={} port={} user=postgres dbname={database}", self.pg_host(), self.port)
+    }
+
+    /// URI form, e.g. for config files and the Node agent (TCP, 127.0.0.1).
     pub fn uri(&self, database: &str) -> String {
-        format!("postgresql://postgres:postgres@127.0.0.1:{}/{database}", self.port)
+        self.uri_on("127.0.0.1", database)
+    }
+
+    /// URI form with another host name for 127.0.0.1, e.g. `localhost` to match a certificate.
+    pub fn uri_on(&self, host: &str, database: &str) -> String {
+        format!("postgresql://postgres:postgres@{host}:{}/{database}", self.port)
     }
 
     /// Connect with tokio-postgres; the connection task is spawned on the current runtime.
@@ -273,6 +343,25 @@ fn chown_postgres(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Write `text` to `path` with mode 0600, owned by the postgres user when we are root
+/// (postgres refuses a key file others can read).
+fn write_private(path: &Path, text: &str, as_root: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    drop(file);
+    if as_root {
+        chown_postgres(path)?;
+    }
+    Ok(())
+}
+
 fn run_as_pg(as_root: bool, program: &Path) -> Command {
     if as_root {
         let mut cmd = Command::new("runuser");
@@ -307,16 +396,59 @@ pub struct ServiceConfig<'a> {
     pub max_connections: Option<usize>,
 }
 
+/// TLS settings written to both Postgres connections (source and storage) by
+/// [`ServiceConfig::to_yaml_with`]. The default is `sslmode: disable` and nothing else, which is
+/// what [`ServiceConfig::to_yaml`] writes.
+#[derive(Debug, Clone, Default)]
+pub struct ConnTls<'a> {
+    /// `sslmode` (`verify-full`, `verify-ca`, `disable`); `disable` when `None`.
+    pub sslmode: Option<&'a str>,
+    /// `cacert`: inline PEM, written as a YAML block scalar.
+    pub cacert: Option<&'a str>,
+    /// `tls_servername`.
+    pub tls_servername: Option<&'a str>,
+}
+
+impl ConnTls<'_> {
+    /// The connection's TLS keys, each line indented by `indent` spaces.
+    fn yaml(&self, indent: usize) -> String {
+        let pad = " ".repeat(indent);
+        let mut out = format!("{pad}sslmode: {}\n", self.sslmode.unwrap_or("disable"));
+        if let Some(pem) = self.cacert {
+            out.push_str(&format!("{pad}cacert: |\n"));
+            for line in pem.lines() {
+                out.push_str(&format!("{pad}  {line}\n"));
+            }
+        }
+        if let Some(name) = self.tls_servername {
+            out.push_str(&format!("{pad}tls_servername: {name}\n"));
+        }
+        out
+    }
+}
+
 impl ServiceConfig<'_> {
     pub fn to_yaml(&self) -> String {
+        self.to_yaml_with(&ConnTls::default())
+    }
+
+    /// The config with `tls` on both the replication connection and storage.
+    pub fn to_yaml_with(&self, tls: &ConnTls) -> String {
         use base64::Engine;
         let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.secret);
         let mut yaml = format!(
-            "replication:\n  connections:\n    - type: postgresql\n      uri: {}\n      sslmode: disable\n\
-             storage:\n  type: postgresql\n  uri: {}\n  sslmode: disable\n\
+            "replication:\n  connections:\n    - type: postgresql\n      uri: {}\n{}\
+             storage:\n  type: postgresql\n  uri: {}\n{}\
              port: {}\nsync_config:\n  path: {}\n\
              client_auth:\n  audience: [{}]\n  jwks:\n    keys:\n      - {{kty: oct, alg: HS256, kid: {}, k: {k}}}\n",
-            self.source_uri, self.storage_uri, self.port, self.rules_path, self.audience, self.kid
+            self.source_uri,
+            tls.yaml(6),
+            self.storage_uri,
+            tls.yaml(2),
+            self.port,
+            self.rules_path,
+            self.audience,
+            self.kid
         );
         if let Some(bind) = self.bind_address {
             yaml.push_str(&format!("bind_address: {bind}\n"));
@@ -325,5 +457,50 @@ impl ServiceConfig<'_> {
             yaml.push_str(&format!("api:\n  parameters:\n    max_concurrent_connections: {n}\n"));
         }
         yaml
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ServiceConfig<'static> {
+        ServiceConfig {
+            source_uri: "postgresql://h/todo".into(),
+            storage_uri: "postgresql://h/storage".into(),
+            port: 8080,
+            bind_address: None,
+            rules_path: "rules.yaml",
+            audience: "aud",
+            kid: "k",
+            secret: "s",
+            max_connections: None,
+        }
+    }
+
+    #[test]
+    fn default_yaml_is_unchanged() {
+        assert_eq!(
+            config().to_yaml(),
+            "replication:\n  connections:\n    - type: postgresql\n      uri: postgresql://h/todo\n      sslmode: disable\n\
+             storage:\n  type: postgresql\n  uri: postgresql://h/storage\n  sslmode: disable\n\
+             port: 8080\nsync_config:\n  path: rules.yaml\n\
+             client_auth:\n  audience: [aud]\n  jwks:\n    keys:\n      - {kty: oct, alg: HS256, kid: k, k: cw}\n"
+        );
+    }
+
+    #[test]
+    fn tls_yaml_has_a_block_scalar_cacert_on_both_connections() {
+        let yaml = config().to_yaml_with(&ConnTls {
+            sslmode: Some("verify-full"),
+            cacert: Some("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+            tls_servername: None,
+        });
+        assert!(yaml.contains(
+            "      uri: postgresql://h/todo\n      sslmode: verify-full\n      cacert: |\n        -----BEGIN CERTIFICATE-----\n        AAAA\n        -----END CERTIFICATE-----\nstorage:"
+        ));
+        assert!(yaml.contains(
+            "  uri: postgresql://h/storage\n  sslmode: verify-full\n  cacert: |\n    -----BEGIN CERTIFICATE-----\n    AAAA\n    -----END CERTIFICATE-----\nport: 8080"
+        ));
     }
 }

@@ -2,13 +2,13 @@
 //! binary), tokens, a raw protocol client that checks every checksum, and the Node SDK agent.
 
 use anyhow::{bail, Context, Result};
-use ferrosync_testkit::{free_port, PgCluster, PgOptions};
+use ferrosync_testkit::{free_port, ConnTls, PgCluster, PgOptions, ServerTls};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub const SCHEMA: &str = include_str!("../../../../examples/todo/schema.sql");
@@ -24,7 +24,17 @@ pub struct Service {
 
 impl Service {
     pub async fn new() -> Result<Service> {
-        let cluster = PgCluster::start(PgOptions::default())?;
+        Self::with_tls(None, "127.0.0.1", &ConnTls::default()).await
+    }
+
+    /// A service whose cluster presents `server_tls` (TCP only over TLS) when given; the config
+    /// reaches the cluster as `host` (e.g. `localhost`, to match a certificate) with `conn` on
+    /// both the source and the storage connection.
+    pub async fn with_tls(server_tls: Option<ServerTls>, host: &str, conn: &ConnTls<'_>) -> Result<Service> {
+        let cluster = match server_tls {
+            Some(tls) => PgCluster::start_tls(PgOptions::default(), tls)?,
+            None => PgCluster::start(PgOptions::default())?,
+        };
         cluster.create_database("todo").await?;
         cluster.create_database("storage").await?;
         cluster.connect("todo").await?.batch_execute(SCHEMA).await?;
@@ -32,8 +42,8 @@ impl Service {
         std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
         let port = free_port()?;
         let config = ferrosync_testkit::ServiceConfig {
-            source_uri: cluster.uri("todo"),
-            storage_uri: cluster.uri("storage"),
+            source_uri: cluster.uri_on(host, "todo"),
+            storage_uri: cluster.uri_on(host, "storage"),
             port,
             bind_address: Some("127.0.0.1"),
             rules_path: "sync-rules.yaml",
@@ -42,7 +52,7 @@ impl Service {
             secret: SECRET,
             max_connections: None,
         }
-        .to_yaml();
+        .to_yaml_with(conn);
         std::fs::write(dir.path().join("powersync.yaml"), config)?;
         Ok(Service {
             cluster,
@@ -54,6 +64,24 @@ impl Service {
 
     /// Start the binary and wait until it answers HTTP.
     pub async fn start(&mut self) -> Result<()> {
+        self.spawn()?;
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + T;
+        while client.get(format!("{}/probes/liveness", self.url())).send().await.is_err() {
+            if let Some(status) = self.child.as_mut().context("not started")?.try_wait()? {
+                self.child = None;
+                bail!("server exited ({status}) instead of starting: {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("server did not start: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Start the binary (stderr goes to [`Service::log`]) without waiting for anything.
+    pub fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -66,15 +94,23 @@ impl Service {
             .stderr(log)
             .spawn()?;
         self.child = Some(child);
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + T;
-        while client.get(format!("{}/probes/liveness", self.url())).send().await.is_err() {
+        Ok(())
+    }
+
+    /// Wait up to `timeout` for the process to exit on its own; `None` if it is still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("not started")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
             if Instant::now() > deadline {
-                bail!("server did not start: {}", self.log());
+                return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(())
     }
 
     /// kill -9: no shutdown code runs.

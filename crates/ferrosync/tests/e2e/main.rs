@@ -5,3 +5,4 @@ mod harness;
 mod kill;
 mod node_client;
 mod protocol;
+mod tls;
