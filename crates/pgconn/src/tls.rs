@@ -9,7 +9,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::Socket;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -21,6 +21,9 @@ pub(crate) struct ClientTls {
     /// Name sent and verified instead of the host (`tls_servername`).
     pub servername: Option<String>,
     pem: PemFiles,
+    /// `verify-ca`: a name the server's certificate is valid for, learnt on the first
+    /// connection (see [`ClientTls::replication`]).
+    certificate_name: Arc<Mutex<Option<String>>>,
 }
 
 /// The PEM inputs written to a private directory for the replication connection.
@@ -52,17 +55,22 @@ impl ClientTls {
             }
             _ => builder.with_no_client_auth(),
         };
+        let certificate_name = Arc::new(Mutex::new(None));
         if cfg.sslmode == SslMode::VerifyCa {
             let inner = WebPkiServerVerifier::builder(roots)
                 .build()
                 .map_err(|e| format!("cannot build a certificate verifier: {e}"))?;
-            config.dangerous().set_certificate_verifier(Arc::new(ChainOnly(inner)));
+            config.dangerous().set_certificate_verifier(Arc::new(ChainOnly {
+                inner,
+                certificate_name: certificate_name.clone(),
+            }));
         }
         Ok(Some(ClientTls {
             mode: cfg.sslmode,
             config: Arc::new(config),
             servername: cfg.tls_servername.clone(),
             pem: PemFiles::write(cfg).map_err(|e| format!("cannot write TLS files for the replication connection: {e}"))?,
+            certificate_name,
         }))
     }
 
@@ -75,13 +83,20 @@ impl ClientTls {
 
     /// The same settings for pgwire-replication. It refuses `verify-full` against an IP
     /// address unless a server name is given; the IP itself is what rustls verifies then.
+    /// Its `verify-ca` still fails on a host name mismatch (it only tolerates the error variant
+    /// older rustls versions raised), so for `verify-ca` it is given a name the certificate is
+    /// valid for, learnt from an earlier connection whose chain was verified.
     pub fn replication(&self, host: &str) -> pgwire_replication::TlsConfig {
         let ca = self.pem.ca.clone();
         let mut tls = match self.mode {
             SslMode::VerifyCa => pgwire_replication::TlsConfig::verify_ca(ca),
             _ => pgwire_replication::TlsConfig::verify_full(ca),
         };
-        let sni = self.servername.clone().unwrap_or_else(|| host.to_string());
+        let learnt = match self.mode {
+            SslMode::VerifyCa => self.certificate_name.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            _ => None,
+        };
+        let sni = self.servername.clone().or(learnt).unwrap_or_else(|| host.to_string());
         tls = tls.with_sni_hostname(sni);
         if let Some((cert, key)) = &self.pem.client {
             tls = tls.with_client_cert(cert.clone(), key.clone());
@@ -145,7 +160,10 @@ impl MakeTlsConnect<Socket> for ServerNameConnect {
 
 /// `verify-ca`: the chain must lead to a trusted CA; the host name is not checked.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+    certificate_name: Arc<Mutex<Option<String>>>,
+}
 
 impl ServerCertVerifier for ChainOnly {
     fn verify_server_cert(
@@ -157,8 +175,14 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // webpki checks the name last, after the chain and validity period passed.
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })) => {
+                let name = webpki::EndEntityCert::try_from(end_entity)
+                    .ok()
+                    .and_then(|cert| cert.valid_dns_names().next().map(str::to_string));
+                if name.is_some() {
+                    *self.certificate_name.lock().unwrap_or_else(|e| e.into_inner()) = name;
+                }
                 Ok(ServerCertVerified::assertion())
             }
             other => other,
@@ -171,7 +195,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -180,10 +204,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
