@@ -36,7 +36,9 @@ pub struct PgCluster {
     dir: PathBuf,
     keep_dir: bool,
     port: u16,
-    tls: bool,
+    fsync: bool,
+    /// TLS the server presents ([`PgCluster::start_tls`]); TCP clients must use it.
+    tls: Option<ServerTls>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -91,42 +93,41 @@ impl PgCluster {
             Some(p) => p,
             None => free_port()?,
         };
-        let log = std::fs::File::create(dir.join("postgres.log"))?;
+        // A fresh log per start(); restarts append to it.
+        std::fs::File::create(dir.join("postgres.log"))?;
+        let mut cluster = PgCluster {
+            dir,
+            keep_dir: options.persistent_dir.is_some(),
+            port,
+            fsync: options.fsync,
+            tls,
+            child: None,
+            _tmp: tmp,
+        };
+        cluster.spawn_server()?;
+        Ok(cluster)
+    }
+
+    /// Start the postmaster on this cluster's data directory and port; returns once it
+    /// accepts connections. The log is appended to, so it spans restarts.
+    fn spawn_server(&mut self) -> Result<()> {
+        let bin = find_pg_bin()?;
+        let as_root = is_root();
+        let log_path = self.dir.join("postgres.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         if as_root {
-            chown_postgres(&dir.join("postgres.log"))?;
+            chown_postgres(&log_path)?;
         }
-        let mut tls_args: Vec<String> = Vec::new();
-        if let Some(tls) = &tls {
-            let cert = dir.join("server.crt");
-            let key = dir.join("server.key");
-            let hba = dir.join("pg_hba_tls.conf");
-            write_private(&cert, &tls.cert_pem, as_root)?;
-            write_private(&key, &tls.key_pem, as_root)?;
-            write_private(
-                &hba,
-                "local all all trust\nlocal replication all trust\n\
-                 hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
-                as_root,
-            )?;
-            tls_args.extend([
-                "-c".into(),
-                "ssl=on".into(),
-                "-c".into(),
-                format!("ssl_cert_file={}", cert.display()),
-                "-c".into(),
-                format!("ssl_key_file={}", key.display()),
-                "-c".into(),
-                format!("hba_file={}", hba.display()),
-            ]);
-        }
+        let fsync = self.fsync;
+        let tls_args = self.tls_args(as_root)?;
         let child = run_as_pg(as_root, &bin.join("postgres"))
             .args(&tls_args)
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.display()))
+            .arg(format!("unix_socket_directories={}", self.dir.display()))
             .args([
                 "-c",
                 "wal_level=logical",
@@ -136,29 +137,62 @@ impl PgCluster {
                 "max_wal_senders=20",
             ])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=256MB"])
-            .args(["-c", if options.fsync { "fsync=on" } else { "fsync=off" }])
-            .args([
-                "-c",
-                if options.fsync {
-                    "synchronous_commit=on"
-                } else {
-                    "synchronous_commit=off"
-                },
-            ])
+            .args(["-c", if fsync { "fsync=on" } else { "fsync=off" }])
+            .args(["-c", if fsync { "synchronous_commit=on" } else { "synchronous_commit=off" }])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting postgres")?;
-        let mut cluster = PgCluster {
-            dir,
-            keep_dir: options.persistent_dir.is_some(),
-            port,
-            tls: tls.is_some(),
-            child: Some(child),
-            _tmp: tmp,
-        };
-        cluster.wait_ready()?;
-        Ok(cluster)
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Fast shutdown (as [`stop`](Self::stop)), then start again on the same data directory
+    /// and port; returns once the server accepts connections.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn_server()
+    }
+
+    /// Immediate shutdown (SIGQUIT: no checkpoint, crash recovery at the next start), then
+    /// start again on the same data directory and port.
+    pub fn restart_immediate(&mut self) -> Result<()> {
+        self.stop_with("-QUIT");
+        self.spawn_server()
+    }
+
+    /// Start a server stopped with [`stop`](Self::stop) again (same data directory and port).
+    pub fn resume(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("postgres is already running");
+        }
+        self.spawn_server()
+    }
+
+    /// Server options for TLS (files written into the cluster directory), empty without TLS.
+    fn tls_args(&self, as_root: bool) -> Result<Vec<String>> {
+        let Some(tls) = &self.tls else { return Ok(Vec::new()) };
+        let cert = self.dir.join("server.crt");
+        let key = self.dir.join("server.key");
+        let hba = self.dir.join("pg_hba_tls.conf");
+        write_private(&cert, &tls.cert_pem, as_root)?;
+        write_private(&key, &tls.key_pem, as_root)?;
+        write_private(
+            &hba,
+            "local all all trust\nlocal replication all trust\n\
+             hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
+            as_root,
+        )?;
+        Ok(vec![
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", cert.display()),
+            "-c".into(),
+            format!("ssl_key_file={}", key.display()),
+            "-c".into(),
+            format!("hba_file={}", hba.display()),
+        ])
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -204,13 +238,13 @@ impl PgCluster {
 
     /// Whether TCP clients must use TLS ([`PgCluster::start_tls`]).
     pub fn is_tls(&self) -> bool {
-        self.tls
+        self.tls.is_some()
     }
 
     /// Where [`PgCluster::conn_str`] connects: 127.0.0.1, or the unix socket directory for TLS
     /// clusters (plain connections over TCP are refused there).
     fn pg_host(&self) -> String {
-        if self.tls {
+        if self.tls.is_some() {
             self.dir.display().to_string()
         } else {
             "127.0.0.1".to_string()
@@ -266,11 +300,16 @@ impl PgCluster {
 
     /// Stop the server (fast shutdown) and wait for it.
     pub fn stop(&mut self) {
+        // SIGINT = fast shutdown: terminates sessions, writes a checkpoint.
+        self.stop_with("-INT");
+    }
+
+    fn stop_with(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {
-            // SIGINT = fast shutdown: terminates sessions, writes a checkpoint. When we are root
-            // the child is `runuser`, which does not forward signals: signal the postmaster itself.
+            // When we are root the child is `runuser`, which does not forward signals: signal
+            // the postmaster itself.
             let postmaster = self.postmaster_pid().unwrap_or(child.id());
-            let _ = Command::new("kill").args(["-INT", &postmaster.to_string()]).status();
+            let _ = Command::new("kill").args([signal, &postmaster.to_string()]).status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {

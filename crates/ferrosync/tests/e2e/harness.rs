@@ -38,22 +38,7 @@ impl Service {
         cluster.create_database("todo").await?;
         cluster.create_database("storage").await?;
         cluster.connect("todo").await?.batch_execute(SCHEMA).await?;
-        let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
-        let port = free_port()?;
-        let config = ferrosync_testkit::ServiceConfig {
-            source_uri: cluster.uri_on(host, "todo"),
-            storage_uri: cluster.uri_on(host, "storage"),
-            port,
-            bind_address: Some("127.0.0.1"),
-            rules_path: "sync-rules.yaml",
-            audience: "test-aud",
-            kid: "k1",
-            secret: SECRET,
-            max_connections: None,
-        }
-        .to_yaml_with(conn);
-        std::fs::write(dir.path().join("powersync.yaml"), config)?;
+        let (dir, port) = service_dir(&cluster, host, conn)?;
         Ok(Service {
             cluster,
             dir,
@@ -65,35 +50,13 @@ impl Service {
     /// Start the binary and wait until it answers HTTP.
     pub async fn start(&mut self) -> Result<()> {
         self.spawn()?;
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + T;
-        while client.get(format!("{}/probes/liveness", self.url())).send().await.is_err() {
-            if let Some(status) = self.child.as_mut().context("not started")?.try_wait()? {
-                self.child = None;
-                bail!("server exited ({status}) instead of starting: {}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("server did not start: {}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        let result = wait_started(&self.url(), self.dir.path(), &mut self.child).await;
+        result
     }
 
     /// Start the binary (stderr goes to [`Service::log`]) without waiting for anything.
     pub fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("ferrosync.log"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrosync"))
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("powersync.yaml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
+        self.child = Some(spawn_service(self.dir.path())?);
         Ok(())
     }
 
@@ -111,6 +74,31 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Another process of the same service (same source, storage and rules) on its own port.
+    pub fn peer(&self) -> Result<Peer> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
+        let port = free_port()?;
+        let config = std::fs::read_to_string(self.dir.path().join("powersync.yaml"))?;
+        let config = config.replace(&format!("\nport: {}\n", self.port), &format!("\nport: {port}\n"));
+        std::fs::write(dir.path().join("powersync.yaml"), config)?;
+        Ok(Peer { dir, port, child: None })
+    }
+
+    /// Whether the process is running: `false` once it exited (or was never started).
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Length of the log so far, to read what a later process wrote with [`log_since`](Self::log_since).
+    pub fn log_len(&self) -> usize {
+        self.log().len()
+    }
+
+    pub fn log_since(&self, offset: usize) -> String {
+        self.log().get(offset..).unwrap_or_default().to_string()
     }
 
     /// kill -9: no shutdown code runs.
@@ -137,7 +125,7 @@ impl Service {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ferrosync.log")).unwrap_or_default()
+        read_log(self.dir.path())
     }
 
     pub fn url(&self) -> String {
@@ -153,6 +141,120 @@ impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A second service process sharing a [`Service`]'s cluster (see [`Service::peer`]).
+pub struct Peer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl Peer {
+    pub async fn start(&mut self) -> Result<()> {
+        self.child = Some(spawn_service(self.dir.path())?);
+        let result = wait_started(&self.url(), self.dir.path(), &mut self.child).await;
+        result
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        read_log(self.dir.path())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The service log in `dir`, without the ANSI colour codes (so fields read `key=value`).
+pub fn read_log(dir: &Path) -> String {
+    let raw = std::fs::read_to_string(dir.join("ferrosync.log")).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A directory with the rules and a config for `cluster` (reached as `host`, with `conn`'s TLS
+/// settings) on a free port.
+fn service_dir(cluster: &PgCluster, host: &str, conn: &ConnTls<'_>) -> Result<(tempfile::TempDir, u16)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
+    let port = free_port()?;
+    let config = ferrosync_testkit::ServiceConfig {
+        source_uri: cluster.uri_on(host, "todo"),
+        storage_uri: cluster.uri_on(host, "storage"),
+        port,
+        bind_address: Some("127.0.0.1"),
+        rules_path: "sync-rules.yaml",
+        audience: "test-aud",
+        kid: "k1",
+        secret: SECRET,
+        max_connections: None,
+    }
+    .to_yaml_with(conn);
+    std::fs::write(dir.path().join("powersync.yaml"), config)?;
+    Ok((dir, port))
+}
+
+/// Run the binary on the config in `dir`, logging to `dir/ferrosync.log` (appended).
+fn spawn_service(dir: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ferrosync.log"))?;
+    Ok(Command::new(env!("CARGO_BIN_EXE_ferrosync"))
+        .args(["serve", "--config"])
+        .arg(dir.join("powersync.yaml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Wait until the process at `url` answers its liveness probe; fails at once if it exits.
+async fn wait_started(url: &str, dir: &Path, child: &mut Option<Child>) -> Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + T;
+    while client.get(format!("{url}/probes/liveness")).send().await.is_err() {
+        if let Some(status) = child.as_mut().context("not started")?.try_wait()? {
+            *child = None;
+            bail!("server exited ({status}) instead of starting: {}", read_log(dir));
+        }
+        if Instant::now() > deadline {
+            bail!("server did not start: {}", read_log(dir));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 pub fn token_with(claims: Value, kid: &str, secret: &str) -> String {
@@ -272,6 +374,18 @@ impl ClientState {
             }
         }
         best.into_iter().map(|(k, (_, v))| (k, v)).collect()
+    }
+
+    /// Positions to reopen a stream from at any moment: the checkpoint when it completed,
+    /// otherwise each bucket's last received op (a dropped stream may end mid-checkpoint).
+    pub fn resume_positions(&self) -> Vec<Value> {
+        if self.complete {
+            return self.positions();
+        }
+        self.buckets
+            .iter()
+            .map(|(name, b)| json!({"name": name, "after": b.last_op.to_string()}))
+            .collect()
     }
 
     pub fn positions(&self) -> Vec<Value> {

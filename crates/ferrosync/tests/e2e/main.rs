@@ -1,8 +1,12 @@
 //! End-to-end tests: a throwaway Postgres, the real `ferrosync` binary, and clients speaking
 //! the protocol (a raw HTTP client that checks every checksum, and the real PowerSync Node SDK).
 
+mod chaos;
+mod failover;
 mod harness;
 mod kill;
+mod live;
 mod node_client;
 mod protocol;
+mod restart;
 mod tls;
