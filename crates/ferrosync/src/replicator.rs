@@ -84,7 +84,7 @@ pub async fn run(config: ReplicatorConfig) {
 
 /// One attempt: `Ok` when another process holds the lease, else runs until an error.
 async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<()> {
-    let storage = ferrosync_storage::connect(&config.storage).await?;
+    let storage = ferrosync_storage::connect_for_writes(&config.storage).await?;
     let stream = streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?;
     if lease.is_none() {
         *lease = Some(LeaseConnection::open(&config.storage).await?);
@@ -136,8 +136,8 @@ async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, 
     } else {
         stream
     };
-    let reader = ferrosync_storage::connect(&config.storage).await?;
-    let writer = ferrosync_storage::connect(&config.storage).await?;
+    let reader = ferrosync_storage::connect_for_writes(&config.storage).await?;
+    let writer = ferrosync_storage::connect_for_writes(&config.storage).await?;
     let mut repl = Replication {
         source,
         writer: BucketWriter::new(reader, writer, stream, rules.clone(), config.owner.clone()),

@@ -30,3 +30,12 @@ pub use ferrosync_pgconn::PgEndpoint;
 pub async fn connect(storage: &PgEndpoint) -> Result<tokio_postgres::Client, StorageError> {
     Ok(storage.connect().await?)
 }
+
+/// A storage connection for replication writes. Its commits are durable before they return,
+/// whatever the server's default: the source is acknowledged on that return, so a storage
+/// crash that lost an acknowledged commit would lose the changes for good (and reuse op ids).
+pub async fn connect_for_writes(storage: &PgEndpoint) -> Result<tokio_postgres::Client, StorageError> {
+    let client = storage.connect().await?;
+    client.batch_execute("SET synchronous_commit = on").await?;
+    Ok(client)
+}
