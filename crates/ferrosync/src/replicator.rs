@@ -4,13 +4,14 @@
 //! across source transactions: every event already decoded is applied before one flush and
 //! one checkpoint, and the LSN is acknowledged to Postgres only after that commit returns.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ferrosync_api::probes::ProbeState;
 use ferrosync_config::PostgresConnectionConfig;
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_source::relation::RelationInfo;
 use ferrosync_source::setup;
+use ferrosync_source::slot::slot_health;
 use ferrosync_source::snapshot::{chunk_column, copy_table, estimate_rows};
 use ferrosync_source::{ChangeStream, Lsn, SourceEvent, SourceRow, StreamOptions};
 use ferrosync_storage::lease::LeaseConnection;
@@ -125,11 +126,15 @@ async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, 
     let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
     let slot = stream.slot_name.clone();
     let snapshot_done = stream.snapshot_done;
-    let slot_status = setup::slot_status(&source, &slot).await?;
+    let health = slot_health(&source, &slot).await?;
     tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
-    let fresh_slot = !snapshot_done && slot_status.is_none();
-    let stream = if fresh_slot {
+    let usable = health.as_ref().is_some_and(|h| !h.is_lost());
+    if snapshot_done && !usable {
+        return Err(rebuild_stream(config, storage, &source, id, &slot, health.is_some()).await);
+    }
+    let stream = if !usable {
         // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
+        setup::drop_slot(&source, &slot).await?;
         streams::clear_group(storage, stream.id).await?;
         setup::create_slot(&source, &slot).await?;
         streams::stream_by_id(storage, id).await?.context("replication stream vanished")?
@@ -145,16 +150,91 @@ async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, 
         config: config.clone(),
         tables: HashMap::new(),
     };
-    if !snapshot_done {
-        config.status.set_replication("snapshot", None);
-        repl.initial_snapshot().await?;
-    } else if slot_status.as_deref().is_none_or(|s| s == "lost") {
-        bail!(ferrosync_source::SourceError::SlotInvalid {
-            slot,
-            reason: "the slot is missing or lost; redeploy to rebuild".into()
-        });
+    let replication = async {
+        if !snapshot_done {
+            config.status.set_replication("snapshot", None);
+            repl.initial_snapshot().await?;
+        }
+        repl.stream_changes().await
+    };
+    // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
+    tokio::select! {
+        result = replication => result,
+        error = watch_slot(config, slot.clone()) => Err(error),
     }
-    repl.stream_changes().await
+}
+
+/// How often the slot's health is checked while replicating.
+const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Resolves with an error once the slot is gone or lost; warns while its WAL budget runs low.
+async fn watch_slot(config: &ReplicatorConfig, slot: String) -> anyhow::Error {
+    let client = match connect_source(config).await {
+        Ok(c) => c,
+        Err(e) => return e.context("slot health connection"),
+    };
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(SLOT_CHECK_INTERVAL).await;
+        match slot_health(&client, &slot).await {
+            Ok(Some(h)) if !h.is_lost() => {
+                if h.is_at_risk() && !warned {
+                    tracing::warn!(
+                        slot = %slot,
+                        wal_status = %h.wal_status,
+                        safe_wal_bytes = h.safe_wal_size,
+                        max_slot_wal_keep_size_bytes = h.budget,
+                        "replication slot is close to max_slot_wal_keep_size: if replication does not catch up, Postgres invalidates the slot and a full resync follows (raise max_slot_wal_keep_size or give replication more resources)"
+                    );
+                }
+                warned = h.is_at_risk();
+            }
+            Ok(found) => {
+                let reason = if found.is_some() {
+                    "invalidated (its WAL was removed)"
+                } else {
+                    "missing"
+                };
+                return ferrosync_source::SourceError::SlotInvalid {
+                    slot,
+                    reason: reason.into(),
+                }
+                .into();
+            }
+            Err(e) => return e.into(),
+        }
+    }
+}
+
+/// The slot of a stream that finished its snapshot is gone or lost: its history cannot
+/// continue. Clients keep syncing the stream's last data (it becomes ERRORED) while a new
+/// stream with the same config is built from a fresh snapshot on the next attempt.
+async fn rebuild_stream(
+    config: &ReplicatorConfig,
+    storage: &tokio_postgres::Client,
+    source: &tokio_postgres::Client,
+    id: i64,
+    slot: &str,
+    exists: bool,
+) -> anyhow::Error {
+    let reason = if exists { "invalidated (its WAL was removed)" } else { "missing" };
+    tracing::error!(
+        stream = id,
+        slot,
+        reason,
+        "replication slot is unusable: building a new replication stream from a fresh snapshot; clients keep the last synced data until it is ready"
+    );
+    if let Err(e) = streams::restart_replication(storage, id, &config.owner, &config.source.slot_name_prefix).await {
+        return e.into();
+    }
+    if let Err(e) = setup::drop_slot(source, slot).await {
+        tracing::warn!(slot, error = %e, "could not drop the unusable slot");
+    }
+    ferrosync_source::SourceError::SlotInvalid {
+        slot: slot.to_string(),
+        reason: format!("{reason}; a new replication stream replaces it"),
+    }
+    .into()
 }
 
 impl Replication {

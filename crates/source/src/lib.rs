@@ -11,6 +11,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod relation;
 pub mod setup;
+pub mod slot;
 pub mod snapshot;
 pub mod stream;
 pub mod types;

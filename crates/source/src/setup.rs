@@ -142,17 +142,6 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Does the slot exist, and is it usable? `Ok(None)` = missing.
-pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<String>, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT coalesce(wal_status, 'reserved') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(row.map(|r| r.get(0)))
-}
-
 pub async fn create_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
     client
         .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])

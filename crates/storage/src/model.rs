@@ -65,6 +65,9 @@ pub struct Checkpoint {
 pub enum StreamState {
     Processing,
     Active,
+    /// Its slot was lost: still served to clients, no longer replicated, while a new stream
+    /// with the same config is built.
+    Errored,
     Stop,
     Terminated,
 }
@@ -74,6 +77,7 @@ impl StreamState {
         match self {
             StreamState::Processing => "PROCESSING",
             StreamState::Active => "ACTIVE",
+            StreamState::Errored => "ERRORED",
             StreamState::Stop => "STOP",
             StreamState::Terminated => "TERMINATED",
         }
@@ -83,6 +87,7 @@ impl StreamState {
         Some(match s {
             "PROCESSING" => StreamState::Processing,
             "ACTIVE" => StreamState::Active,
+            "ERRORED" => StreamState::Errored,
             "STOP" => StreamState::Stop,
             "TERMINATED" => StreamState::Terminated,
             _ => return None,

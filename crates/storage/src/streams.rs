@@ -65,15 +65,31 @@ pub async fn stream_for_content(client: &Client, content: &str, slot_prefix: &st
     Ok(stream)
 }
 
-/// The stream clients are served from.
+/// The stream clients are served from (an ERRORED one keeps serving until its replacement is ready).
 pub async fn active_stream(client: &Client) -> Result<Option<StreamRecord>, StorageError> {
     let row = client
         .query_opt(
-            &format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE state = 'ACTIVE' ORDER BY id DESC LIMIT 1"),
+            &format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE state IN ('ACTIVE', 'ERRORED') ORDER BY id DESC LIMIT 1"),
             &[],
         )
         .await?;
     row.as_ref().map(stream_from_row).transpose()
+}
+
+/// Stream `id` lost its slot, so its history cannot continue: it keeps serving clients as
+/// ERRORED (or stops, if it never served) and a new stream with the same content (new id, new
+/// slot, fresh snapshot) is returned. Only the lease holder `owner` may do this.
+pub async fn restart_replication(client: &Client, id: i64, owner: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
+    let row = client
+        .query_opt(
+            "UPDATE ferrosync.sync_rules SET state = CASE state WHEN 'ACTIVE' THEN 'ERRORED' ELSE 'STOP' END
+             WHERE id = $1 AND lock_owner = $2 AND state IN ('ACTIVE', 'PROCESSING') RETURNING content",
+            &[&id, &owner],
+        )
+        .await?
+        .ok_or_else(|| StorageError::LeaseLost(format!("stream {id} is no longer ours to restart")))?;
+    let content: String = row.get(0);
+    stream_for_content(client, &content, slot_prefix).await
 }
 
 /// The stream with id `id`, as stored now.

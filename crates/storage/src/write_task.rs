@@ -340,7 +340,7 @@ async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &N
     check_lease(fenced, group)?;
     if new.activate {
         tx.execute(
-            "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'ACTIVE' AND id <> $1",
+            "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state IN ('ACTIVE', 'ERRORED') AND id <> $1",
             &[&group],
         )
         .await?;
