@@ -85,17 +85,16 @@ pub async fn run(config: ReplicatorConfig) {
 
 /// One attempt: `Ok` when another process holds the lease, else runs until an error.
 async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<()> {
-    let storage = ferrosync_storage::connect_for_writes(&config.storage).await?;
-    let stream = streams::stream_for_content(&storage, &config.rules_content, &config.source.slot_name_prefix).await?;
     if lease.is_none() {
         *lease = Some(LeaseConnection::open(&config.storage).await?);
     }
     let Some(held) = lease.as_ref() else { return Ok(()) };
+    let stream = streams::stream_for_content(held.client(), &config.rules_content, &config.source.slot_name_prefix).await?;
     if !held.try_acquire(stream.id, &config.owner).await? {
         return Ok(());
     }
     tokio::select! {
-        result = replicate(config, &storage, stream.id) => result,
+        result = replicate(config, held.client(), stream.id) => result,
         lost = held.lost() => Err(lost.into()),
     }
 }

@@ -15,14 +15,15 @@ const LEASE_NAMESPACE: i32 = 0x6673_796e;
 /// How often a held lease checks that its connection (and so its lock) is still alive.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A storage connection that can hold replication leases.
+/// A storage connection that can hold replication leases. It also serves the replicator's
+/// occasional stream bookkeeping, so a standby polling for the lease uses this one connection.
 pub struct LeaseConnection {
     client: Client,
 }
 
 impl LeaseConnection {
     pub async fn open(storage: &PgEndpoint) -> Result<LeaseConnection, StorageError> {
-        let client = storage.connect().await?;
+        let client = crate::connect_for_writes(storage).await?;
         // The server must notice a holder that vanished without closing its socket (a network
         // cut, a host that died) within seconds, or it would keep the lock for hours.
         client
@@ -33,6 +34,11 @@ impl LeaseConnection {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// The connection itself, for stream bookkeeping (commits are synchronous).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Take the lease on `stream` for `owner` if nobody holds it; `false` if another live
