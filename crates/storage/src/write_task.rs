@@ -389,4 +389,67 @@ mod tests {
         assert!(!stale.complete, "a range reaching behind the horizon must say so");
         Ok(())
     }
+
+    /// Fencing: once another process holds the lease, this writer's batches and checkpoints
+    /// fail inside their own transaction and nothing of them is committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_lost_the_lease_commits_nothing() -> anyhow::Result<()> {
+        let cluster = PgCluster::start(PgOptions::default())?;
+        cluster.create_database("storage").await?;
+        let storage = crate::PgEndpoint::from_conn_str(&cluster.conn_str("storage"))?;
+        let admin = crate::connect(&storage).await?;
+        crate::schema::migrate(&admin).await?;
+        admin
+            .batch_execute(
+                "INSERT INTO ferrosync.sync_rules (id, content, state, slot_name, lock_owner) VALUES (1, '', 'ACTIVE', 's', 'a')",
+            )
+            .await?;
+        let (jobs, rx) = mpsc::channel(4);
+        let (durable, _) = watch::channel(0);
+        let (committed, committed_rx) = watch::channel(0);
+        let task = tokio::spawn(run(crate::connect(&storage).await?, 1, "a".into(), rx, durable, committed));
+        let checkpoint = |op_id| NewCheckpoint {
+            checkpoint: Checkpoint { op_id, lsn: 100 },
+            activate: false,
+        };
+        let batch = |persisted_op| {
+            Some(Box::new(Batch {
+                buckets: vec!["b".into()],
+                persisted_op,
+                ..Batch::default()
+            }))
+        };
+        jobs.send(Job::Write {
+            seq: 1,
+            batch: batch(5),
+            checkpoint: Some(checkpoint(5)),
+        })
+        .await?;
+        let (tx, done) = oneshot::channel();
+        jobs.send(Job::Sync(tx)).await?;
+        done.await?;
+        assert_eq!(*committed_rx.borrow(), 1, "the lease holder commits");
+
+        // Another process takes over (what LeaseConnection::try_acquire writes).
+        admin
+            .execute("UPDATE ferrosync.sync_rules SET lock_owner = 'b' WHERE id = 1", &[])
+            .await?;
+        jobs.send(Job::Write {
+            seq: 2,
+            batch: batch(9),
+            checkpoint: Some(checkpoint(9)),
+        })
+        .await?;
+        let error = task.await?.expect_err("the fenced write must fail");
+        assert!(matches!(error, StorageError::LeaseLost(_)), "{error}");
+        let row = admin
+            .query_one("SELECT persisted_op, last_checkpoint, (SELECT count(*) FROM ferrosync.bucket_changes) FROM ferrosync.sync_rules WHERE id = 1", &[])
+            .await?;
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)),
+            (5, 5, 1),
+            "nothing of the fenced write is visible"
+        );
+        Ok(())
+    }
 }
