@@ -29,6 +29,8 @@ pub struct ServerTls {
     pub cert_pem: String,
     /// The server certificate's private key.
     pub key_pem: String,
+    /// When set, TCP clients must also present a certificate signed by this CA.
+    pub client_ca_pem: Option<String>,
 }
 
 /// A running PostgreSQL server owned by this process.
@@ -177,13 +179,25 @@ impl PgCluster {
         let hba = self.dir.join("pg_hba_tls.conf");
         write_private(&cert, &tls.cert_pem, as_root)?;
         write_private(&key, &tls.key_pem, as_root)?;
+        let mut args = Vec::new();
+        let client_cert = match &tls.client_ca_pem {
+            Some(ca) => {
+                let path = self.dir.join("client-ca.crt");
+                write_private(&path, ca, as_root)?;
+                args.extend(["-c".to_string(), format!("ssl_ca_file={}", path.display())]);
+                " clientcert=verify-ca"
+            }
+            None => "",
+        };
         write_private(
             &hba,
-            "local all all trust\nlocal replication all trust\n\
-             hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
+            &format!(
+                "local all all trust\nlocal replication all trust\n\
+                 hostssl all all 127.0.0.1/32 trust{client_cert}\nhostssl replication all 127.0.0.1/32 trust{client_cert}\n"
+            ),
             as_root,
         )?;
-        Ok(vec![
+        args.extend(vec![
             "-c".into(),
             "ssl=on".into(),
             "-c".into(),
@@ -192,7 +206,8 @@ impl PgCluster {
             format!("ssl_key_file={}", key.display()),
             "-c".into(),
             format!("hba_file={}", hba.display()),
-        ])
+        ]);
+        Ok(args)
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -446,6 +461,8 @@ pub struct ConnTls<'a> {
     pub cacert: Option<&'a str>,
     /// `tls_servername`.
     pub tls_servername: Option<&'a str>,
+    /// `client_certificate` and `client_private_key` (inline PEM).
+    pub client_cert: Option<(&'a str, &'a str)>,
 }
 
 impl ConnTls<'_> {
@@ -453,14 +470,22 @@ impl ConnTls<'_> {
     fn yaml(&self, indent: usize) -> String {
         let pad = " ".repeat(indent);
         let mut out = format!("{pad}sslmode: {}\n", self.sslmode.unwrap_or("disable"));
-        if let Some(pem) = self.cacert {
-            out.push_str(&format!("{pad}cacert: |\n"));
+        // PEM values as YAML block scalars.
+        let block = |out: &mut String, field: &str, pem: &str| {
+            out.push_str(&format!("{pad}{field}: |\n"));
             for line in pem.lines() {
                 out.push_str(&format!("{pad}  {line}\n"));
             }
+        };
+        if let Some(pem) = self.cacert {
+            block(&mut out, "cacert", pem);
         }
         if let Some(name) = self.tls_servername {
             out.push_str(&format!("{pad}tls_servername: {name}\n"));
+        }
+        if let Some((cert, key)) = self.client_cert {
+            block(&mut out, "client_certificate", cert);
+            block(&mut out, "client_private_key", key);
         }
         out
     }
@@ -534,6 +559,7 @@ mod tests {
             sslmode: Some("verify-full"),
             cacert: Some("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
             tls_servername: None,
+            client_cert: None,
         });
         assert!(yaml.contains(
             "      uri: postgresql://h/todo\n      sslmode: verify-full\n      cacert: |\n        -----BEGIN CERTIFICATE-----\n        AAAA\n        -----END CERTIFICATE-----\nstorage:"

@@ -54,7 +54,21 @@ impl Ca {
         Ok(ServerTls {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            client_ca_pem: None,
         })
+    }
+
+    /// A client certificate for database user `user` (Postgres matches its CN), as (cert, key) PEM.
+    fn client_cert(&self, user: &str) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, user);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 
@@ -265,5 +279,60 @@ async fn tls_failures_name_the_cause() -> Result<()> {
     if !failures.is_empty() {
         bail!("cases failed: {failures:?} (details above)");
     }
+    Ok(())
+}
+
+/// A cluster that also demands a client certificate: with `client_certificate` and
+/// `client_private_key` the service replicates and serves; without them it stops at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_are_presented() -> Result<()> {
+    let ca = Ca::new("ferrosync test CA")?;
+    let client_ca = Ca::new("ferrosync client CA")?;
+    let mut server = ca.server_cert("localhost", false)?;
+    server.client_ca_pem = Some(client_ca.pem.clone());
+    let (cert, key) = client_ca.client_cert("postgres")?;
+    let conn = ConnTls {
+        sslmode: Some("verify-full"),
+        cacert: Some(&ca.pem),
+        client_cert: Some((&cert, &key)),
+        ..ConnTls::default()
+    };
+    let mut svc = Service::with_tls(Some(server.clone()), "localhost", &conn).await?;
+    let db = svc.source().await?;
+    seed(&db, 1, 10, &["u1"]).await?;
+    svc.start().await?;
+    let expected = source_todos(&db, "u1").await?;
+    let mut state = ClientState::default();
+    let mut stream = RawStream::open(&svc.url(), &token("u1"), json!({"buckets": []})).await?;
+    stream
+        .sync_until(&mut state, T, |s| client_todos(s) == expected)
+        .await
+        .with_context(|| svc.log())?;
+    db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'with a client cert', 'u1', id FROM lists LIMIT 1")
+        .await?;
+    stream
+        .sync_until(&mut state, T, |s| client_todos(s).values().any(|d| d == "with a client cert"))
+        .await
+        .with_context(|| svc.log())?;
+    assert_service_sessions_use_tls(&svc).await?;
+
+    let without = ConnTls {
+        sslmode: Some("verify-full"),
+        cacert: Some(&ca.pem),
+        ..ConnTls::default()
+    };
+    let mut refused = Service::with_tls(Some(server), "localhost", &without).await?;
+    refused.spawn()?;
+    let status = refused.wait_exit(Duration::from_secs(20)).await?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "without a client certificate the start fails: {}",
+        refused.log()
+    );
+    assert!(
+        refused.log().contains("certificate"),
+        "the error says a certificate is missing: {}",
+        refused.log()
+    );
     Ok(())
 }
