@@ -9,4 +9,5 @@ mod live;
 mod node_client;
 mod protocol;
 mod restart;
+mod schema_changes;
 mod tls;
