@@ -9,5 +9,6 @@ mod live;
 mod node_client;
 mod protocol;
 mod restart;
+mod schema_changes;
 mod slots;
 mod tls;
