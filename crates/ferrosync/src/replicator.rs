@@ -341,7 +341,11 @@ impl Replication {
         Ok(())
     }
 
-    async fn save_upsert(&mut self, table: &Arc<TableHandle>, keys: &[String], new: SourceRow, old: Option<SourceRow>) -> Result<()> {
+    async fn save_upsert(&mut self, table: &Arc<TableHandle>, keys: &[String], mut new: SourceRow, old: Option<SourceRow>) -> Result<()> {
+        if let Some(old) = &old {
+            // Before the key: under replica identity FULL the key covers every column.
+            new.fill_unchanged_from(old);
+        }
         let key = new.replica_key(keys);
         let before_key = old.map(|o| o.replica_key(keys));
         let (row, unchanged) = new.into_row();

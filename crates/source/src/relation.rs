@@ -58,6 +58,18 @@ impl SourceRow {
         }
         (row, unchanged)
     }
+
+    /// Fill unchanged TOAST columns from the old row version where it has them (replica
+    /// identity FULL logs the whole old row, out-of-line values included).
+    pub fn fill_unchanged_from(&mut self, old: &SourceRow) {
+        for (name, value) in &mut self.columns {
+            if *value == ColumnValue::UnchangedToast {
+                if let Some((_, known @ ColumnValue::Value(_))) = old.columns.iter().find(|(n, _)| n == name) {
+                    *value = known.clone();
+                }
+            }
+        }
+    }
 }
 
 /// Namespace for replica-key UUIDs (v5).
@@ -86,5 +98,44 @@ impl SourceRow {
             }
         }
         uuid::Uuid::new_v5(&KEY_NAMESPACE, &name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(t: &str) -> ColumnValue {
+        ColumnValue::Value(SqliteValue::Text(t.into()))
+    }
+
+    #[test]
+    fn unchanged_toast_is_filled_from_the_old_row_and_keys_agree() {
+        let keys = vec!["id".to_string(), "body".to_string()];
+        let old = SourceRow {
+            columns: vec![("id".into(), text("1")), ("body".into(), text("long")), ("done".into(), text("f"))],
+        };
+        let mut new = SourceRow {
+            columns: vec![
+                ("id".into(), text("1")),
+                ("body".into(), ColumnValue::UnchangedToast),
+                ("done".into(), text("t")),
+            ],
+        };
+        new.fill_unchanged_from(&SourceRow {
+            columns: vec![("id".into(), text("1")), ("body".into(), ColumnValue::UnchangedToast)],
+        });
+        assert_eq!(
+            new.columns[1].1,
+            ColumnValue::UnchangedToast,
+            "an old row without the value leaves it unchanged"
+        );
+        new.fill_unchanged_from(&old);
+        assert_eq!(new.columns[1].1, text("long"));
+        assert_eq!(
+            new.replica_key(&keys),
+            old.replica_key(&keys),
+            "a later delete (old row) finds the row"
+        );
     }
 }
