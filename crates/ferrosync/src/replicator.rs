@@ -1,7 +1,7 @@
 //! The replication pipeline: source (snapshot + pgoutput) -> rules -> storage.
 //!
-//! One replicator per sync config, guarded by a lease in storage ([`LeaseConnection`]). Storage writes are batched
-//! across source transactions: every event already decoded is applied before one flush and
+//! One replicator per sync config, guarded by a lease in storage ([`LeaseConnection`]).
+//! Storage writes are batched across source transactions: every event already decoded is applied before one flush and
 //! one checkpoint, and the LSN is acknowledged to Postgres only after that commit returns.
 
 use anyhow::{Context, Result};
@@ -74,8 +74,11 @@ pub async fn run(config: ReplicatorConfig) {
                 let error = format!("{e:#}");
                 tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication stopped");
                 config.status.set_replication("retrying", Some(error));
-                if lease.as_ref().is_some_and(LeaseConnection::is_closed) {
-                    lease = None;
+                // Let a healthy standby take over while this process waits out its backoff.
+                if let Some(held) = lease.take() {
+                    if held.release().await.is_ok() {
+                        lease = Some(held);
+                    }
                 }
                 tokio::time::sleep(delay).await;
             }

@@ -32,10 +32,6 @@ impl LeaseConnection {
         Ok(LeaseConnection { client })
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
-    }
-
     /// The connection itself, for stream bookkeeping (commits are synchronous).
     pub fn client(&self) -> &Client {
         &self.client
@@ -60,6 +56,12 @@ impl LeaseConnection {
                 .await?;
         }
         Ok(got)
+    }
+
+    /// Give up every lease this connection holds.
+    pub async fn release(&self) -> Result<(), StorageError> {
+        self.client.execute("SELECT pg_advisory_unlock_all()", &[]).await?;
+        Ok(())
     }
 
     /// Resolves once the lease is lost: its connection ended, so the server released the lock.
