@@ -495,6 +495,8 @@ async function handleLine(line) {
 }
 
 async function shutdown(code) {
+  // Closing can hang on a sync loop retrying against a dead server: never outlive this.
+  setTimeout(() => process.exit(code), 5000).unref();
   try {
     if (state.db) {
       await state.db.close();
@@ -509,6 +511,11 @@ async function shutdown(code) {
   protocolOut.write('', () => process.exit(code));
 }
 
+// An orphaned agent (its test process died) must not spin writing into a broken pipe.
+process.stdout.on('error', () => process.exit(1));
+setInterval(() => {
+  if (process.ppid === 1) shutdown(1);
+}, 1000).unref();
 process.on('unhandledRejection', (e) => agentLog(LogLevels.error, 'unhandled rejection', e));
 process.on('uncaughtException', (e) => agentLog(LogLevels.error, 'uncaught exception', e));
 for (const sig of ['SIGTERM', 'SIGINT']) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 const DEFAULT_SEED: u64 = 0x5eed_c4a0_5eed_c4a0;
 const USERS: usize = 20;
-const TODOS: usize = 30_000;
+const TODOS: usize = 60_000;
 /// How long a kill waits for the new process to reach the phase it aims at.
 const PHASE_WAIT: Duration = Duration::from_secs(6);
 

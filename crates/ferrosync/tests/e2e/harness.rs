@@ -297,6 +297,14 @@ pub struct BucketState {
 impl ClientState {
     pub fn apply(&mut self, line: &Value) -> Result<()> {
         if let Some(cp) = line.get("checkpoint") {
+            // A full checkpoint lists every bucket the client keeps; the rest are dropped.
+            let listed: Vec<&str> = cp["buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["bucket"].as_str())
+                .collect();
+            self.buckets.retain(|name, _| listed.contains(&name.as_str()));
             self.checkpoint = Some(cp.clone());
             self.complete = false;
         } else if let Some(diff) = line.get("checkpoint_diff") {
