@@ -54,6 +54,11 @@ async fn postgres_restarts_while_clients_are_live() -> Result<()> {
             }
             Err(e) => problems.push(format!("round {round}: a new /sync/stream while postgres was down: {e:#}")),
         }
+        match readiness(&svc.url()).await {
+            Ok((status, body)) if status != 200 && body["storage"]["ok"] == json!(false) => {}
+            Ok((status, body)) => problems.push(format!("round {round}: readiness while postgres was down: {status} {body}")),
+            Err(e) => problems.push(format!("round {round}: readiness while postgres was down: {e:#}")),
+        }
         watch_alive(&mut svc, DOWN_FOR.saturating_sub(down_at.elapsed()), &mut problems).await;
         tokio::task::block_in_place(|| svc.cluster.resume())?;
         eprintln!("postgres back (round {round}) after {:?}", down_at.elapsed());
@@ -97,6 +102,11 @@ async fn postgres_restarts_while_clients_are_live() -> Result<()> {
     }
     if !svc.alive() {
         problems.push("the service exited".into());
+    }
+    match readiness(&svc.url()).await {
+        Ok((200, body)) if body["storage"]["ok"] == json!(true) && body["replication"]["state"] == json!("streaming") => {}
+        Ok((status, body)) => problems.push(format!("readiness after recovery: {status} {body}")),
+        Err(e) => problems.push(format!("readiness after recovery: {e:#}")),
     }
     if !problems.is_empty() {
         bail!(
@@ -187,4 +197,14 @@ async fn write_u1_todos(conn: String, stop: Arc<AtomicBool>, writes: Arc<AtomicU
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `/probes/readiness`: its status and body (which says what is degraded).
+async fn readiness(url: &str) -> Result<(u16, Value)> {
+    let response = reqwest::Client::new()
+        .get(format!("{url}/probes/readiness"))
+        .timeout(REFUSE_WITHIN)
+        .send()
+        .await?;
+    Ok((response.status().as_u16(), response.json().await?))
 }
