@@ -2,12 +2,13 @@
 //!
 //! By default it sets up its own Postgres (fsync on) with the sample todo schema and data,
 //! starts a service binary, and measures: initial snapshot, idle RSS, storage size, commit →
-//! client latency, incremental replication, one-client downloads (NDJSON and BSON) and fan-out
-//! to many held streams. With `--url` and `--source-uri` it measures an already running
+//! client latency, incremental replication, one-client downloads (NDJSON and BSON), fan-out
+//! to many held streams and `kill -9` failover (with a standby process, and with a restart). With `--url` and `--source-uri` it measures an already running
 //! PowerSync-compatible service instead. Results are printed as a markdown table (with the
 //! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
 mod client;
+mod failover;
 mod load;
 mod phases;
 mod procstat;
@@ -40,6 +41,9 @@ struct Args {
     /// Rounds (one INSERT each) per fan-out size.
     #[arg(long, default_value_t = 5)]
     fanout_rounds: usize,
+    /// kill -9 rounds in the failover phase (each: with a standby, and restart without one).
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
     /// Service binary to start (own mode).
     #[arg(long, default_value = "target/release/ferrosync")]
     bin: PathBuf,
@@ -87,6 +91,7 @@ enum Phase {
     Incremental,
     Download,
     Fanout,
+    Failover,
 }
 
 impl Args {
@@ -116,8 +121,8 @@ impl Args {
     /// Describes the setup for the results heading.
     fn mode(&self) -> String {
         let scale = format!(
-            "rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds",
-            self.rows, self.incremental_rows, self.latency_samples, self.fanout, self.fanout_rounds
+            "rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds",
+            self.rows, self.incremental_rows, self.latency_samples, self.fanout, self.fanout_rounds, self.failover_rounds
         );
         match &self.url {
             Some(url) => format!("external service {url}; {scale}"),
@@ -225,6 +230,17 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
             eprintln!("fan-out stopped: {e:#}");
         }
     }
+    // Last: it kills and restarts service processes.
+    if args.runs(Phase::Failover) {
+        let opts = failover::FailoverOptions {
+            rounds: args.failover_rounds,
+            run_id: run_id.to_string(),
+            timeout: args.stall(),
+        };
+        for (metric, spec, r) in failover::failover(t, &opts).await {
+            record(report, metric, spec, r);
+        }
+    }
     Ok(())
 }
 
@@ -282,12 +298,13 @@ fn scale_notes(args: &Args, report: &mut Report) {
     let skipped: Vec<String> = args.skip.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
     report.notes.push(format!(
         "Scale: {} seeded todos over 1,000 users + 1,000 lists; {} latency samples; {} incremental rows; \
-         downloads best/median of 3; fan-out sizes {:?}, {} rounds each, timeout {} s{}.",
+         downloads best/median of 3; fan-out sizes {:?}, {} rounds each; {} failover rounds; timeout {} s{}.",
         report::thousands(args.rows as u64),
         args.latency_samples,
         report::thousands(args.incremental_rows as u64),
         args.fanout,
         args.fanout_rounds,
+        args.failover_rounds,
         args.timeout_secs,
         if skipped.is_empty() {
             String::new()

@@ -40,7 +40,7 @@ async fn first_complete(t: &mut Target, user: &str, limit: Duration) -> Result<S
 }
 
 /// A list id for new todos (todos.list_id is a foreign key).
-async fn any_list(t: &Target) -> Result<String> {
+pub async fn any_list(t: &Target) -> Result<String> {
     let row = t
         .source
         .query_one("SELECT id::text FROM lists ORDER BY id LIMIT 1", &[])
@@ -208,7 +208,7 @@ pub async fn latency(t: &mut Target, samples: usize, run_id: &str, stall: Durati
     Ok(Row::new(metric, value, &report::LATENCY, Some(t.cpu().since(&cpu0))))
 }
 
-async fn wait_marker(stream: &mut SyncStream, marker: &[u8], stall: Duration) -> Result<()> {
+pub async fn wait_marker(stream: &mut SyncStream, marker: &[u8], stall: Duration) -> Result<()> {
     loop {
         if let (Event::Data { .. }, true) = stream.next_marked(Some(stall), marker).await? {
             return Ok(());

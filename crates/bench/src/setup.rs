@@ -41,7 +41,7 @@ pub struct Target {
     pub service: Option<Service>,
     external_pid: Option<u32>,
     postmaster: Option<u32>,
-    _config_dir: Option<tempfile::TempDir>,
+    config_dir: Option<tempfile::TempDir>,
     cluster: Option<PgCluster>,
 }
 
@@ -82,6 +82,19 @@ impl Target {
         }
     }
 
+    /// Own mode: a second service process (not started) with the same config as the first but
+    /// its own HTTP port and log `<name>.log`, and an endpoint for it. Dropping it kills it.
+    pub fn peer(&self, name: &str) -> Result<(Service, Endpoint)> {
+        let (Some(cluster), Some(dir), Some(first)) = (&self.cluster, &self.config_dir, &self.service) else {
+            bail!("needs a service started by the bench (not --url mode)");
+        };
+        let port = free_port()?;
+        let config = write_config(dir.path(), &format!("{name}.yaml"), cluster, port, &self.endpoint.auth)?;
+        let service = Service::new(&first.bin, &config, &dir.path().join(format!("{name}.log")));
+        let endpoint = Endpoint::new(&format!("http://127.0.0.1:{port}"), self.endpoint.auth.clone())?;
+        Ok((service, endpoint))
+    }
+
     /// Stop the service, then the cluster, in that order.
     pub fn shutdown(&mut self) {
         if let Some(s) = self.service.as_mut() {
@@ -119,7 +132,7 @@ async fn own(opts: &TargetOptions) -> Result<Target> {
         .tempdir()
         .context("config dir")?;
     let port = free_port()?;
-    let config = write_config(dir.path(), &cluster, port, &opts.auth)?;
+    let config = write_config(dir.path(), "powersync.yaml", &cluster, port, &opts.auth)?;
     let service = Service::new(&opts.bin, &config, &dir.path().join("service.log"));
     Ok(Target {
         endpoint: Endpoint::new(&format!("http://127.0.0.1:{port}"), opts.auth.clone())?,
@@ -128,7 +141,7 @@ async fn own(opts: &TargetOptions) -> Result<Target> {
         service: Some(service),
         external_pid: None,
         postmaster: cluster.postmaster_pid(),
-        _config_dir: Some(dir),
+        config_dir: Some(dir),
         cluster: Some(cluster),
     })
 }
@@ -159,7 +172,7 @@ async fn external(opts: &TargetOptions, url: &str, source_uri: &str) -> Result<T
         service: None,
         external_pid: opts.service_pid,
         postmaster: None,
-        _config_dir: None,
+        config_dir: None,
         cluster: None,
     })
 }
@@ -191,7 +204,7 @@ async fn seed(db: &tokio_postgres::Client, rows: i64) -> Result<()> {
     Ok(())
 }
 
-fn write_config(dir: &Path, cluster: &PgCluster, port: u16, auth: &Auth) -> Result<PathBuf> {
+fn write_config(dir: &Path, name: &str, cluster: &PgCluster, port: u16, auth: &Auth) -> Result<PathBuf> {
     std::fs::write(dir.join("sync-rules.yaml"), RULES)?;
     let yaml = ferrosync_testkit::ServiceConfig {
         source_uri: cluster.uri("todo"),
@@ -205,7 +218,7 @@ fn write_config(dir: &Path, cluster: &PgCluster, port: u16, auth: &Auth) -> Resu
         max_connections: Some(12_000),
     }
     .to_yaml();
-    let path = dir.join("powersync.yaml");
+    let path = dir.join(name);
     std::fs::write(&path, yaml).context("writing service config")?;
     Ok(path)
 }
@@ -270,6 +283,53 @@ impl Service {
         Ok(())
     }
 
+    /// Whether the process is running (an exited one is reaped, keeping its CPU).
+    pub fn is_running(&mut self) -> bool {
+        let exited = match self.child.as_mut() {
+            None => return false,
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+        };
+        if exited {
+            self.reap();
+        }
+        !exited
+    }
+
+    /// `kill -9`: SIGKILL now, returning the moment it was sent. The process is not waited for
+    /// (call [`reap`](Self::reap) after whatever is being timed); no shutdown code runs in it.
+    pub fn kill9(&mut self) -> Result<Instant> {
+        let child = self.child.as_mut().context("the service is not running")?;
+        // std's kill() is SIGKILL on Unix.
+        child.kill().context("SIGKILL to the service")?;
+        Ok(Instant::now())
+    }
+
+    /// Wait (up to 10 s, then block) for a killed or exited process and keep its CPU time.
+    pub fn reap(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // As in stop(): read the zombie's final CPU before it is reaped.
+        while Instant::now() < deadline {
+            match procstat::stat(pid) {
+                Some(s) if s.state != 'Z' => std::thread::sleep(Duration::from_millis(1)),
+                _ => break,
+            }
+        }
+        self.finished_cpu += procstat::cpu_secs(pid).unwrap_or(0.0);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// SIGTERM, wait up to 20 s, then SIGKILL.
     pub fn stop(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
@@ -316,12 +376,6 @@ impl Service {
         }
         seen.sort_by_key(|s| std::cmp::Reverse(s.0));
         seen
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 }
 
