@@ -233,12 +233,7 @@ async fn standby_rounds(
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let probe = probe_client()?;
     let limit = opts.timeout;
-    let insert_user = t
-        .source
-        .prepare(&format!(
-            "INSERT INTO todos (description, owner_id, list_id) VALUES ($1, '{USER}', $2::text::uuid)"
-        ))
-        .await?;
+    let insert_user = prepare_insert(t).await?;
     let first_endpoint = t.endpoint.clone();
     let source = &t.source;
     let first = t.service.as_mut().context("no service")?;
@@ -307,12 +302,7 @@ async fn restart(t: &mut Target, opts: &FailoverOptions) -> Result<Row> {
     let list = any_list(t).await?;
     let probe = probe_client()?;
     let limit = opts.timeout;
-    let insert = t
-        .source
-        .prepare(&format!(
-            "INSERT INTO todos (description, owner_id, list_id) VALUES ($1, '{USER}', $2::text::uuid)"
-        ))
-        .await?;
+    let insert = prepare_insert(t).await?;
     let endpoint = t.endpoint.clone();
     let source = &t.source;
     let svc = t.service.as_mut().context("no service")?;
@@ -378,4 +368,13 @@ async fn restart(t: &mut Target, opts: &FailoverOptions) -> Result<Row> {
         &report::FAILOVER_RESTART,
         Some(t.cpu().since(&cpu0)),
     ))
+}
+
+/// The marker INSERT: one todo for the held user, description = marker.
+async fn prepare_insert(t: &Target) -> Result<tokio_postgres::Statement> {
+    Ok(t.source
+        .prepare(&format!(
+            "INSERT INTO todos (description, owner_id, list_id) VALUES ($1, '{USER}', $2::text::uuid)"
+        ))
+        .await?)
 }

@@ -364,7 +364,7 @@ impl Service {
     /// WARN/ERROR lines of the service log, deduplicated (timestamp removed) with counts,
     /// most frequent first.
     pub fn log_summary(&self) -> Vec<(usize, String)> {
-        let text = strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default());
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let mut seen: Vec<(usize, String)> = Vec::new();
         for line in text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
             // tracing's format starts with an RFC 3339 timestamp; drop it so repeats collapse.
@@ -386,22 +386,4 @@ impl Drop for Service {
             let _ = child.wait();
         }
     }
-}
-
-/// Remove ANSI colour sequences (ESC '[' ... letter), in case the service ignores NO_COLOR.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

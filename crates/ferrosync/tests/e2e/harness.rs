@@ -183,24 +183,9 @@ impl Drop for Peer {
     }
 }
 
-/// The service log in `dir`, without the ANSI colour codes (so fields read `key=value`).
+/// The service log in `dir` (plain text: the service writes no colour codes to a file).
 pub fn read_log(dir: &Path) -> String {
-    let raw = std::fs::read_to_string(dir.join("ferrosync.log")).unwrap_or_default();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    std::fs::read_to_string(dir.join("ferrosync.log")).unwrap_or_default()
 }
 
 /// A directory with the rules and a config for `cluster` (reached as `host`, with `conn`'s TLS
