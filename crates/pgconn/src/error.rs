@@ -32,15 +32,6 @@ impl PgConnError {
             },
         }
     }
-
-    /// True for failures that retrying will not fix without a config or server change.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            PgConnError::TlsSettings { .. } | PgConnError::Tls { .. } => true,
-            PgConnError::Timeout { .. } => false,
-            PgConnError::Connect { cause, .. } => cause.contains("password authentication failed") || cause.contains("does not exist"),
-        }
-    }
 }
 
 /// `err: source: source...`, skipping repeats (wrappers often repeat their source's text).
@@ -72,7 +63,7 @@ pub(crate) fn tls_cause(chain: &str, servername: &str) -> Option<String> {
         format!("the server's certificate is not valid yet (check the clocks): {chain}")
     } else if has("does not support TLS") || has("SSLRequest rejected") || has("server does not support") {
         "the server does not accept TLS connections (`sslmode: disable` is only for servers without TLS)".to_string()
-    } else if has("TLS") || has("tls") || has("certificate") {
+    } else if has("TLS handshake") || has("tls error") || has("certificate") {
         chain.to_string()
     } else {
         return None;
