@@ -345,8 +345,10 @@ impl Replication {
     }
 
     async fn save_upsert(&mut self, table: &Arc<TableHandle>, keys: &[String], mut new: SourceRow, old: Option<SourceRow>) -> Result<()> {
-        if let Some(old) = &old {
-            // Before the key: under replica identity FULL the key covers every column.
+        // Only a FULL identity (the tables that keep no image) logs the whole old row; a
+        // key-only old row has NULL in every other column. Filled before the key is taken:
+        // under FULL the key covers every column.
+        if let Some(old) = old.as_ref().filter(|_| !table.store_image) {
             new.fill_unchanged_from(old);
         }
         let key = new.replica_key(keys);

@@ -78,10 +78,13 @@ impl ChangeStream {
             .with_status_interval(Duration::from_secs(1))
             .with_application_name("ferrosync");
         let source = &options.source;
-        let client = match tokio::time::timeout(source.connect_timeout(), ReplicationClient::connect(config)).await {
-            Ok(Ok(client)) => client,
+        // `connect` only spawns the worker; connecting, TLS, authentication and
+        // START_REPLICATION happen in the background, so wait for them here, bounded.
+        let mut client = ReplicationClient::connect(config).await?;
+        match tokio::time::timeout(source.connect_timeout(), client.wait_started()).await {
+            Ok(Ok(())) => {}
             // TLS failures are named like on every other connection.
-            Ok(Err(PgWireError::Tls(e))) => return Err(source.classify(&PgWireError::Tls(e)).into()),
+            Ok(Err(e @ PgWireError::Tls(_))) => return Err(source.classify(&e).into()),
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
                 return Err(SourceError::Unavailable(PgConnError::Timeout {
@@ -89,7 +92,7 @@ impl ChangeStream {
                     secs: source.connect_timeout().as_secs(),
                 }))
             }
-        };
+        }
         let (tx, events) = mpsc::channel(4096);
         let (ack, ack_rx) = watch::channel(Lsn(0));
         let task = tokio::spawn(run(client, tx, ack_rx, options));

@@ -353,15 +353,19 @@ impl BucketWriter {
                 mut row,
                 unchanged,
             } => {
+                // A key change: unchanged TOAST values are in the image stored under the old key.
+                let mut moved_image = None;
                 if let Some(before) = before_key.filter(|b| *b != key) {
-                    let old = state.insert((table.id, before), None).flatten();
+                    let old = state.insert((table.id, before), None).flatten().unwrap_or_default();
                     out.dirty.insert((table.id, before));
-                    self.remove_all(&table, before, old.unwrap_or_default(), out);
+                    moved_image = old.image.clone();
+                    self.remove_all(&table, before, old, out);
                 }
                 let existing = state.get(&(table.id, key)).cloned().flatten().unwrap_or_default();
+                let image = moved_image.as_ref().or(existing.image.as_ref());
                 let mut complete = true;
                 for col in &unchanged {
-                    match existing.image.as_ref().and_then(|img| img.get(col)) {
+                    match image.and_then(|img| img.get(col)) {
                         Some(v) => row.set(col, v.clone()),
                         None => complete = false,
                     }

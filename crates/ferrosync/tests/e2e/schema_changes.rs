@@ -363,6 +363,24 @@ async fn schema_change_replica_identity_full_toast() -> Result<()> {
     Ok(())
 }
 
+/// A key change under the default identity: the old row is key-only (NULL elsewhere), so an
+/// unchanged TOASTed value must come from the image stored under the old key, never the old row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_change_keeps_an_unchanged_toasted_value() -> Result<()> {
+    let mut c = Case::start().await?;
+    let steps = [
+        "INSERT INTO todos (description, owner_id, list_id)
+         SELECT (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 400)), 'u1', id FROM lists LIMIT 1",
+        "UPDATE todos SET id = gen_random_uuid() WHERE length(description) > 10000",
+        "UPDATE todos SET id = gen_random_uuid(), completed = NOT completed WHERE length(description) > 10000",
+    ];
+    for step in steps {
+        c.exec(step).await?;
+        c.u1.converge(&c.db, &c.svc, &format!("DEFAULT identity, after: {step}")).await?;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_change_truncate() -> Result<()> {
     let mut c = Case::start().await?;
