@@ -263,7 +263,13 @@ impl Replication {
         let keys = rel.key_column_names();
         let group = self.writer.stream().id;
         self.writer.sync().await?;
-        let (record, stale) = streams::resolve_table(self.writer.client(), group, rel.oid, &rel.name.schema, &rel.name.name, &keys).await?;
+        let identity = streams::TableIdentity {
+            oid: rel.oid,
+            schema: &rel.name.schema,
+            name: &rel.name.name,
+            key_columns: &keys,
+        };
+        let (record, stale) = streams::resolve_table(self.writer.client(), group, &self.config.owner, &identity).await?;
         if let Some(old) = stale {
             let name = ferrosync_rules::SourceTableName {
                 connection_tag: rel.name.connection_tag.clone(),

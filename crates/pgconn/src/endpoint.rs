@@ -59,13 +59,16 @@ impl PgEndpoint {
 
     fn build(mut config: Config, tls: Option<ClientTls>, label: String) -> PgEndpoint {
         let connect_timeout = config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        // Dead peers (a network cut, a host that vanished) are noticed in ~25 s, not hours.
+        // Dead peers (a network cut, a host that vanished) are noticed in ~25 s, not hours:
+        // keepalives while idle, and a bound on unacknowledged sends while a request is out
+        // (keepalives do not run then, and retransmissions alone take ~15 min to give up).
         config
             .connect_timeout(connect_timeout)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(5))
-            .keepalives_retries(3);
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(30));
         if config.get_application_name().is_none() {
             config.application_name("ferrosync");
         }

@@ -52,7 +52,7 @@ pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
 pub(crate) fn tls_cause(chain: &str, servername: &str) -> Option<String> {
     let has = |needle: &str| chain.contains(needle);
     let cause = if has("received fatal alert") {
-        format!("the server refused the handshake (check client_certificate / client_private_key): {chain}")
+        format!("the server refused the handshake ({chain}); if it requires a client certificate, check client_certificate / client_private_key")
     } else if has("UnknownIssuer") || has("unknown issuer") {
         "the server's certificate is signed by an unknown CA (set `cacert` to the CA that signed it)".to_string()
     } else if has("NotValidForName") || has("not valid for name") {

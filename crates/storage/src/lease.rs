@@ -14,6 +14,9 @@ use tokio_postgres::Client;
 const LEASE_NAMESPACE: i32 = 0x6673_796e;
 /// How often a held lease checks that its connection (and so its lock) is still alive.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// A health check unanswered this long counts as a lost lease (the server drops a silent
+/// session after about 11 s of keepalives, and a standby may then take over).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A storage connection that can hold replication leases. It also serves the replicator's
 /// occasional stream bookkeeping, so a standby polling for the lease uses this one connection.
@@ -23,12 +26,9 @@ pub struct LeaseConnection {
 
 impl LeaseConnection {
     pub async fn open(storage: &PgEndpoint) -> Result<LeaseConnection, StorageError> {
+        // Server-side keepalives (set there): a holder that vanished without closing its socket
+        // loses the lock within seconds, not hours.
         let client = crate::connect_for_writes(storage).await?;
-        // The server must notice a holder that vanished without closing its socket (a network
-        // cut, a host that died) within seconds, or it would keep the lock for hours.
-        client
-            .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3")
-            .await?;
         Ok(LeaseConnection { client })
     }
 
@@ -47,15 +47,26 @@ impl LeaseConnection {
             .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&LEASE_NAMESPACE, &key])
             .await?
             .get(0);
-        if got {
+        if !got {
+            return Ok(false);
+        }
+        // Only a stream that still replicates; and never over an unexpired lease of a process
+        // of the previous (time-based) lease scheme, which does not check the fencing token.
+        let taken = self
+            .client
+            .execute(
+                "UPDATE ferrosync.sync_rules SET lock_owner = $2, lock_expires_at = NULL
+                 WHERE id = $1 AND state IN ('PROCESSING', 'ACTIVE')
+                   AND (lock_expires_at IS NULL OR lock_expires_at < now() OR lock_owner = $2)",
+                &[&stream, &owner],
+            )
+            .await?;
+        if taken == 0 {
             self.client
-                .execute(
-                    "UPDATE ferrosync.sync_rules SET lock_owner = $2, lock_expires_at = NULL WHERE id = $1",
-                    &[&stream, &owner],
-                )
+                .execute("SELECT pg_advisory_unlock($1, $2)", &[&LEASE_NAMESPACE, &key])
                 .await?;
         }
-        Ok(got)
+        Ok(taken == 1)
     }
 
     /// Give up every lease this connection holds.
@@ -64,12 +75,17 @@ impl LeaseConnection {
         Ok(())
     }
 
-    /// Resolves once the lease is lost: its connection ended, so the server released the lock.
+    /// Resolves once the lease may be lost: its connection ended (so the server released the
+    /// lock) or stopped answering (a cut network: the server drops the session in seconds).
     pub async fn lost(&self) -> StorageError {
         loop {
             tokio::time::sleep(HEALTH_INTERVAL).await;
-            if let Err(e) = self.client.simple_query("SELECT 1").await {
-                return StorageError::LeaseLost(format!("the lease connection failed: {e}"));
+            match tokio::time::timeout(HEALTH_TIMEOUT, self.client.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return StorageError::LeaseLost(format!("the lease connection failed: {e}")),
+                Err(_) => {
+                    return StorageError::LeaseLost(format!("the lease connection did not answer within {} s", HEALTH_TIMEOUT.as_secs()))
+                }
             }
         }
     }

@@ -34,8 +34,16 @@ pub async fn connect(storage: &PgEndpoint) -> Result<tokio_postgres::Client, Sto
 /// A storage connection for replication writes. Its commits are durable before they return,
 /// whatever the server's default: the source is acknowledged on that return, so a storage
 /// crash that lost an acknowledged commit would lose the changes for good (and reuse op ids).
+/// The server drops the session soon after its client vanishes (a network cut, a dead host),
+/// so neither the lease nor a row lock of an unfinished transaction outlives the replicator by
+/// more than seconds; lock waits are bounded for the same reason.
 pub async fn connect_for_writes(storage: &PgEndpoint) -> Result<tokio_postgres::Client, StorageError> {
     let client = storage.connect().await?;
-    client.batch_execute("SET synchronous_commit = on").await?;
+    client
+        .batch_execute(
+            "SET synchronous_commit = on; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;
+             SET tcp_keepalives_count = 3; SET idle_in_transaction_session_timeout = '60s'; SET lock_timeout = '15s'",
+        )
+        .await?;
     Ok(client)
 }

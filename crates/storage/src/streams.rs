@@ -41,28 +41,29 @@ pub async fn stream_for_content(client: &Client, content: &str, slot_prefix: &st
     if let Some(r) = existing {
         return stream_from_row(&r);
     }
-    client
-        .execute("UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'PROCESSING'", &[])
-        .await?;
-    let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..4].to_string();
+    let (id, slot) = new_stream_identity(client, slot_prefix).await?;
+    // One statement: nobody ever sees the old streams stopped and no new one yet.
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO ferrosync.sync_rules (content, state, slot_name) VALUES ($1, 'PROCESSING', '')
+                "WITH stopped AS (UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'PROCESSING')
+                 INSERT INTO ferrosync.sync_rules (id, content, state, slot_name) VALUES ($1, $2, 'PROCESSING', $3)
                  RETURNING {STREAM_COLUMNS}"
             ),
-            &[&content],
+            &[&id, &content, &slot],
         )
         .await?;
-    let mut stream = stream_from_row(&row)?;
-    stream.slot_name = format!("{slot_prefix}{}_{suffix}", stream.id);
-    client
-        .execute(
-            "UPDATE ferrosync.sync_rules SET slot_name = $2 WHERE id = $1",
-            &[&stream.id, &stream.slot_name],
-        )
-        .await?;
-    Ok(stream)
+    stream_from_row(&row)
+}
+
+/// A new stream's id and slot name (`<prefix><id>_<4 hex>`), so it is inserted whole.
+async fn new_stream_identity(client: &Client, slot_prefix: &str) -> Result<(i64, String), StorageError> {
+    let id: i64 = client
+        .query_one("SELECT nextval(pg_get_serial_sequence('ferrosync.sync_rules', 'id'))", &[])
+        .await?
+        .get(0);
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..4];
+    Ok((id, format!("{slot_prefix}{id}_{suffix}")))
 }
 
 /// The stream clients are served from (an ERRORED one keeps serving until its replacement is ready).
@@ -78,18 +79,24 @@ pub async fn active_stream(client: &Client) -> Result<Option<StreamRecord>, Stor
 
 /// Stream `id` lost its slot, so its history cannot continue: it keeps serving clients as
 /// ERRORED (or stops, if it never served) and a new stream with the same content (new id, new
-/// slot, fresh snapshot) is returned. Only the lease holder `owner` may do this.
+/// slot, fresh snapshot) is returned, in one statement. Only the lease holder `owner` may do this.
 pub async fn restart_replication(client: &Client, id: i64, owner: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
+    let (new_id, slot) = new_stream_identity(client, slot_prefix).await?;
     let row = client
         .query_opt(
-            "UPDATE ferrosync.sync_rules SET state = CASE state WHEN 'ACTIVE' THEN 'ERRORED' ELSE 'STOP' END
-             WHERE id = $1 AND lock_owner = $2 AND state IN ('ACTIVE', 'PROCESSING') RETURNING content",
-            &[&id, &owner],
+            &format!(
+                "WITH old AS (
+                    UPDATE ferrosync.sync_rules SET state = CASE state WHEN 'ACTIVE' THEN 'ERRORED' ELSE 'STOP' END
+                    WHERE id = $1 AND lock_owner = $2 AND state IN ('ACTIVE', 'PROCESSING') RETURNING content)
+                 INSERT INTO ferrosync.sync_rules (id, content, state, slot_name)
+                 SELECT $3, content, 'PROCESSING', $4 FROM old
+                 RETURNING {STREAM_COLUMNS}"
+            ),
+            &[&id, &owner, &new_id, &slot],
         )
         .await?
-        .ok_or_else(|| StorageError::LeaseLost(format!("stream {id} is no longer ours to restart")))?;
-    let content: String = row.get(0);
-    stream_for_content(client, &content, slot_prefix).await
+        .ok_or_else(|| StorageError::LeaseLost(format!("stream {id} is no longer replicated by this process")))?;
+    stream_from_row(&row)
 }
 
 /// The stream with id `id`, as stored now.
@@ -100,44 +107,69 @@ pub async fn stream_by_id(client: &Client, id: i64) -> Result<Option<StreamRecor
     row.as_ref().map(stream_from_row).transpose()
 }
 
+/// What identifies a source table to a stream: a change in any of it means a new table record.
+pub struct TableIdentity<'a> {
+    pub oid: u32,
+    pub schema: &'a str,
+    pub name: &'a str,
+    pub key_columns: &'a [String],
+}
+
+/// Taken only while `owner` holds the stream's lease (a fenced-out replicator changes nothing);
+/// `FOR SHARE` waits for a takeover in progress and then sees its outcome.
+const OWNED: &str = "EXISTS (SELECT 1 FROM ferrosync.sync_rules WHERE id = $1 AND lock_owner = $2 FOR SHARE)";
+
 /// The stream's record of a source table, creating it if new. A table whose oid or key
 /// columns changed gets a fresh record; the stale one is returned second so its rows can be removed.
 pub async fn resolve_table(
     client: &Client,
     group: i64,
-    oid: u32,
-    schema: &str,
-    name: &str,
-    key_columns: &[String],
+    owner: &str,
+    table: &TableIdentity<'_>,
 ) -> Result<(SourceTableRecord, Option<SourceTableRecord>), StorageError> {
+    let oid = i64::from(table.oid);
     let rows = client
         .query(
             "SELECT id, relation_oid, schema_name, table_name, key_columns, snapshot_done, snapshot_last_key, snapshot_rows
              FROM ferrosync.source_tables WHERE group_id = $1 AND ((schema_name = $2 AND table_name = $3) OR relation_oid = $4)",
-            &[&group, &schema, &name, &i64::from(oid)],
+            &[&group, &table.schema, &table.name, &oid],
         )
         .await?;
     let mut stale = None;
     for r in rows {
         let record = table_from_row(&r);
-        if record.relation_oid == oid && record.schema == schema && record.name == name && record.key_columns == key_columns {
+        if record.relation_oid == table.oid
+            && record.schema == table.schema
+            && record.name == table.name
+            && record.key_columns == table.key_columns
+        {
             return Ok((record, None));
         }
         stale = Some(record);
     }
+    let fenced = || StorageError::LeaseLost(format!("another process took over replication stream {group}"));
     if let Some(old) = &stale {
-        client
-            .execute("DELETE FROM ferrosync.source_tables WHERE id = $1", &[&old.id])
+        let deleted = client
+            .execute(
+                &format!("DELETE FROM ferrosync.source_tables WHERE id = $3 AND {OWNED}"),
+                &[&group, &owner, &old.id],
+            )
             .await?;
+        if deleted == 0 {
+            return Err(fenced());
+        }
     }
     let r = client
-        .query_one(
-            "INSERT INTO ferrosync.source_tables (group_id, relation_oid, schema_name, table_name, key_columns)
-             VALUES ($1, $2, $3, $4, $5)
-             RETURNING id, relation_oid, schema_name, table_name, key_columns, snapshot_done, snapshot_last_key, snapshot_rows",
-            &[&group, &i64::from(oid), &schema, &name, &key_columns],
+        .query_opt(
+            &format!(
+                "INSERT INTO ferrosync.source_tables (group_id, relation_oid, schema_name, table_name, key_columns)
+                 SELECT $1, $3::int8, $4::text, $5::text, $6::text[] WHERE {OWNED}
+                 RETURNING id, relation_oid, schema_name, table_name, key_columns, snapshot_done, snapshot_last_key, snapshot_rows"
+            ),
+            &[&group, &owner, &oid, &table.schema, &table.name, &table.key_columns],
         )
-        .await?;
+        .await?
+        .ok_or_else(fenced)?;
     Ok((table_from_row(&r), stale))
 }
 

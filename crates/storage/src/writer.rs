@@ -607,9 +607,13 @@ impl BucketWriter {
 }
 
 impl Drop for BucketWriter {
-    /// Stop the write task with the writer: a transaction in flight rolls back (its LSN was
-    /// never acknowledged), and no write outlives a replicator that is shutting down or about
-    /// to be replaced by a fresh one reading `persisted_op`.
+    /// Stop the write task with the writer. A transaction in flight rolls back, unless its
+    /// COMMIT was already sent, in which case the server may still commit it. Either way its
+    /// LSN was never acknowledged. A successor (or this process's next attempt) cannot read
+    /// `persisted_op` before that commit: taking the lease updates the `sync_rules` row, whose
+    /// lock the in-flight transaction holds (its fencing UPDATE), so the takeover waits for it.
+    /// Keep the fencing check an UPDATE for that reason: a plain SELECT would not wait, and
+    /// op ids could be handed out twice.
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();

@@ -69,9 +69,9 @@ impl<S: SyncStorage> CheckpointHub<S> {
         tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             let mut current: Option<HubState> = None;
+            let mut write_seq = 0;
             loop {
                 let Some(hub) = weak.upgrade() else { return };
-                let mut write_seq = 0;
                 if let Err(e) = hub
                     .follow(&listen, &tx, &rules_options, &mut current, &mut write_seq, &mut backoff)
                     .await
@@ -172,6 +172,18 @@ impl<S: SyncStorage> CheckpointHub<S> {
             Some(state) if state.group == stream.id => {
                 if is_newer(stream.checkpoint, state.checkpoint) {
                     self.advance(state.group, state.checkpoint.op_id, stream.checkpoint.op_id).await?;
+                    state.checkpoint = stream.checkpoint;
+                    tx.send_replace(Some(state.clone()));
+                } else if stream.checkpoint.op_id < state.checkpoint.op_id {
+                    // Storage went back (restored from a backup, a lagging replica): what the
+                    // cache holds past its checkpoint does not exist there. Start over.
+                    tracing::warn!(
+                        group = state.group,
+                        from = state.checkpoint.op_id,
+                        to = stream.checkpoint.op_id,
+                        "bucket storage went back to an older checkpoint; rebuilding the checkpoint cache"
+                    );
+                    self.reset(state.group, stream.checkpoint.op_id);
                     state.checkpoint = stream.checkpoint;
                     tx.send_replace(Some(state.clone()));
                 }
