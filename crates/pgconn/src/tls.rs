@@ -177,9 +177,10 @@ impl ServerCertVerifier for ChainOnly {
         // webpki checks the name last, after the chain and validity period passed.
         match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })) => {
+                // A wildcard name is not a valid server name: any label under it is.
                 let name = webpki::EndEntityCert::try_from(end_entity)
                     .ok()
-                    .and_then(|cert| cert.valid_dns_names().next().map(str::to_string));
+                    .and_then(|cert| cert.valid_dns_names().next().map(|n| n.replacen('*', "replication", 1)));
                 if name.is_some() {
                     *self.certificate_name.lock().unwrap_or_else(|e| e.into_inner()) = name;
                 }
