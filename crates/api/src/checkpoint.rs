@@ -37,19 +37,33 @@ pub async fn write_checkpoint(
         .source
         .as_ref()
         .ok_or_else(|| ServiceError::new("PSYNC_S2302", 500, "No replication source is configured"))?;
-    let source = source.get().await.map_err(|e| ServiceError::internal(e.to_string()))?;
-    let head = ferrosync_source::setup::current_lsn(&source)
-        .await
-        .map_err(|e| ServiceError::internal(e.to_string()))?;
     let key = user_key(&auth.user_id, query.client_id.as_deref());
-    let id = state
-        .hub
-        .storage()
-        .create_write_checkpoint(&key, head.0)
-        .await
-        .map_err(|e| ServiceError::internal(e.to_string()))?;
-    ferrosync_source::setup::emit_ping(&source)
-        .await
-        .map_err(|e| ServiceError::internal(e.to_string()))?;
+    // A silent network closes nothing: bound the whole request rather than hang the client.
+    let created = async {
+        let source = source.get().await.map_err(|e| ServiceError::internal(e.to_string()))?;
+        let head = ferrosync_source::setup::current_lsn(&source)
+            .await
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        let id = state
+            .hub
+            .storage()
+            .create_write_checkpoint(&key, head.0)
+            .await
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        ferrosync_source::setup::emit_ping(&source)
+            .await
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        Ok::<_, ServiceError>(id)
+    };
+    let id = tokio::time::timeout(WRITE_CHECKPOINT_TIMEOUT, created).await.map_err(|_| {
+        ServiceError::new(
+            "PSYNC_S2003",
+            503,
+            "The source or bucket storage did not answer in time; retry shortly",
+        )
+    })??;
     Ok(Json(json!({ "data": { "write_checkpoint": id.to_string() } })))
 }
+
+/// Longest a write checkpoint request waits for the source and storage.
+const WRITE_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);

@@ -168,6 +168,8 @@ async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, 
 
 /// How often the slot's health is checked while replicating.
 const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// A slot health check unanswered this long means the source is unreachable: start over.
+const SLOT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves with an error once the slot is gone or lost; warns while its WAL budget runs low.
 async fn watch_slot(config: &ReplicatorConfig, slot: String) -> anyhow::Error {
@@ -178,7 +180,16 @@ async fn watch_slot(config: &ReplicatorConfig, slot: String) -> anyhow::Error {
     let mut warned = false;
     loop {
         tokio::time::sleep(SLOT_CHECK_INTERVAL).await;
-        match slot_health(&client, &slot).await {
+        let health = match tokio::time::timeout(SLOT_CHECK_TIMEOUT, slot_health(&client, &slot)).await {
+            Ok(result) => result,
+            Err(_) => {
+                return anyhow::anyhow!(
+                    "the source did not answer the slot health check within {} s (network cut?)",
+                    SLOT_CHECK_TIMEOUT.as_secs()
+                )
+            }
+        };
+        match health {
             Ok(Some(h)) if !h.is_lost() => {
                 if h.is_at_risk() && !warned {
                     tracing::warn!(

@@ -9,14 +9,23 @@ use tokio_postgres::Notification;
 /// Receives a message per checkpoint notification until the connection drops.
 pub struct CheckpointListener {
     rx: mpsc::UnboundedReceiver<Notification>,
-    _client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
 }
 
 impl CheckpointListener {
     pub async fn connect(storage: &PgEndpoint) -> Result<CheckpointListener, StorageError> {
         let (client, rx) = storage.connect_listening().await?;
         client.batch_execute(&format!("LISTEN {CHECKPOINT_CHANNEL}")).await?;
-        Ok(CheckpointListener { rx, _client: client })
+        Ok(CheckpointListener { rx, client })
+    }
+
+    /// Does the connection still answer within `limit`? A silent network (a cut, a stuck
+    /// proxy) closes nothing, and a LISTEN connection otherwise only ever waits.
+    pub async fn check(&self, limit: std::time::Duration) -> Result<(), StorageError> {
+        match tokio::time::timeout(limit, self.client.simple_query("SELECT 1")).await {
+            Ok(result) => result.map(|_| ()).map_err(StorageError::from),
+            Err(_) => Err(StorageError::ConnectionLost("the checkpoint listener connection stopped answering")),
+        }
     }
 
     /// Next notification payload; `None` once the connection is lost.

@@ -15,6 +15,11 @@ use tokio::sync::watch;
 
 /// How many recent checkpoints' lookup changes are kept for connections that fall behind.
 const LOOKUP_HISTORY: usize = 256;
+/// While no checkpoint arrives, how often the LISTEN connection is checked, and how long it
+/// may take to answer: storage that went silent is reported (and streams refused) within
+/// about these two together.
+const LISTENER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most ops one checkpoint step may have for the hub to keep them in memory.
 const STEP_OPS: usize = 10_000;
 
@@ -149,7 +154,12 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 self.set_storage_error(None);
             }
             let lost = || StorageError::ConnectionLost("the checkpoint listener connection closed");
-            let mut payload = listener.recv().await.ok_or_else(lost)?;
+            let mut payload = loop {
+                tokio::select! {
+                    payload = listener.recv() => break payload.ok_or_else(lost)?,
+                    () = tokio::time::sleep(LISTENER_CHECK_INTERVAL) => listener.check(LISTENER_CHECK_TIMEOUT).await?,
+                }
+            };
             // Checkpoints queued meanwhile: jump straight to the newest.
             while let Some(next) = listener.try_recv().ok_or_else(lost)? {
                 payload = next;
