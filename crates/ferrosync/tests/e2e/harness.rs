@@ -47,6 +47,23 @@ impl Service {
         })
     }
 
+    /// Point the config's source and storage connections at `127.0.0.1:port` (e.g. a proxy in
+    /// front of the cluster) instead of the cluster itself; call before starting.
+    pub fn via_port(&self, port: u16) -> Result<()> {
+        let path = self.dir.path().join("powersync.yaml");
+        let mut config = std::fs::read_to_string(&path)?;
+        let (from, to) = (format!(":{}/", self.cluster.port()), format!(":{port}/"));
+        for db in ["todo", "storage"] {
+            let uri = self.cluster.uri(db);
+            if !config.contains(&uri) {
+                bail!("the config does not name {uri}: {config}");
+            }
+            config = config.replace(&uri, &uri.replace(&from, &to));
+        }
+        std::fs::write(path, config)?;
+        Ok(())
+    }
+
     /// Start the binary and wait until it answers HTTP.
     pub async fn start(&mut self) -> Result<()> {
         self.spawn()?;

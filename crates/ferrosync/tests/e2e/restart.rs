@@ -200,7 +200,7 @@ async fn write_u1_todos(conn: String, stop: Arc<AtomicBool>, writes: Arc<AtomicU
 }
 
 /// `/probes/readiness`: its status and body (which says what is degraded).
-async fn readiness(url: &str) -> Result<(u16, Value)> {
+pub async fn readiness(url: &str) -> Result<(u16, Value)> {
     let response = reqwest::Client::new()
         .get(format!("{url}/probes/readiness"))
         .timeout(REFUSE_WITHIN)
