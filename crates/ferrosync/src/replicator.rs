@@ -43,6 +43,8 @@ pub struct ReplicatorConfig {
 /// How often a standby checks whether the lease holder is gone. Takeover happens within this
 /// interval of the holder's death (its lease connection closes with it).
 const STANDBY_POLL: Duration = Duration::from_millis(250);
+/// Longest wait for the storage to confirm a lease release before the connection is dropped.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// An attempt that ran this long was healthy: the next failure starts the backoff afresh.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
@@ -74,9 +76,10 @@ pub async fn run(config: ReplicatorConfig) {
                 let error = format!("{e:#}");
                 tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication stopped");
                 config.status.set_replication("retrying", Some(error));
-                // Let a healthy standby take over while this process waits out its backoff.
+                // Let a healthy standby take over while this process waits out its backoff. A
+                // lease connection that does not answer is dropped (which also ends the lock).
                 if let Some(held) = lease.take() {
-                    if held.release().await.is_ok() {
+                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_TIMEOUT, held.release()).await {
                         lease = Some(held);
                     }
                 }

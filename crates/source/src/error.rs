@@ -15,7 +15,7 @@ pub enum SourceError {
     Replication(#[from] pgwire_replication::PgWireError),
     /// No connection to the source could be made (down, unreachable, TLS refused...).
     #[error("[PSYNC_S1101] source database unreachable: {0}")]
-    Unavailable(#[from] ferrosync_pgconn::PgConnError),
+    Unavailable(ferrosync_pgconn::PgConnError),
     /// pgoutput bytes we could not decode (a bug or an unsupported server feature).
     #[error("[PSYNC_S1004] could not decode replication message: {0}")]
     Decode(String),
@@ -24,5 +24,12 @@ pub enum SourceError {
 impl SourceError {
     pub(crate) fn decode(msg: impl Into<String>) -> Self {
         SourceError::Decode(msg.into())
+    }
+}
+
+/// Not a `source`: the message already carries the cause, and error chains would repeat it.
+impl From<ferrosync_pgconn::PgConnError> for SourceError {
+    fn from(e: ferrosync_pgconn::PgConnError) -> Self {
+        SourceError::Unavailable(e)
     }
 }

@@ -6,7 +6,7 @@ pub enum StorageError {
     Postgres(#[from] tokio_postgres::Error),
     /// No connection to bucket storage could be made (down, unreachable, TLS refused...).
     #[error("[PSYNC_S2401] bucket storage unreachable: {0}")]
-    Unavailable(#[from] ferrosync_pgconn::PgConnError),
+    Unavailable(ferrosync_pgconn::PgConnError),
     #[error("[PSYNC_S2402] corrupt data in bucket storage: {0}")]
     Corrupt(String),
     /// This replicator no longer holds the stream's lease (another process took over): its
@@ -22,4 +22,11 @@ pub enum StorageError {
     /// The replication write task ended without reporting a storage error.
     #[error("[PSYNC_S2401] bucket storage writer stopped: {0}")]
     WriterStopped(String),
+}
+
+/// Not a `source`: the message already carries the cause, and error chains would repeat it.
+impl From<ferrosync_pgconn::PgConnError> for StorageError {
+    fn from(e: ferrosync_pgconn::PgConnError) -> Self {
+        StorageError::Unavailable(e)
+    }
 }
