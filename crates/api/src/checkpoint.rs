@@ -40,19 +40,10 @@ pub async fn write_checkpoint(
     let key = user_key(&auth.user_id, query.client_id.as_deref());
     // A silent network closes nothing: bound the whole request rather than hang the client.
     let created = async {
-        let source = source.get().await.map_err(|e| ServiceError::internal(e.to_string()))?;
-        let head = ferrosync_source::setup::current_lsn(&source)
-            .await
-            .map_err(|e| ServiceError::internal(e.to_string()))?;
-        let id = state
-            .hub
-            .storage()
-            .create_write_checkpoint(&key, head.0)
-            .await
-            .map_err(|e| ServiceError::internal(e.to_string()))?;
-        ferrosync_source::setup::emit_ping(&source)
-            .await
-            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        let source = source.get().await.map_err(internal)?;
+        let head = ferrosync_source::setup::current_lsn(&source).await.map_err(internal)?;
+        let id = state.hub.storage().create_write_checkpoint(&key, head.0).await.map_err(internal)?;
+        ferrosync_source::setup::emit_ping(&source).await.map_err(internal)?;
         Ok::<_, ServiceError>(id)
     };
     let id = tokio::time::timeout(WRITE_CHECKPOINT_TIMEOUT, created).await.map_err(|_| {
@@ -67,3 +58,7 @@ pub async fn write_checkpoint(
 
 /// Longest a write checkpoint request waits for the source and storage.
 const WRITE_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+fn internal(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::internal(e.to_string())
+}

@@ -17,12 +17,22 @@ pub struct ProbeState {
     replication: Mutex<ReplicationStatus>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct ReplicationStatus {
     /// `disabled` (no source), `standby`, `snapshot`, `streaming` or `retrying`.
     state: &'static str,
     error: Option<String>,
     since: u64,
+}
+
+impl Default for ReplicationStatus {
+    fn default() -> Self {
+        ReplicationStatus {
+            state: "disabled",
+            error: None,
+            since: 0,
+        }
+    }
 }
 
 impl ProbeState {
@@ -47,11 +57,6 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
     let storage_error = state.hub.storage_error();
     let ready = active && storage_error.is_none();
     let replication = state.probes.replication();
-    let replication_state = if replication.state.is_empty() {
-        "disabled"
-    } else {
-        replication.state
-    };
     (
         ready,
         json!({
@@ -59,7 +64,7 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
             "ready": ready,
             "touched_at": unix_now().to_string(),
             "storage": { "ok": storage_error.is_none(), "error": storage_error },
-            "replication": { "state": replication_state, "since": replication.since, "error": replication.error },
+            "replication": { "state": replication.state, "since": replication.since, "error": replication.error },
         }),
     )
 }

@@ -206,19 +206,23 @@ async fn watch_slot(config: &ReplicatorConfig, slot: String) -> anyhow::Error {
                 warned = h.is_at_risk();
             }
             Ok(found) => {
-                let reason = if found.is_some() {
-                    "invalidated (its WAL was removed)"
-                } else {
-                    "missing"
-                };
                 return ferrosync_source::SourceError::SlotInvalid {
                     slot,
-                    reason: reason.into(),
+                    reason: slot_problem(found.is_some()).into(),
                 }
                 .into();
             }
             Err(e) => return e.into(),
         }
+    }
+}
+
+/// What is wrong with an unusable slot: it exists but lost its WAL, or it is gone.
+fn slot_problem(exists: bool) -> &'static str {
+    if exists {
+        "invalidated (its WAL was removed)"
+    } else {
+        "missing"
     }
 }
 
@@ -233,7 +237,7 @@ async fn rebuild_stream(
     slot: &str,
     exists: bool,
 ) -> anyhow::Error {
-    let reason = if exists { "invalidated (its WAL was removed)" } else { "missing" };
+    let reason = slot_problem(exists);
     tracing::error!(
         stream = id,
         slot,
