@@ -356,9 +356,9 @@ impl BucketWriter {
                 // A key change: unchanged TOAST values are in the image stored under the old key.
                 let mut moved_image = None;
                 if let Some(before) = before_key.filter(|b| *b != key) {
-                    let old = state.insert((table.id, before), None).flatten().unwrap_or_default();
+                    let mut old = state.insert((table.id, before), None).flatten().unwrap_or_default();
                     out.dirty.insert((table.id, before));
-                    moved_image = old.image.clone();
+                    moved_image = old.image.take();
                     self.remove_all(&table, before, old, out);
                 }
                 let existing = state.get(&(table.id, key)).cloned().flatten().unwrap_or_default();
