@@ -137,14 +137,7 @@ impl Scope {
                     return Err(format!("{kind:?} not supported here"));
                 }
                 let name = data_type.to_string().to_lowercase();
-                let t = match name.as_str() {
-                    "text" => CastType::Text,
-                    "integer" => CastType::Integer,
-                    "real" => CastType::Real,
-                    "numeric" => CastType::Numeric,
-                    "blob" => CastType::Blob,
-                    _ => return Err(format!("CAST not supported for '{name}'")),
-                };
+                let t = cast_type(&name).ok_or_else(|| format!("CAST not supported for '{name}'"))?;
                 let (x, d) = self.expr(expr)?;
                 Ok((Expr::Cast(Box::new(x), t), self.combine(&[d])?))
             }
@@ -233,7 +226,19 @@ impl Scope {
     }
 }
 
-fn literal(v: &Value) -> Result<SqliteValue, String> {
+/// The CAST target for a (lower-case) type name.
+pub(crate) fn cast_type(name: &str) -> Option<CastType> {
+    Some(match name {
+        "text" => CastType::Text,
+        "integer" => CastType::Integer,
+        "real" => CastType::Real,
+        "numeric" => CastType::Numeric,
+        "blob" => CastType::Blob,
+        _ => return None,
+    })
+}
+
+pub(crate) fn literal(v: &Value) -> Result<SqliteValue, String> {
     Ok(match v {
         Value::Number(n, _) => {
             if n.contains(['.', 'e', 'E']) {
@@ -253,7 +258,7 @@ fn literal(v: &Value) -> Result<SqliteValue, String> {
     })
 }
 
-fn bin_op(op: &BinaryOperator) -> Result<BinOp, String> {
+pub(crate) fn bin_op(op: &BinaryOperator) -> Result<BinOp, String> {
     Ok(match op {
         BinaryOperator::Eq => BinOp::Eq,
         BinaryOperator::NotEq => BinOp::NotEq,
@@ -275,7 +280,7 @@ fn bin_op(op: &BinaryOperator) -> Result<BinOp, String> {
 }
 
 /// A short name for an unsupported expression kind.
-fn expr_kind(e: &SqlExpr) -> String {
+pub(crate) fn expr_kind(e: &SqlExpr) -> String {
     let dbg = format!("{e:?}");
     dbg.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("Expression").to_string()
 }

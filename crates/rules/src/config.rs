@@ -48,11 +48,24 @@ pub(crate) struct RawDefinition {
     pub accept_dangerous: bool,
 }
 
+/// A raw stream definition from YAML.
+pub(crate) struct RawStream {
+    pub name: String,
+    pub queries: Vec<String>,
+    /// Stream-local CTEs (name, SQL).
+    pub ctes: Vec<(String, String)>,
+    pub auto_subscribe: bool,
+    pub priority: u8,
+}
+
 /// The structurally-validated file.
 pub(crate) struct RawRules {
     pub compatibility: Compatibility,
     pub storage_version: u32,
     pub definitions: Vec<RawDefinition>,
+    pub streams: Vec<RawStream>,
+    /// Global CTEs (name, SQL).
+    pub ctes: Vec<(String, String)>,
 }
 
 const PRIORITY_ERROR: &str = "Invalid priority, expected a number between 0 and 3 (inclusive).";
@@ -204,6 +217,83 @@ fn parse_definition(name: String, v: &Value, errors: &mut Vec<RuleIssue>) -> Opt
     Some(def)
 }
 
+fn sql_map(v: &Value, what: &str, errors: &mut Vec<RuleIssue>) -> Vec<(String, String)> {
+    let Value::Mapping(m) = v else {
+        errors.push(RuleIssue::new(format!("'{what}' must be an object")));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in m {
+        match v.as_str() {
+            Some(sql) => out.push((key_str(k), sql.to_string())),
+            None => errors.push(RuleIssue::new(format!("'{what}.{}' must be a SQL string", key_str(k)))),
+        }
+    }
+    out
+}
+
+fn parse_stream(name: String, v: &Value, edition: u32, errors: &mut Vec<RuleIssue>) -> Option<RawStream> {
+    let Value::Mapping(map) = v else {
+        errors.push(RuleIssue::at(format!("'{name}' stream definition must be an object"), &name, None));
+        return None;
+    };
+    let mut stream = RawStream {
+        name: name.clone(),
+        queries: Vec::new(),
+        ctes: Vec::new(),
+        auto_subscribe: false,
+        priority: 3,
+    };
+    let (mut query, mut queries) = (None, None);
+    for (k, v) in map {
+        let key = key_str(k);
+        match key.as_str() {
+            "query" => match v.as_str() {
+                Some(q) => query = Some(q.to_string()),
+                None => errors.push(RuleIssue::at("'query' must be a SQL string", &name, None)),
+            },
+            "queries" if edition < 3 => errors.push(RuleIssue::at(
+                "Multiple queries not supported without the `sync_config_compiler` option.",
+                &name,
+                None,
+            )),
+            "queries" => queries = Some(string_list(v, "queries", &name, errors)),
+            "with" if edition < 3 => errors.push(RuleIssue::at(
+                "Common table expressions are not supported without the `sync_config_compiler` option.",
+                &name,
+                None,
+            )),
+            "with" => stream.ctes = sql_map(v, &format!("{name}.with"), errors),
+            "auto_subscribe" => match v.as_bool() {
+                Some(b) => stream.auto_subscribe = b,
+                None => errors.push(RuleIssue::at("auto_subscribe must be a boolean", &name, None)),
+            },
+            "priority" => match v.as_u64() {
+                Some(p @ 0..=3) => stream.priority = p as u8,
+                _ => errors.push(RuleIssue::at(PRIORITY_ERROR, &name, None)),
+            },
+            "accept_potentially_dangerous_queries" => {
+                if v.as_bool().is_none() {
+                    errors.push(RuleIssue::at("accept_potentially_dangerous_queries must be a boolean", &name, None));
+                }
+            }
+            other => errors.push(RuleIssue::at(
+                format!("Unknown key '{other}' in stream definition (must NOT have additional properties)"),
+                &name,
+                None,
+            )),
+        }
+    }
+    match (query, queries) {
+        (Some(q), None) => stream.queries = vec![q],
+        (None, Some(list)) => stream.queries = list,
+        _ => errors.push(RuleIssue::at("One of `queries` or `query` must be given.", &name, None)),
+    }
+    Some(stream)
+}
+
+const ALPHA_STREAMS: &str = "This is using an alpha version of Sync Streams. We recommend upgrading `config.edition` to version 3, which is the stable version of Sync Streams.";
+
 /// Parses the YAML structure. Errors and warnings are appended.
 pub(crate) fn parse_yaml(
     yaml: &str,
@@ -224,14 +314,14 @@ pub(crate) fn parse_yaml(
     };
     let mut config = None;
     let mut buckets = None;
-    let mut has_streams = false;
-    let mut has_with = false;
+    let mut streams_yaml = None;
+    let mut with = None;
     for (k, v) in &root {
         match key_str(k).as_str() {
             "config" => config = Some(v),
             "bucket_definitions" => buckets = Some(v),
-            "streams" => has_streams = true,
-            "with" => has_with = true,
+            "streams" => streams_yaml = Some(v),
+            "with" => with = Some(v),
             "event_definitions" => {}
             other => errors.push(RuleIssue::new(format!(
                 "Unknown top-level key '{other}' (must NOT have additional properties)"
@@ -247,6 +337,7 @@ pub(crate) fn parse_yaml(
             (1, Compatibility::default(), options.default_storage_version)
         }
     };
+    let (has_streams, has_with) = (streams_yaml.is_some(), with.is_some());
     if edition >= 3 {
         if buckets.is_some() {
             errors.push(RuleIssue::new(
@@ -264,8 +355,26 @@ pub(crate) fn parse_yaml(
             errors.push(RuleIssue::new("'bucket_definitions' or 'streams' is required"));
         }
     }
-    if has_streams {
-        errors.push(RuleIssue::new("Sync streams are not supported yet"));
+    if has_streams && edition < 2 {
+        errors.push(RuleIssue::new("Sync streams require edition 2 or later"));
+    } else if has_streams && edition < 3 {
+        warnings.push(RuleIssue::new(ALPHA_STREAMS));
+    }
+    let ctes = match with {
+        Some(v) if edition >= 3 => sql_map(v, "with", errors),
+        _ => Vec::new(),
+    };
+    let mut streams = Vec::new();
+    match streams_yaml {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(m)) => {
+            for (k, v) in m {
+                if let Some(s) = parse_stream(key_str(k), v, edition, errors) {
+                    streams.push(s);
+                }
+            }
+        }
+        Some(_) => errors.push(RuleIssue::new("'streams' must be an object")),
     }
     let mut definitions = Vec::new();
     match buckets {
@@ -279,9 +388,15 @@ pub(crate) fn parse_yaml(
         }
         Some(_) => errors.push(RuleIssue::new("'bucket_definitions' must be an object")),
     }
+    let names: Vec<&str> = definitions.iter().map(|d| d.name.as_str()).chain(streams.iter().map(|s| s.name.as_str())).collect();
+    if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
+        errors.push(RuleIssue::new("Duplicate stream or bucket definition."));
+    }
     Some(RawRules {
         compatibility,
         storage_version,
         definitions,
+        streams,
+        ctes,
     })
 }

@@ -15,6 +15,8 @@ pub(crate) enum RequestRef {
     Parameters,
     Token(String),
     User(String),
+    /// `subscription.parameters()` (streams).
+    Subscription,
 }
 
 /// Binary operators supported by the legacy dialect.
@@ -66,6 +68,16 @@ pub(crate) enum Expr {
     JsonIn(Box<Expr>, Box<Expr>),
     Cast(Box<Expr>, CastType),
     Call(Func, Vec<Expr>),
+    /// `CASE [operand] WHEN .. THEN .. [ELSE ..] END` (edition 3).
+    Case {
+        operand: Option<Box<Expr>>,
+        whens: Vec<(Expr, Expr)>,
+        otherwise: Option<Box<Expr>>,
+    },
+    /// `x BETWEEN low AND high` (edition 3).
+    Between(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// Scalar `x IN (a, b, ..)` (edition 3).
+    InList(Box<Expr>, Vec<Expr>),
 }
 
 /// Everything an expression may read while being evaluated.
@@ -95,6 +107,7 @@ impl Expr {
                     RequestRef::Parameters => SqliteValue::Text(req.parameters_text.clone()),
                     RequestRef::Token(k) => req.token_parameter(k),
                     RequestRef::User(k) => req.user_parameter(k),
+                    RequestRef::Subscription => SqliteValue::Text(req.subscription_text.clone()),
                 },
             },
             Expr::EachKey => ctx.each.map(|e| e.0.clone()).unwrap_or(SqliteValue::Null),
@@ -108,6 +121,18 @@ impl Expr {
                 let vals = args.iter().map(|a| a.eval(ctx)).collect::<Result<Vec<_>, _>>()?;
                 call(*f, &vals, ctx.fixed_json)?
             }
+            Expr::Case { operand, whens, otherwise } => return case(operand.as_deref(), whens, otherwise.as_deref(), ctx),
+            Expr::Between(x, low, high) => {
+                let x = x.eval(ctx)?;
+                let lower = binary(BinOp::GtEq, &x, &low.eval(ctx)?, ctx.fixed_json)?;
+                let upper = binary(BinOp::LtEq, &x, &high.eval(ctx)?, ctx.fixed_json)?;
+                if lower.is_null() || upper.is_null() {
+                    SqliteValue::Null
+                } else {
+                    SqliteValue::from(sqlite_bool(&lower) && sqlite_bool(&upper))
+                }
+            }
+            Expr::InList(x, items) => in_list(&x.eval(ctx)?, items, ctx)?,
             Expr::Bin(op, l, r) => {
                 let a = l.eval(ctx)?;
                 match op {
@@ -119,6 +144,38 @@ impl Expr {
             }
         })
     }
+}
+
+fn case(operand: Option<&Expr>, whens: &[(Expr, Expr)], otherwise: Option<&Expr>, ctx: &Ctx<'_>) -> EvalResult {
+    let subject = operand.map(|o| o.eval(ctx)).transpose()?;
+    for (when, then) in whens {
+        let w = when.eval(ctx)?;
+        let hit = match &subject {
+            None => sqlite_bool(&w),
+            Some(s) => !s.is_null() && !w.is_null() && compare(s, &w)? == Ordering::Equal,
+        };
+        if hit {
+            return then.eval(ctx);
+        }
+    }
+    otherwise.map_or(Ok(SqliteValue::Null), |e| e.eval(ctx))
+}
+
+/// Scalar IN: NULL target is NULL; a match is 1; no match with a NULL item is NULL.
+fn in_list(x: &SqliteValue, items: &[Expr], ctx: &Ctx<'_>) -> EvalResult {
+    if x.is_null() {
+        return Ok(SqliteValue::Null);
+    }
+    let mut saw_null = false;
+    for item in items {
+        let v = item.eval(ctx)?;
+        if v.is_null() {
+            saw_null = true;
+        } else if compare(x, &v)? == Ordering::Equal {
+            return Ok(SqliteValue::Integer(1));
+        }
+    }
+    Ok(if saw_null { SqliteValue::Null } else { SqliteValue::Integer(0) })
 }
 
 /// Applies a CAST.

@@ -1,9 +1,9 @@
 //! Scalar SQL functions available in the legacy dialect (`upper`, `hex`,
 //! `json_extract`, …) with the reference's JavaScript-flavoured semantics.
 
-use crate::expr::json_path;
+use crate::expr::{json_array_values, json_path};
 use crate::json::{self, js_key_order, Json};
-use crate::value::{cast_integer, sqlite_bool, to_blob, to_text, SqliteValue};
+use crate::value::{cast_integer, compare, sqlite_bool, to_blob, to_text, SqliteValue};
 
 /// A scalar function.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -23,6 +23,15 @@ pub(crate) enum Func {
     JsonValid,
     JsonKeys,
     UuidBlob,
+    /// `a && b` of sync streams: the two JSON arrays share an element.
+    JsonOverlap,
+}
+
+impl Func {
+    /// Whether edition 3 knows the function (it lacks `json_valid`).
+    pub(crate) fn in_edition3(self) -> bool {
+        self != Func::JsonValid
+    }
 }
 
 /// Looks a function up by (lower-case) name: the function and its arity.
@@ -45,6 +54,21 @@ pub(crate) fn lookup(name: &str) -> Option<(Func, usize, usize)> {
         "uuid_blob" => (Func::UuidBlob, 1, 1),
         _ => return None,
     })
+}
+
+fn json_overlap(a: &SqliteValue, b: &SqliteValue) -> Result<SqliteValue, String> {
+    if a.is_null() || b.is_null() {
+        return Ok(SqliteValue::Null);
+    }
+    let (left, right) = (json_array_values(a)?, json_array_values(b)?);
+    for x in left.iter().filter(|x| !x.is_null()) {
+        for y in right.iter().filter(|y| !y.is_null()) {
+            if compare(x, y)? == std::cmp::Ordering::Equal {
+                return Ok(SqliteValue::Integer(1));
+            }
+        }
+    }
+    Ok(SqliteValue::Integer(0))
 }
 
 fn text_fn(v: &SqliteValue, f: impl Fn(String) -> SqliteValue) -> SqliteValue {
@@ -209,6 +233,7 @@ pub(crate) fn call(f: Func, a: &[SqliteValue], fixed_json: bool) -> Result<Sqlit
             }
         }
         Func::Instr => instr(arg(0), arg(1)),
+        Func::JsonOverlap => json_overlap(arg(0), arg(1))?,
         Func::Substring => substring(arg(0), arg(1), a.get(2)),
         Func::JsonExtract => match json_path(arg(0), arg(1), fixed_json, true)? {
             None => null,

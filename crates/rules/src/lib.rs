@@ -1,7 +1,7 @@
-//! Sync rules (legacy `bucket_definitions` dialect, editions 1/2) for
-//! ferrosync: YAML parsing, SQL compilation, replication-time row and
-//! parameter evaluation, and request-time bucket resolution, wire-compatible
-//! with the PowerSync service.
+//! Sync configs for ferrosync: legacy `bucket_definitions` (editions 1/2) and sync streams
+//! (edition 3, and alpha streams in edition 2). YAML parsing, SQL compilation,
+//! replication-time row and parameter evaluation, and request-time bucket resolution,
+//! wire-compatible with the PowerSync service.
 
 mod compile;
 mod config;
@@ -16,12 +16,13 @@ mod querier;
 mod request;
 mod rules;
 mod sql;
+mod streams;
 mod table;
 mod value;
 
 pub use config::{Compatibility, SyncRulesOptions};
 pub use errors::{EvaluationError, RuleIssue, SyncRulesError};
-pub use querier::{BucketDescription, LookupKey, Querier};
+pub use querier::{BucketDescription, BucketReason, LookupKey, Querier, StreamError, StreamInfo, StreamSubscription, StreamsRequest};
 pub use request::RequestParameters;
 pub use rules::{BucketSourceInfo, EvaluatedParameters, EvaluatedRow, SyncRules};
 pub use table::{SourceTableName, TablePattern};

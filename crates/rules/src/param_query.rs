@@ -294,7 +294,7 @@ fn parse_priority(e: &Expr) -> Result<u8, String> {
 }
 
 /// Rows of `json_each(value)`: `(key, value)` pairs.
-fn json_each(v: &SqliteValue, fixed_json: bool) -> Result<Vec<(SqliteValue, SqliteValue)>, String> {
+pub(crate) fn json_each(v: &SqliteValue, fixed_json: bool) -> Result<Vec<(SqliteValue, SqliteValue)>, String> {
     let text = match v {
         SqliteValue::Null => return Ok(Vec::new()),
         SqliteValue::Text(t) => t,

@@ -2,8 +2,59 @@
 //! needed for dynamic buckets, and [`LookupKey`], their canonical key.
 
 use crate::json::{self, serialize_params, Json};
+use crate::streams::StreamQuerier;
 use crate::value::SqliteValue;
 use std::collections::HashMap;
+
+/// One explicit stream subscription of a sync request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamSubscription {
+    pub stream: String,
+    /// `subscription.parameters()`; `None` when the client sent none.
+    pub parameters: Option<serde_json::Value>,
+    pub override_priority: Option<u8>,
+}
+
+/// The `streams` part of a sync request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamsRequest {
+    /// Subscribe to `auto_subscribe` streams.
+    pub include_defaults: bool,
+    pub subscriptions: Vec<StreamSubscription>,
+}
+
+impl Default for StreamsRequest {
+    fn default() -> Self {
+        StreamsRequest {
+            include_defaults: true,
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+/// Why a bucket is synced: the default subscription of a stream (index into
+/// [`Querier::streams`]) or an explicit subscription (index into the request's list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BucketReason {
+    Default(usize),
+    Subscription(usize),
+}
+
+/// A subscription that could not be evaluated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamError {
+    /// `None`: the default subscription; `Some(i)`: the request's subscription `i`.
+    pub subscription: Option<usize>,
+    pub message: String,
+}
+
+/// A stream (or legacy bucket definition) a connection is subscribed to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub name: String,
+    pub is_default: bool,
+    pub errors: Vec<StreamError>,
+}
 
 /// Canonical key of a parameter lookup: the JSON text of
 /// `[definition, query_id, values...]` with integral REALs as INTEGERs.
@@ -35,8 +86,8 @@ pub struct BucketDescription {
     pub bucket: String,
     /// 0 (highest) ..= 3.
     pub priority: u8,
-    /// Index into `SyncRules::bucket_sources()`.
-    pub source_index: usize,
+    /// Why the connection syncs it.
+    pub reasons: Vec<BucketReason>,
 }
 
 /// A lookup whose stored rows produce dynamic buckets.
@@ -45,7 +96,7 @@ pub(crate) struct PendingLookup {
     pub lookup: LookupKey,
     pub prefix: String,
     pub priority: u8,
-    pub source_index: usize,
+    pub reason: BucketReason,
     /// The definition's bucket parameter order.
     pub order: Vec<String>,
     /// Query columns: `None` = read from the stored parameter row.
@@ -59,6 +110,8 @@ pub struct Querier {
     pub(crate) lookups: Vec<LookupKey>,
     pub(crate) pending: Vec<PendingLookup>,
     pub(crate) errors: Vec<String>,
+    pub(crate) streams: Vec<StreamInfo>,
+    pub(crate) stream_querier: Option<StreamQuerier>,
 }
 
 /// Bucket id from a parameter set, in the definition's parameter order.
@@ -86,8 +139,12 @@ impl BucketSet {
     pub(crate) fn add(&mut self, b: BucketDescription) {
         match self.index.get(&b.bucket) {
             Some(&i) => {
-                if b.priority < self.list[i].priority {
-                    self.list[i].priority = b.priority;
+                let existing = &mut self.list[i];
+                existing.priority = existing.priority.min(b.priority);
+                for r in b.reasons {
+                    if !existing.reasons.contains(&r) {
+                        existing.reasons.push(r);
+                    }
                 }
             }
             None => {
@@ -108,9 +165,22 @@ impl Querier {
         &self.static_buckets
     }
 
-    /// Parameter lookups needed to resolve dynamic buckets.
-    pub fn lookups(&self) -> &[LookupKey] {
-        &self.lookups
+    /// Subscribed streams (legacy bucket definitions count as default streams), in config
+    /// order, with per-subscription errors: the `streams` of the first `checkpoint` line.
+    pub fn streams(&self) -> &[StreamInfo] {
+        &self.streams
+    }
+
+    /// Parameter lookups still needed to resolve the buckets, given the stored results of the
+    /// lookups already fetched (`known`, with an empty list for lookups that found nothing).
+    /// Subqueries nest, so resolving takes rounds: fetch these, add them to `known`, ask
+    /// again, until nothing is missing; then call [`Querier::resolve`].
+    pub fn missing_lookups(&self, known: &HashMap<LookupKey, Vec<String>>) -> Vec<LookupKey> {
+        let mut missing: Vec<LookupKey> = self.lookups.iter().filter(|l| !known.contains_key(*l)).cloned().collect();
+        if let Some(q) = &self.stream_querier {
+            q.missing(known, &mut missing);
+        }
+        missing
     }
 
     /// Request-time evaluation problems (not fatal).
@@ -119,7 +189,8 @@ impl Querier {
     }
 
     /// All buckets (static first, then dynamic) given the stored
-    /// `bucket_parameters` JSON of the live rows for each lookup.
+    /// `bucket_parameters` JSON of the live rows for each lookup (see
+    /// [`Querier::missing_lookups`]).
     pub fn resolve(&self, lookup_results: &HashMap<LookupKey, Vec<String>>) -> Vec<BucketDescription> {
         let mut set = BucketSet::default();
         for b in &self.static_buckets {
@@ -148,10 +219,13 @@ impl Querier {
                     set.add(BucketDescription {
                         bucket: bucket_id(&p.prefix, &p.order, &params),
                         priority: p.priority,
-                        source_index: p.source_index,
+                        reasons: vec![p.reason],
                     });
                 }
             }
+        }
+        if let Some(q) = &self.stream_querier {
+            q.resolve(lookup_results, &mut set);
         }
         set.into_vec()
     }

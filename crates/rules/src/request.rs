@@ -12,6 +12,8 @@ pub struct RequestParameters {
     pub(crate) user_parameters: Vec<(String, SqliteValue)>,
     pub(crate) jwt_text: String,
     pub(crate) parameters_text: String,
+    /// `subscription.parameters()` of the subscription being evaluated (streams).
+    pub(crate) subscription_text: String,
 }
 
 /// Converts the entries of a JSON object (integers stay INTEGER, nested
@@ -49,7 +51,17 @@ impl RequestParameters {
             user_parameters,
             jwt_text,
             parameters_text,
+            subscription_text: "{}".to_string(),
         }
+    }
+
+    /// The same request seen from one stream subscription with its parameters.
+    pub(crate) fn for_subscription(&self, parameters: Option<&serde_json::Value>) -> RequestParameters {
+        let mut out = self.clone();
+        if let Some(v @ serde_json::Value::Object(_)) = parameters {
+            out.subscription_text = from_serde(v, true).to_text();
+        }
+        out
     }
 
     pub(crate) fn token_parameter(&self, key: &str) -> SqliteValue {

@@ -6,18 +6,20 @@ use crate::data_query::DataQuery;
 use crate::errors::{EvaluationError, RuleIssue, SyncRulesError};
 use crate::expr::Ctx;
 use crate::param_query::{Kind, ParamQuery};
-use crate::querier::{bucket_id, BucketDescription, BucketSet, LookupKey, PendingLookup, Querier};
+use crate::querier::{bucket_id, BucketDescription, BucketReason, BucketSet, LookupKey, PendingLookup, Querier, StreamInfo, StreamsRequest};
 use crate::request::RequestParameters;
+use crate::streams::{CompileOptions, StreamQuerier, StreamSet};
 use crate::table::{SourceTableName, TablePattern};
 use crate::value::Row;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 const DANGEROUS: &str = "Potentially dangerous query based on parameters set by the client. The client can send any value for these parameters so it's not a good place to do authorization.";
 
-/// Public description of one bucket definition.
+/// Public description of one bucket definition or stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BucketSourceInfo {
-    /// Definition name.
+    /// Definition or stream name.
     pub name: String,
     /// Default priority of its buckets.
     pub priority: u8,
@@ -61,6 +63,7 @@ pub struct SyncRules {
     compatibility: Compatibility,
     warnings: Vec<RuleIssue>,
     definitions: Vec<Definition>,
+    streams: Arc<StreamSet>,
     sources: Vec<BucketSourceInfo>,
 }
 
@@ -74,6 +77,16 @@ impl SyncRules {
             return Err(SyncRulesError { errors });
         };
         let versioned = raw.compatibility.versioned_bucket_ids || raw.storage_version >= 2;
+        let streams = StreamSet::compile(
+            &raw.streams,
+            &CompileOptions {
+                id_prefix: if versioned { format!("{}#", options.sync_rules_id) } else { String::new() },
+                default_schema: &options.default_schema,
+                fixed_json: raw.compatibility.fixed_json_extract,
+                global_ctes: &raw.ctes,
+            },
+            &mut errors,
+        );
         let mut definitions = Vec::new();
         for def in raw.definitions {
             let name = def.name.clone();
@@ -136,17 +149,19 @@ impl SyncRules {
         if !errors.is_empty() {
             return Err(SyncRulesError { errors });
         }
-        let sources = definitions
-            .iter()
-            .map(|d| BucketSourceInfo {
-                name: d.name.clone(),
-                priority: d.priority,
+        let legacy = definitions.iter().map(|d| (d.name.as_str(), d.priority));
+        let sources = legacy
+            .chain(streams.names())
+            .map(|(name, priority)| BucketSourceInfo {
+                name: name.to_string(),
+                priority,
             })
             .collect();
         Ok(SyncRules {
             compatibility: raw.compatibility,
             warnings,
             definitions,
+            streams: Arc::new(streams),
             sources,
         })
     }
@@ -176,6 +191,11 @@ impl SyncRules {
                 }
             }
         }
+        for p in self.streams.patterns() {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
         out
     }
 
@@ -196,6 +216,7 @@ impl SyncRules {
                 }
             }
         }
+        self.streams.evaluate_row(t, row, &mut out);
         out
     }
 
@@ -223,16 +244,18 @@ impl SyncRules {
                 }
             }
         }
+        self.streams.evaluate_parameter_row(t, row, &mut out);
         out
     }
 
-    /// One entry per bucket definition, in file order.
+    /// One entry per bucket definition, then one per stream, in file order.
     pub fn bucket_sources(&self) -> &[BucketSourceInfo] {
         &self.sources
     }
 
-    /// Request time: static buckets and the lookups for dynamic ones.
-    pub fn querier(&self, request: &RequestParameters) -> Querier {
+    /// Request time: static buckets and the lookups for dynamic ones, for a connection with
+    /// the given stream subscriptions.
+    pub fn querier(&self, request: &RequestParameters, streams: &StreamsRequest) -> Querier {
         let ctx = Ctx {
             request: Some(request),
             fixed_json: self.compatibility.fixed_json_extract,
@@ -263,7 +286,7 @@ impl SyncRules {
                             lookup,
                             prefix: d.prefix.clone(),
                             priority,
-                            source_index: index,
+                            reason: BucketReason::Default(index),
                             order: d.params.clone(),
                             columns: plan.columns.clone(),
                         });
@@ -276,7 +299,7 @@ impl SyncRules {
                             statics.add(BucketDescription {
                                 bucket: bucket_id(&d.prefix, &d.params, &set),
                                 priority,
-                                source_index: index,
+                                reasons: vec![BucketReason::Default(index)],
                             });
                         }
                     }
@@ -285,6 +308,18 @@ impl SyncRules {
             }
         }
         querier.static_buckets = statics.into_vec();
+        querier.streams = self
+            .definitions
+            .iter()
+            .map(|d| StreamInfo {
+                name: d.name.clone(),
+                is_default: true,
+                errors: Vec::new(),
+            })
+            .collect();
+        if !self.streams.is_empty() {
+            querier.stream_querier = Some(StreamQuerier::new(&self.streams, request, streams, &mut querier.streams));
+        }
         querier
     }
 }

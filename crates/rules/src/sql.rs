@@ -3,7 +3,7 @@
 //! `SELECT` shape the legacy dialect accepts.
 
 use sqlparser::ast::{
-    Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, SelectItem, SetExpr, Statement,
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, Select, SelectItem, SetExpr, Statement,
     TableFactor,
 };
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence};
@@ -84,9 +84,11 @@ impl Dialect for SyncRulesDialect {
         for _ in 0..skip {
             parser.advance_token();
         }
+        // The right side is wrapped in `Nested` so edition 3 can tell `x IN expr` (a JSON
+        // array) from `x IN (a)` (a one-item list); legacy treats both as a JSON array.
         Some(parser.parse_subexpr(precedence).map(|right| SqlExpr::InList {
             expr: Box::new(expr.clone()),
-            list: vec![right],
+            list: vec![SqlExpr::Nested(Box::new(right))],
             negated,
         }))
     }
@@ -166,29 +168,34 @@ fn rewrite_empty_projection(sql: &str) -> Option<String> {
     }
 }
 
-/// Parses one sync-rules query into its parts, rejecting unsupported SQL.
-pub(crate) fn parse_select(sql: &str) -> Result<ParsedSelect, String> {
+/// Parses one statement that must be a single query.
+pub(crate) fn parse_query(text: &str) -> Result<Box<Query>, String> {
     let dialect = SyncRulesDialect::default();
-    let rewritten = rewrite_empty_projection(sql);
-    let text = rewritten.as_deref().unwrap_or(sql);
     let statements = Parser::parse_sql(&dialect, text).map_err(|e| match e {
         ParserError::ParserError(m) | ParserError::TokenizerError(m) => m,
         ParserError::RecursionLimitExceeded => "Query is too deeply nested".to_string(),
     })?;
-    let [statement] = statements.as_slice() else {
-        return Err("Only a single SELECT statement is supported".into());
-    };
-    let Statement::Query(query) = statement else {
-        return Err("Only SELECT statements are supported".into());
-    };
-    let mut parsed = check_query(query)?;
+    let mut statements = statements.into_iter();
+    match (statements.next(), statements.next()) {
+        (Some(Statement::Query(query)), None) => Ok(query),
+        (Some(_), None) => Err("Only SELECT statements are supported".into()),
+        _ => Err("Only a single SELECT statement is supported".into()),
+    }
+}
+
+/// Parses one sync-rules query into its parts, rejecting unsupported SQL.
+pub(crate) fn parse_select(sql: &str) -> Result<ParsedSelect, String> {
+    let rewritten = rewrite_empty_projection(sql);
+    let query = parse_query(rewritten.as_deref().unwrap_or(sql))?;
+    let mut parsed = check_query(&query)?;
     if rewritten.is_some() {
         parsed.from = None;
     }
     Ok(parsed)
 }
 
-fn check_query(query: &Query) -> Result<ParsedSelect, String> {
+/// The `SELECT` of a query, after rejecting the clauses no dialect supports.
+pub(crate) fn checked_select(query: &Query) -> Result<&Select, String> {
     if query.with.is_some() {
         return Err("WITH is not supported".into());
     }
@@ -220,6 +227,11 @@ fn check_query(query: &Query) -> Result<ParsedSelect, String> {
     if select.top.is_some() {
         return Err("LIMIT is not supported".into());
     }
+    Ok(select)
+}
+
+fn check_query(query: &Query) -> Result<ParsedSelect, String> {
+    let select = checked_select(query)?;
     let from = match select.from.as_slice() {
         [] => None,
         [single] if single.joins.is_empty() => Some(from_item(&single.relation)?),

@@ -1,0 +1,306 @@
+//! Sync streams (edition 3, and the alpha streams of editions 2): queries with JOINs,
+//! subqueries, CTEs and `json_each` are split into OR branches, and each branch is planned
+//! into a data source (rows into buckets), parameter indexes (rows into lookups) and a
+//! request-side resolver (request data and lookups into bucket parameters).
+
+mod builder;
+mod dnf;
+mod eval;
+mod plan;
+mod scope;
+#[cfg(test)]
+mod tests;
+
+use crate::config::RawStream;
+use crate::errors::RuleIssue;
+use crate::expr::Ctx;
+use crate::json::serialize_params;
+use crate::querier::{BucketDescription, BucketReason, BucketSet, LookupKey, StreamError, StreamInfo, StreamsRequest};
+use crate::request::RequestParameters;
+use crate::table::{SourceTableName, TablePattern};
+use crate::value::{sqlite_bool, Row};
+use crate::{EvaluatedParameters, EvaluatedRow, EvaluationError};
+use eval::{DataSource, RequestScope};
+use plan::{Indexes, ParameterIndex, QuerierPlan};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// At most this many distinct buckets per stream (reference limit).
+const MAX_BUCKETS_PER_STREAM: usize = 100;
+
+#[derive(Debug)]
+struct Stream {
+    name: String,
+    auto_subscribe: bool,
+    priority: u8,
+    /// (bucket prefix, request-side plan), one per distinct bucket.
+    queriers: Vec<(String, QuerierPlan)>,
+}
+
+/// All compiled streams of a sync config.
+#[derive(Debug, Default)]
+pub(crate) struct StreamSet {
+    streams: Vec<Stream>,
+    data: Vec<DataSource>,
+    indexes: Vec<ParameterIndex>,
+    fixed_json: bool,
+}
+
+/// Compile-time settings shared by every stream.
+pub(crate) struct CompileOptions<'a> {
+    /// `<sync_rules_id>#` or empty.
+    pub id_prefix: String,
+    pub default_schema: &'a str,
+    pub fixed_json: bool,
+    pub global_ctes: &'a [(String, String)],
+}
+
+impl StreamSet {
+    /// Compiles the streams; problems are appended to `errors`.
+    pub(crate) fn compile(raw: &[RawStream], o: &CompileOptions<'_>, errors: &mut Vec<RuleIssue>) -> StreamSet {
+        let mut indexes = Indexes::default();
+        let mut set = StreamSet {
+            fixed_json: o.fixed_json,
+            ..StreamSet::default()
+        };
+        for r in raw {
+            let ctes: Vec<(String, String)> = r.ctes.iter().chain(o.global_ctes).cloned().collect();
+            let mut stream = Stream {
+                name: r.name.clone(),
+                auto_subscribe: r.auto_subscribe,
+                priority: r.priority,
+                queriers: Vec::new(),
+            };
+            for sql in &r.queries {
+                if let Err(m) = set.compile_query(&mut stream, sql, &ctes, o, &mut indexes) {
+                    errors.push(RuleIssue::at(m, &r.name, Some(sql)));
+                }
+            }
+            if stream.queriers.len() > MAX_BUCKETS_PER_STREAM {
+                errors.push(RuleIssue::at(
+                    format!(
+                        "This stream defines too many buckets ({}, at most {MAX_BUCKETS_PER_STREAM} are allowed). Try splitting queries into separate streams or move inner OR operators in filters to separate queries.",
+                        stream.queriers.len()
+                    ),
+                    &r.name,
+                    None,
+                ));
+            }
+            set.streams.push(stream);
+        }
+        set.indexes = indexes.list;
+        set
+    }
+
+    fn compile_query(
+        &mut self,
+        stream: &mut Stream,
+        sql: &str,
+        ctes: &[(String, String)],
+        o: &CompileOptions<'_>,
+        indexes: &mut Indexes,
+    ) -> Result<(), String> {
+        for branch in builder::branches(sql, ctes, o.default_schema)? {
+            let Some((data, querier)) = plan::plan_branch(&branch, indexes, o.fixed_json)? else {
+                continue;
+            };
+            // Branches (and queries) whose buckets are instantiated the same way share a bucket.
+            let prefix = match stream.queriers.iter().find(|(_, q)| *q == querier) {
+                Some((prefix, _)) => prefix.clone(),
+                None => {
+                    let prefix = format!("{}{}|{}", o.id_prefix, stream.name, stream.queriers.len());
+                    stream.queriers.push((prefix.clone(), querier));
+                    prefix
+                }
+            };
+            self.data.push(DataSource { plan: data, prefix });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Table patterns read by data sources and parameter indexes.
+    pub(crate) fn patterns(&self) -> impl Iterator<Item = &TablePattern> {
+        let data = self.data.iter().map(|d| &d.plan.rows.pattern);
+        data.chain(self.indexes.iter().map(|i| &i.rows.pattern))
+    }
+
+    /// Stream names in config order.
+    pub(crate) fn names(&self) -> impl Iterator<Item = (&str, u8)> {
+        self.streams.iter().map(|s| (s.name.as_str(), s.priority))
+    }
+
+    pub(crate) fn evaluate_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
+        for d in self.data.iter().filter(|d| d.plan.rows.pattern.matches(t)) {
+            let pattern = &d.plan.rows.pattern;
+            let suffix = pattern.is_wildcard().then(|| pattern.suffix(t));
+            match d.evaluate(&t.name, row, suffix, self.fixed_json) {
+                Ok(rows) => out.extend(rows.into_iter().map(Ok)),
+                Err(message) => out.push(Err(EvaluationError { message })),
+            }
+        }
+    }
+
+    pub(crate) fn evaluate_parameter_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedParameters, EvaluationError>>) {
+        for (id, index) in self.indexes.iter().enumerate().filter(|(_, i)| i.rows.pattern.matches(t)) {
+            let pattern = &index.rows.pattern;
+            let suffix = pattern.is_wildcard().then(|| pattern.suffix(t));
+            match index.evaluate(id, row, suffix, self.fixed_json) {
+                Ok(entries) => out.extend(entries.into_iter().map(Ok)),
+                Err(message) => out.push(Err(EvaluationError { message })),
+            }
+        }
+    }
+}
+
+/// One subscription (default or explicit) of a connection to a stream.
+#[derive(Debug)]
+struct Subscribed {
+    stream: usize,
+    reason: BucketReason,
+    /// Index into the connection's `StreamInfo` list.
+    info: usize,
+    priority: u8,
+    request: RequestParameters,
+    /// Per querier: evaluation failed for this subscription (reported once, then skipped).
+    failed: Vec<bool>,
+}
+
+/// The stream part of a connection's querier.
+#[derive(Debug)]
+pub(crate) struct StreamQuerier {
+    set: Arc<StreamSet>,
+    subs: Vec<Subscribed>,
+}
+
+impl StreamQuerier {
+    /// Subscribes a connection; appends the subscribed streams to `infos`.
+    pub(crate) fn new(set: &Arc<StreamSet>, request: &RequestParameters, req: &StreamsRequest, infos: &mut Vec<StreamInfo>) -> Self {
+        let mut subs = Vec::new();
+        for (index, stream) in set.streams.iter().enumerate() {
+            let explicit: Vec<usize> = (0..req.subscriptions.len()).filter(|i| req.subscriptions[*i].stream == stream.name).collect();
+            let is_default = req.include_defaults && stream.auto_subscribe;
+            let parameterless = explicit.iter().any(|i| req.subscriptions[*i].parameters.is_none());
+            if !is_default && explicit.is_empty() {
+                continue;
+            }
+            let info = infos.len();
+            infos.push(StreamInfo {
+                name: stream.name.clone(),
+                is_default,
+                errors: Vec::new(),
+            });
+            let failed = vec![false; stream.queriers.len()];
+            if is_default && !parameterless {
+                subs.push(Subscribed {
+                    stream: index,
+                    reason: BucketReason::Default(info),
+                    info,
+                    priority: stream.priority,
+                    request: request.clone(),
+                    failed: failed.clone(),
+                });
+            }
+            for i in explicit {
+                let s = &req.subscriptions[i];
+                subs.push(Subscribed {
+                    stream: index,
+                    reason: BucketReason::Subscription(i),
+                    info,
+                    priority: s.override_priority.unwrap_or(stream.priority),
+                    request: request.for_subscription(s.parameters.as_ref()),
+                    failed: failed.clone(),
+                });
+            }
+        }
+        let mut q = StreamQuerier { set: set.clone(), subs };
+        q.report_errors(infos);
+        q
+    }
+
+    /// Request-only evaluation errors are known before any lookup: report them per
+    /// subscription and leave those queriers out.
+    fn report_errors(&mut self, infos: &mut [StreamInfo]) {
+        let empty = HashMap::new();
+        for sub in &mut self.subs {
+            let stream = &self.set.streams[sub.stream];
+            for (n, (_, plan)) in stream.queriers.iter().enumerate() {
+                if let Err(e) = evaluate(plan, sub, self.set.fixed_json, &empty, &mut Vec::new()) {
+                    sub.failed[n] = true;
+                    infos[sub.info].errors.push(StreamError {
+                        subscription: match sub.reason {
+                            BucketReason::Default(_) => None,
+                            BucketReason::Subscription(i) => Some(i),
+                        },
+                        message: format!("Error evaluating bucket ids: {e}"),
+                    });
+                }
+            }
+        }
+    }
+
+    fn each<'s>(&'s self) -> impl Iterator<Item = (&'s Subscribed, &'s str, &'s QuerierPlan)> + 's {
+        self.subs.iter().flat_map(move |sub| {
+            let queriers = &self.set.streams[sub.stream].queriers;
+            queriers
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| !sub.failed[*n])
+                .map(move |(_, (prefix, plan))| (sub, prefix.as_str(), plan))
+        })
+    }
+
+    /// Lookups needed next, given the ones already `known`.
+    pub(crate) fn missing(&self, known: &HashMap<LookupKey, Vec<String>>, missing: &mut Vec<LookupKey>) {
+        for (sub, _, plan) in self.each() {
+            // Errors were reported at subscription time.
+            let _ = evaluate(plan, sub, self.set.fixed_json, known, missing);
+        }
+    }
+
+    /// Adds the buckets resolvable from `known`.
+    pub(crate) fn resolve(&self, known: &HashMap<LookupKey, Vec<String>>, out: &mut BucketSet) {
+        for (sub, prefix, plan) in self.each() {
+            let Ok(Some(tuples)) = evaluate(plan, sub, self.set.fixed_json, known, &mut Vec::new()) else {
+                continue;
+            };
+            for t in tuples {
+                out.add(BucketDescription {
+                    bucket: format!("{prefix}{}", serialize_params(&t)),
+                    priority: sub.priority,
+                    reasons: vec![sub.reason],
+                });
+            }
+        }
+    }
+}
+
+type Tuples = Vec<Vec<crate::value::SqliteValue>>;
+
+fn evaluate(
+    plan: &QuerierPlan,
+    sub: &Subscribed,
+    fixed_json: bool,
+    known: &HashMap<LookupKey, Vec<String>>,
+    missing: &mut Vec<LookupKey>,
+) -> Result<Option<Tuples>, String> {
+    let ctx = Ctx {
+        request: Some(&sub.request),
+        fixed_json,
+        ..Ctx::default()
+    };
+    for f in &plan.filters {
+        if !sqlite_bool(&f.eval(&ctx)?) {
+            return Ok(Some(Vec::new()));
+        }
+    }
+    let scope = RequestScope {
+        request: &sub.request,
+        fixed_json,
+        known,
+    };
+    plan.resolver.tuples(&scope, missing)
+}
