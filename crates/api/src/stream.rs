@@ -8,7 +8,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use ferrosync_rules::RequestParameters;
+use ferrosync_rules::{RequestParameters, StreamSubscription, StreamsRequest};
 use ferrosync_sync::{connection_stream, ConnectionRequest, LineFormat};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -23,6 +23,60 @@ pub struct StreamingSyncRequest {
     pub client_id: Option<String>,
     #[serde(default)]
     pub parameters: Option<serde_json::Value>,
+    /// Sync-stream subscriptions; absent means defaults only.
+    #[serde(default)]
+    pub streams: Option<StreamsBody>,
+}
+
+/// `streams` of the request body (protocol spec §10.2).
+#[derive(Deserialize)]
+pub struct StreamsBody {
+    #[serde(default = "yes")]
+    pub include_defaults: bool,
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionBody>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+pub struct SubscriptionBody {
+    pub stream: String,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub override_priority: Option<u8>,
+}
+
+impl StreamsBody {
+    fn into_request(self) -> Result<StreamsRequest, ServiceError> {
+        let mut subscriptions = Vec::with_capacity(self.subscriptions.len());
+        for s in self.subscriptions {
+            if s.parameters.as_ref().is_some_and(|p| !p.is_object() && !p.is_null()) {
+                return Err(ServiceError::validation(format!(
+                    "subscription to {:?}: parameters must be an object",
+                    s.stream
+                )));
+            }
+            if s.override_priority.is_some_and(|p| p > 3) {
+                return Err(ServiceError::validation(format!(
+                    "subscription to {:?}: override_priority must be 0..3",
+                    s.stream
+                )));
+            }
+            subscriptions.push(StreamSubscription {
+                stream: s.stream,
+                parameters: s.parameters.filter(|p| !p.is_null()),
+                override_priority: s.override_priority,
+            });
+        }
+        Ok(StreamsRequest {
+            include_defaults: self.include_defaults,
+            subscriptions,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -66,6 +120,10 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
             return Err(ServiceError::validation("parameters must be an object"));
         }
     }
+    let streams = match request.streams {
+        Some(body) => body.into_request()?,
+        None => StreamsRequest::default(),
+    };
     let auth = state
         .keys
         .verify_authorization(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
@@ -86,6 +144,7 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
     let req = ConnectionRequest {
         user_key: user_key(&auth.user_id, request.client_id.as_deref()),
         parameters: RequestParameters::new(auth.payload.clone(), request.parameters.filter(|p| !p.is_null())),
+        streams,
         buckets,
         expires_at: auth.expires_at,
         format,

@@ -388,7 +388,11 @@ pub(crate) fn parse_yaml(
         }
         Some(_) => errors.push(RuleIssue::new("'bucket_definitions' must be an object")),
     }
-    let names: Vec<&str> = definitions.iter().map(|d| d.name.as_str()).chain(streams.iter().map(|s| s.name.as_str())).collect();
+    let names: Vec<&str> = definitions
+        .iter()
+        .map(|d| d.name.as_str())
+        .chain(streams.iter().map(|s| s.name.as_str()))
+        .collect();
     if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
         errors.push(RuleIssue::new("Duplicate stream or bucket definition."));
     }

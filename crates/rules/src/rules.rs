@@ -6,7 +6,9 @@ use crate::data_query::DataQuery;
 use crate::errors::{EvaluationError, RuleIssue, SyncRulesError};
 use crate::expr::Ctx;
 use crate::param_query::{Kind, ParamQuery};
-use crate::querier::{bucket_id, BucketDescription, BucketReason, BucketSet, LookupKey, PendingLookup, Querier, StreamInfo, StreamsRequest};
+use crate::querier::{
+    bucket_id, BucketDescription, BucketReason, BucketSet, LookupKey, PendingLookup, Querier, StreamInfo, StreamsRequest,
+};
 use crate::request::RequestParameters;
 use crate::streams::{CompileOptions, StreamQuerier, StreamSet};
 use crate::table::{SourceTableName, TablePattern};
@@ -80,7 +82,11 @@ impl SyncRules {
         let streams = StreamSet::compile(
             &raw.streams,
             &CompileOptions {
-                id_prefix: if versioned { format!("{}#", options.sync_rules_id) } else { String::new() },
+                id_prefix: if versioned {
+                    format!("{}#", options.sync_rules_id)
+                } else {
+                    String::new()
+                },
                 default_schema: &options.default_schema,
                 fixed_json: raw.compatibility.fixed_json_extract,
                 global_ctes: &raw.ctes,

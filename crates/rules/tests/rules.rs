@@ -64,7 +64,7 @@ fn buckets_of(rows: &[EvaluatedRow]) -> Vec<&str> {
 }
 
 fn static_buckets(rules: &SyncRules, jwt: serde_json::Value, client: Option<serde_json::Value>) -> Vec<String> {
-    let q = rules.querier(&RequestParameters::new(jwt, client));
+    let q = rules.querier(&RequestParameters::new(jwt, client), &StreamsRequest::default());
     assert!(q.errors().is_empty(), "{:?}", q.errors());
     q.static_buckets().iter().map(|b| b.bucket.clone()).collect()
 }
@@ -83,16 +83,16 @@ fn global_bucket() {
             data: r#"{"id":"asset1","description":"test"}"#.into(),
         }]
     );
-    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None));
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None), &StreamsRequest::default());
     assert_eq!(
         q.static_buckets(),
         &[BucketDescription {
             bucket: "mybucket[]".into(),
             priority: 3,
-            source_index: 0
+            reasons: vec![BucketReason::Default(0)]
         }]
     );
-    assert!(q.lookups().is_empty());
+    assert!(q.missing_lookups(&HashMap::new()).is_empty());
     assert_eq!(rules.bucket_sources()[0].name, "mybucket");
     assert!(rules.evaluate_row(&table("other"), &row(&[("id", t("x"))])).is_empty());
     assert!(rules.is_table_used(&table("assets")));
@@ -378,8 +378,8 @@ bucket_definitions:
     assert!(rules
         .evaluate_parameter_row(&table("users"), &row(&[("id", t("user1")), ("is_admin", i(0))]))
         .is_empty());
-    let q = rules.querier(&RequestParameters::new(json!({"sub": "user1"}), None));
-    assert_eq!(q.lookups(), &[out[0].lookup.clone()]);
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "user1"}), None), &StreamsRequest::default());
+    assert_eq!(q.missing_lookups(&HashMap::new()), vec![out[0].lookup.clone()]);
     let mut results = HashMap::new();
     results.insert(out[0].lookup.clone(), vec![out[0].bucket_parameters.clone()]);
     assert_eq!(q.resolve(&results)[0].bucket, "mybucket[]");
@@ -480,10 +480,13 @@ fn todo_app_end_to_end() {
     assert_eq!(rows[0].data, r#"{"id":42,"list_id":"l1"}"#);
 
     // Request time.
-    let q = rules.querier(&RequestParameters::new(json!({"sub": "u1"}), None));
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u1"}), None), &StreamsRequest::default());
     let statics: Vec<_> = q.static_buckets().iter().map(|b| b.bucket.as_str()).collect();
     assert_eq!(statics, vec!["7#global[]", r#"7#user["u1"]"#]);
-    assert_eq!(q.lookups(), &[LookupKey::from_stored(r#"["by_list","1","u1"]"#.into())]);
+    assert_eq!(
+        q.missing_lookups(&HashMap::new()),
+        vec![LookupKey::from_stored(r#"["by_list","1","u1"]"#.into())]
+    );
     let mut results = HashMap::new();
     results.insert(
         params[0].lookup.clone(),
@@ -500,22 +503,22 @@ fn todo_app_end_to_end() {
             BucketDescription {
                 bucket: "7#global[]".into(),
                 priority: 3,
-                source_index: 0
+                reasons: vec![BucketReason::Default(0)]
             },
             BucketDescription {
                 bucket: r#"7#user["u1"]"#.into(),
                 priority: 3,
-                source_index: 1
+                reasons: vec![BucketReason::Default(1)]
             },
             BucketDescription {
                 bucket: r#"7#by_list["l1"]"#.into(),
                 priority: 1,
-                source_index: 2
+                reasons: vec![BucketReason::Default(2)]
             },
             BucketDescription {
                 bucket: r#"7#by_list["l2"]"#.into(),
                 priority: 1,
-                source_index: 2
+                reasons: vec![BucketReason::Default(2)]
             },
         ]
     );
@@ -544,8 +547,11 @@ fn lookup_keys_normalize_reals() {
     let ka = a[0].as_ref().map(|p| p.lookup.clone()).unwrap_or_else(|e| panic!("{e}"));
     let kb = b[0].as_ref().map(|p| p.lookup.clone()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ka, kb);
-    let q = rules.querier(&RequestParameters::new(json!({"sub": "u", "parameters": {"n": 1.0}}), None));
-    assert_eq!(q.lookups(), &[ka]);
+    let q = rules.querier(
+        &RequestParameters::new(json!({"sub": "u", "parameters": {"n": 1.0}}), None),
+        &StreamsRequest::default(),
+    );
+    assert_eq!(q.missing_lookups(&HashMap::new()), vec![ka]);
 }
 
 #[test]
@@ -599,8 +605,12 @@ bucket_definitions:
     );
     let p = rules.evaluate_parameter_row(&table("lists"), &row(&[("id", t("l1")), ("owner_id", t("o1")), ("active", i(1))]));
     assert_eq!(p[0].as_ref().map(|x| x.lookup.as_str()), Ok(r#"["b","1","o1"]"#));
-    let q = rules.querier(&RequestParameters::new(json!({"sub": "u", "owners": ["o1", "o2"]}), None));
-    let keys: Vec<_> = q.lookups().iter().map(|k| k.as_str()).collect();
+    let q = rules.querier(
+        &RequestParameters::new(json!({"sub": "u", "owners": ["o1", "o2"]}), None),
+        &StreamsRequest::default(),
+    );
+    let missing = q.missing_lookups(&HashMap::new());
+    let keys: Vec<_> = missing.iter().map(|k| k.as_str()).collect();
     assert_eq!(keys, vec![r#"["b","1","o1"]"#, r#"["b","1","o2"]"#]);
     // param IN row array in a parameter query.
     let rules = parse(
@@ -648,7 +658,7 @@ bucket_definitions:
     data: []
 "#,
     );
-    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None));
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None), &StreamsRequest::default());
     let p: Vec<_> = q.static_buckets().iter().map(|b| (b.bucket.as_str(), b.priority)).collect();
     assert_eq!(p, vec![("a[]", 0), (r#"b["u"]"#, 1)]);
     assert_eq!(
@@ -666,7 +676,7 @@ fn versioning_and_config() {
     let y = "bucket_definitions:\n  g:\n    data: []\n";
     let q = |yaml: &str, opts: &SyncRulesOptions| {
         let rules = SyncRules::parse(yaml, opts).unwrap_or_else(|e| panic!("{e}"));
-        let q = rules.querier(&RequestParameters::new(json!({}), None));
+        let q = rules.querier(&RequestParameters::new(json!({}), None), &StreamsRequest::default());
         q.static_buckets()[0].bucket.clone()
     };
     let mut opts = SyncRulesOptions {
@@ -700,7 +710,7 @@ fn structural_errors() {
     assert_eq!(parse_err("- a\n"), vec!["Sync Config must be a YAML map."]);
     assert_eq!(
         parse_err("streams:\n  s:\n    query: SELECT * FROM t\n"),
-        vec!["Sync streams are not supported yet"]
+        vec!["Sync streams require edition 2 or later"]
     );
     assert_eq!(
         parse_err("config:\n  storage_version: 7\nbucket_definitions: {}\n"),

@@ -4,12 +4,12 @@
 
 use crate::hub::{CheckpointHub, HubState};
 use crate::lines::{
-    BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, DefaultReason, Line, LineFormat, OplogLine,
-    PartialCompleteLine, StreamDescription,
+    BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, Line, LineFormat, OplogLine, PartialCompleteLine, Reason,
+    StreamDescription,
 };
 use crate::output::{ChunkStream, Output};
 use bytes::Bytes;
-use ferrosync_rules::{BucketDescription, LookupKey, Querier, RequestParameters};
+use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest};
 use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
 use futures::Stream;
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +35,8 @@ pub struct ConnectionRequest {
     /// `<sub>/<client_id>`, or `<sub>` without a client id: the write-checkpoint key.
     pub user_key: String,
     pub parameters: RequestParameters,
+    /// Sync-stream subscriptions.
+    pub streams: StreamsRequest,
     /// Buckets the client has, with the op_id it has them up to.
     pub buckets: Vec<(String, i64)>,
     /// Token expiry, unix seconds.
@@ -56,7 +58,7 @@ pub enum SyncError {
 struct Sent {
     checksum: BucketChecksum,
     priority: u8,
-    source: usize,
+    reasons: Vec<BucketReason>,
 }
 
 struct Connection<S> {
@@ -68,6 +70,8 @@ struct Connection<S> {
     sent: Option<HashMap<String, Sent>>,
     querier: Option<Querier>,
     dynamic: Option<Vec<BucketDescription>>,
+    /// Every lookup the last bucket resolution read: a change to any of them re-resolves.
+    fetched: Vec<LookupKey>,
     last_checkpoint: i64,
     write_checkpoint: Option<i64>,
 }
@@ -93,6 +97,7 @@ pub fn connection_stream<S: SyncStorage>(
         sent: None,
         querier: None,
         dynamic: None,
+        fetched: Vec::new(),
         last_checkpoint: 0,
         write_checkpoint: None,
     };
@@ -181,26 +186,42 @@ impl<S: SyncStorage> Connection<S> {
         }
     }
 
+    /// The connection's buckets at this checkpoint. Lookups are fetched in rounds (nested
+    /// subqueries need the results of inner ones) and the result is reused until one of the
+    /// lookups it read changes.
     async fn resolve_buckets(&mut self, state: &HubState) -> Step<Vec<BucketDescription>> {
-        let querier = self.querier.get_or_insert_with(|| state.rules.querier(&self.req.parameters));
-        if querier.lookups().is_empty() {
-            return Ok(querier.resolve(&HashMap::new()));
+        let querier = self
+            .querier
+            .get_or_insert_with(|| state.rules.querier(&self.req.parameters, &self.req.streams));
+        let stale = self.dynamic.is_none() || (!self.fetched.is_empty() && self.hub.lookups_changed(self.last_checkpoint, &self.fetched));
+        if !stale {
+            return Ok(self.dynamic.clone().unwrap_or_default());
         }
-        let stale = self.dynamic.is_none() || self.hub.lookups_changed(self.last_checkpoint, querier.lookups());
-        if stale {
-            let names: Vec<String> = querier.lookups().iter().map(|l| l.as_str().to_string()).collect();
-            let found = storage(self.hub.storage().parameter_sets(state.group, state.checkpoint.op_id, &names).await)?;
-            let total: usize = found.values().map(Vec::len).sum();
+        let mut known: HashMap<LookupKey, Vec<String>> = HashMap::new();
+        let mut total = 0;
+        loop {
+            let missing = querier.missing_lookups(&known);
+            if missing.is_empty() {
+                break;
+            }
+            let names: Vec<String> = missing.iter().map(|l| l.as_str().to_string()).collect();
+            let mut found = storage(self.hub.storage().parameter_sets(state.group, state.checkpoint.op_id, &names).await)?;
+            total += found.values().map(Vec::len).sum::<usize>();
             if total > self.limits.max_parameter_results {
                 return Err(SyncError::TooMany(format!(
                     "Too many parameter query results: {total} (limit of {})",
                     self.limits.max_parameter_results
                 )));
             }
-            let results: HashMap<LookupKey, Vec<String>> = found.into_iter().map(|(k, v)| (LookupKey::from_stored(k), v)).collect();
-            self.dynamic = Some(querier.resolve(&results));
+            for lookup in missing {
+                let rows = found.remove(lookup.as_str()).unwrap_or_default();
+                known.insert(lookup, rows);
+            }
         }
-        Ok(self.dynamic.clone().unwrap_or_default())
+        self.fetched = known.keys().cloned().collect();
+        let buckets = querier.resolve(&known);
+        self.dynamic = Some(buckets.clone());
+        Ok(buckets)
     }
 
     async fn on_checkpoint(&mut self, state: &HubState) -> Step<()> {
@@ -226,7 +247,7 @@ impl<S: SyncStorage> Connection<S> {
                 let sent = Sent {
                     checksum: checksums.get(&b.bucket).copied().unwrap_or_default(),
                     priority: b.priority,
-                    source: b.source_index,
+                    reasons: b.reasons.clone(),
                 };
                 (b.bucket.clone(), sent)
             })
@@ -234,19 +255,12 @@ impl<S: SyncStorage> Connection<S> {
         let previous = self.sent.take();
         let to_fetch: Vec<&BucketDescription> = match &previous {
             None => {
-                let sources = state.rules.bucket_sources();
+                let streams = self.querier.as_ref().map(|q| q.streams().to_vec()).unwrap_or_default();
                 let line = Checkpoint {
                     last_op_id: cp.op_id.to_string(),
                     write_checkpoint: write_checkpoint.map(|w| w.to_string()),
                     buckets: buckets.iter().map(|b| checksum_line(b, &next)).collect(),
-                    streams: sources
-                        .iter()
-                        .map(|s| StreamDescription {
-                            name: &s.name,
-                            is_default: true,
-                            errors: [],
-                        })
-                        .collect(),
+                    streams: streams.iter().map(StreamDescription::new).collect(),
                 };
                 self.send(&Line::Checkpoint(line)).await?;
                 self.positions.retain(|b, _| next.contains_key(b));
@@ -435,7 +449,7 @@ fn checksum_line<'a>(b: &'a BucketDescription, next: &HashMap<String, Sent>) -> 
         checksum: i64::from(sent.checksum.checksum as i32),
         count: sent.checksum.count,
         priority: sent.priority,
-        subscriptions: [DefaultReason { default: sent.source }],
+        subscriptions: sent.reasons.iter().map(|r| Reason::from(*r)).collect(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Sync lines (protocol spec §4) and their NDJSON / BSON encodings.
 
 use bytes::{BufMut, BytesMut};
+use ferrosync_rules::{BucketReason, StreamInfo};
 use serde::Serialize;
 
 /// Wire encoding of lines.
@@ -45,19 +46,66 @@ pub struct BucketChecksumLine<'a> {
     pub checksum: i64,
     pub count: i64,
     pub priority: u8,
-    pub subscriptions: [DefaultReason; 1],
+    pub subscriptions: Vec<Reason>,
 }
 
+/// Why a bucket is included: `{"default": k}` (index into `checkpoint.streams`) or
+/// `{"sub": i}` (index into the request's subscriptions).
 #[derive(Serialize)]
-pub struct DefaultReason {
-    pub default: usize,
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Default(usize),
+    Sub(usize),
+}
+
+impl From<BucketReason> for Reason {
+    fn from(r: BucketReason) -> Self {
+        match r {
+            BucketReason::Default(k) => Reason::Default(k),
+            BucketReason::Subscription(i) => Reason::Sub(i),
+        }
+    }
 }
 
 #[derive(Serialize)]
 pub struct StreamDescription<'a> {
     pub name: &'a str,
     pub is_default: bool,
-    pub errors: [(); 0],
+    pub errors: Vec<StreamErrorLine<'a>>,
+}
+
+impl<'a> StreamDescription<'a> {
+    pub fn new(info: &'a StreamInfo) -> Self {
+        StreamDescription {
+            name: &info.name,
+            is_default: info.is_default,
+            errors: info
+                .errors
+                .iter()
+                .map(|e| StreamErrorLine {
+                    subscription: match e.subscription {
+                        None => SubscriptionRef::Default("default"),
+                        Some(i) => SubscriptionRef::Index(i),
+                    },
+                    message: &e.message,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct StreamErrorLine<'a> {
+    pub subscription: SubscriptionRef,
+    pub message: &'a str,
+}
+
+/// `"default"` or the index of an explicit subscription.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum SubscriptionRef {
+    Default(&'static str),
+    Index(usize),
 }
 
 #[derive(Serialize)]

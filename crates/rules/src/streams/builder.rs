@@ -18,7 +18,10 @@ use sqlparser::ast::{
 pub(crate) enum SourceKind {
     Table(TablePattern),
     /// `json_each(arg)`: one row per element, evaluated beside the sources `arg` reads.
-    Each { arg: Expr, arg_deps: Deps },
+    Each {
+        arg: Expr,
+        arg_deps: Deps,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -154,7 +157,9 @@ impl<'a> Builder<'a> {
                 if let [single] = parts.as_slice() {
                     if let Some(sql) = self.cte(single) {
                         let columns = self.subquery_sql(sql)?;
-                        scope.names.push((alias.unwrap_or_else(|| single.clone()), Binding::Derived(columns)));
+                        scope
+                            .names
+                            .push((alias.unwrap_or_else(|| single.clone()), Binding::Derived(columns)));
                         return Ok(());
                     }
                 }
@@ -327,7 +332,8 @@ impl<'a> Builder<'a> {
             return Ok(());
         }
         let each = self.add(SourceKind::Each { arg: r, arg_deps: dr }, None)?;
-        self.conds.push(Cond::Eq(l, dl, Expr::Column(each_column(each, "value")), Deps::source(each)));
+        self.conds
+            .push(Cond::Eq(l, dl, Expr::Column(each_column(each, "value")), Deps::source(each)));
         Ok(())
     }
 
@@ -381,7 +387,11 @@ impl<'a> Builder<'a> {
                 SelectItem::QualifiedWildcard(kind, _) => {
                     let name = kind.to_string().trim_end_matches(".*").to_string();
                     let folded = name.trim_matches('"');
-                    let folded = if name.starts_with('"') { folded.to_string() } else { folded.to_lowercase() };
+                    let folded = if name.starts_with('"') {
+                        folded.to_string()
+                    } else {
+                        folded.to_lowercase()
+                    };
                     match scope.names.iter().rev().find(|(n, _)| *n == folded) {
                         Some((_, Binding::Table(i))) => claim(*i)?,
                         Some(_) => return Err("Sync streams can only select from actual tables".into()),
@@ -423,7 +433,8 @@ impl<'a> Builder<'a> {
         match &self.sources[i] {
             Source { alias: Some(a), .. } => a.clone(),
             Source {
-                kind: SourceKind::Table(p), ..
+                kind: SourceKind::Table(p),
+                ..
             } => p.table_text().to_string(),
             _ => "json_each".into(),
         }

@@ -123,7 +123,13 @@ pub(crate) struct DataSource {
 }
 
 impl DataSource {
-    pub(crate) fn evaluate(&self, table_name: &str, row: &Row, suffix: Option<&str>, fixed_json: bool) -> Result<Vec<EvaluatedRow>, String> {
+    pub(crate) fn evaluate(
+        &self,
+        table_name: &str,
+        row: &Row,
+        suffix: Option<&str>,
+        fixed_json: bool,
+    ) -> Result<Vec<EvaluatedRow>, String> {
         let mut buckets: Vec<String> = Vec::new();
         self.plan.rows.for_each(row, suffix, fixed_json, &mut |ctx| {
             if let Some(values) = key_values(&self.plan.keys, ctx)? {
@@ -163,7 +169,13 @@ impl DataSource {
 
 impl ParameterIndex {
     /// Index entries of a source row, one per distinct lookup key.
-    pub(crate) fn evaluate(&self, id: usize, row: &Row, suffix: Option<&str>, fixed_json: bool) -> Result<Vec<EvaluatedParameters>, String> {
+    pub(crate) fn evaluate(
+        &self,
+        id: usize,
+        row: &Row,
+        suffix: Option<&str>,
+        fixed_json: bool,
+    ) -> Result<Vec<EvaluatedParameters>, String> {
         let mut entries: Vec<(LookupKey, Vec<String>)> = Vec::new();
         self.rows.for_each(row, suffix, fixed_json, &mut |ctx| {
             let Some(values) = key_values(&self.keys, ctx)? else {
@@ -254,7 +266,12 @@ impl Resolver {
         Ok(complete.then_some(tuples))
     }
 
-    fn each_options(&self, n: usize, each: &super::plan::RequestEach, s: &RequestScope<'_>) -> Result<Vec<Vec<(usize, SqliteValue)>>, String> {
+    fn each_options(
+        &self,
+        n: usize,
+        each: &super::plan::RequestEach,
+        s: &RequestScope<'_>,
+    ) -> Result<Vec<Vec<(usize, SqliteValue)>>, String> {
         let ctx = Ctx {
             request: Some(s.request),
             fixed_json: s.fixed_json,

@@ -144,7 +144,12 @@ impl StreamSet {
         }
     }
 
-    pub(crate) fn evaluate_parameter_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedParameters, EvaluationError>>) {
+    pub(crate) fn evaluate_parameter_row(
+        &self,
+        t: &SourceTableName,
+        row: &Row,
+        out: &mut Vec<Result<EvaluatedParameters, EvaluationError>>,
+    ) {
         for (id, index) in self.indexes.iter().enumerate().filter(|(_, i)| i.rows.pattern.matches(t)) {
             let pattern = &index.rows.pattern;
             let suffix = pattern.is_wildcard().then(|| pattern.suffix(t));
@@ -181,7 +186,9 @@ impl StreamQuerier {
     pub(crate) fn new(set: &Arc<StreamSet>, request: &RequestParameters, req: &StreamsRequest, infos: &mut Vec<StreamInfo>) -> Self {
         let mut subs = Vec::new();
         for (index, stream) in set.streams.iter().enumerate() {
-            let explicit: Vec<usize> = (0..req.subscriptions.len()).filter(|i| req.subscriptions[*i].stream == stream.name).collect();
+            let explicit: Vec<usize> = (0..req.subscriptions.len())
+                .filter(|i| req.subscriptions[*i].stream == stream.name)
+                .collect();
             let is_default = req.include_defaults && stream.auto_subscribe;
             let parameterless = explicit.iter().any(|i| req.subscriptions[*i].parameters.is_none());
             if !is_default && explicit.is_empty() {

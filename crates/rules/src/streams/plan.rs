@@ -44,9 +44,15 @@ pub(crate) struct ParameterIndex {
 pub(crate) enum Slot {
     Request(Expr),
     /// From each element of a request-side `json_each` (index into `Resolver::eaches`).
-    Each { each: usize, expr: Expr },
+    Each {
+        each: usize,
+        expr: Expr,
+    },
     /// Output `output` of the rows found in child lookup `child`.
-    Child { child: usize, output: usize },
+    Child {
+        child: usize,
+        output: usize,
+    },
 }
 
 /// A `json_each` over request data.

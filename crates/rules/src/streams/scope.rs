@@ -130,12 +130,7 @@ impl Scope {
                 let t = cast_type(&data_type.to_string().to_lowercase()).ok_or("Invalid SQLite cast")?;
                 self.map1(expr, |x| Expr::Cast(Box::new(x), t))
             }
-            SqlExpr::Between {
-                expr,
-                negated,
-                low,
-                high,
-            } => {
+            SqlExpr::Between { expr, negated, low, high } => {
                 let (x, dx) = self.expr(expr)?;
                 let (l, dl) = self.expr(low)?;
                 let (h, dh) = self.expr(high)?;
@@ -258,9 +253,27 @@ impl Scope {
     /// `auth.*`, `connection.*`, `subscription.*` and row metadata (`alias.table_suffix()`).
     fn schema_call(&self, schema: &str, name: &str, args: &[SqlExpr]) -> Compiled {
         let (whole, deps) = match schema {
-            "auth" => (RequestRef::Jwt, Deps { auth: true, ..Deps::default() }),
-            "connection" => (RequestRef::Parameters, Deps { unauth: true, ..Deps::default() }),
-            "subscription" => (RequestRef::Subscription, Deps { unauth: true, ..Deps::default() }),
+            "auth" => (
+                RequestRef::Jwt,
+                Deps {
+                    auth: true,
+                    ..Deps::default()
+                },
+            ),
+            "connection" => (
+                RequestRef::Parameters,
+                Deps {
+                    unauth: true,
+                    ..Deps::default()
+                },
+            ),
+            "subscription" => (
+                RequestRef::Subscription,
+                Deps {
+                    unauth: true,
+                    ..Deps::default()
+                },
+            ),
             _ => return self.metadata_call(schema, name, args),
         };
         match (name, args) {

@@ -140,10 +140,15 @@ fn subquery_becomes_a_lookup() {
     let key = store.0.keys().next().map(|k| k.as_str().to_string());
     assert_eq!(key.as_deref(), Some(r#"["lookup","0","user1"]"#));
     assert_eq!(store.0.values().next(), Some(&vec![r#"[{"0":"issue_id"}]"#.to_string()]));
-    assert_eq!(rows(&rules, "comments", json!({"id": "c1", "issue_id": "issue_id"}))[0].0, r#"s|0["issue_id"]"#);
+    assert_eq!(
+        rows(&rules, "comments", json!({"id": "c1", "issue_id": "issue_id"}))[0].0,
+        r#"s|0["issue_id"]"#
+    );
     let b = store.buckets(&rules, json!({"sub": "user1"}), &StreamsRequest::default());
     assert_eq!(ids(&b), vec![r#"s|0["issue_id"]"#]);
-    assert!(store.buckets(&rules, json!({"sub": "user2"}), &StreamsRequest::default()).is_empty());
+    assert!(store
+        .buckets(&rules, json!({"sub": "user2"}), &StreamsRequest::default())
+        .is_empty());
 }
 
 #[test]
@@ -155,9 +160,18 @@ fn json_each_on_a_joined_row() {
     store.add(&rules, "conversations", json!({"id": "c", "members": r#"["a","b","c"]"#}));
     let mut keys: Vec<&str> = store.0.keys().map(LookupKey::as_str).collect();
     keys.sort();
-    assert_eq!(keys, vec![r#"["lookup","0","a"]"#, r#"["lookup","0","b"]"#, r#"["lookup","0","c"]"#]);
-    assert_eq!(rows(&rules, "messages", json!({"id": "m", "conversation": "c"}))[0].0, r#"s|0["c"]"#);
-    assert_eq!(ids(&store.buckets(&rules, json!({"sub": "b"}), &StreamsRequest::default())), vec![r#"s|0["c"]"#]);
+    assert_eq!(
+        keys,
+        vec![r#"["lookup","0","a"]"#, r#"["lookup","0","b"]"#, r#"["lookup","0","c"]"#]
+    );
+    assert_eq!(
+        rows(&rules, "messages", json!({"id": "m", "conversation": "c"}))[0].0,
+        r#"s|0["c"]"#
+    );
+    assert_eq!(
+        ids(&store.buckets(&rules, json!({"sub": "b"}), &StreamsRequest::default())),
+        vec![r#"s|0["c"]"#]
+    );
 }
 
 #[test]
@@ -169,7 +183,10 @@ fn nested_subqueries_resolve_in_rounds() {
     store.add(&rules, "org_members", json!({"org_id": "o1", "user_id": "u1"}));
     store.add(&rules, "projects", json!({"id": "p1", "org_id": "o1"}));
     store.add(&rules, "projects", json!({"id": "p2", "org_id": "o2"}));
-    assert_eq!(ids(&store.buckets(&rules, json!({"sub": "u1"}), &StreamsRequest::default())), vec![r#"s|0["p1"]"#]);
+    assert_eq!(
+        ids(&store.buckets(&rules, json!({"sub": "u1"}), &StreamsRequest::default())),
+        vec![r#"s|0["p1"]"#]
+    );
 }
 
 #[test]
@@ -259,7 +276,12 @@ fn row_filters_and_null_partitions() {
     );
     assert_eq!(
         rows(&rules, "items", json!({"id": 1, "name": "x", "status": null, "owner": "u"})),
-        vec![(r#"s|0["u"]"#.to_string(), "items".to_string(), "1".to_string(), r#"{"id":1,"name":"X"}"#.to_string())],
+        vec![(
+            r#"s|0["u"]"#.to_string(),
+            "items".to_string(),
+            "1".to_string(),
+            r#"{"id":1,"name":"X"}"#.to_string()
+        )],
         "!= on NULL is true in the reference's JS engine"
     );
     assert!(rows(&rules, "items", json!({"id": 1, "status": "archived", "owner": "u"})).is_empty());
@@ -277,8 +299,13 @@ fn compile_errors() {
     assert!(e("SELECT * FROM a WHERE id IN (SELECT a, b FROM t)").contains("exactly one column"));
     assert!(e("SELECT * FROM a LIMIT 1").contains("LIMIT"));
     assert!(e("SELECT * FROM a WHERE nope(x)").contains("Unknown function"));
-    let both = error_of("config: {edition: 3, versioned_bucket_ids: false}\nstreams:\n  s:\n    query: SELECT * FROM a\n    queries: [SELECT * FROM b]\n");
+    let both = error_of(
+        "config: {edition: 3, versioned_bucket_ids: false}\nstreams:\n  s:\n    query: SELECT * FROM a\n    queries: [SELECT * FROM b]\n",
+    );
     assert!(both.contains("One of `queries` or `query` must be given."));
     assert!(error_of("streams:\n  s:\n    query: SELECT * FROM a\n").contains("edition 2"));
-    assert!(error_of("config: {edition: 3, versioned_bucket_ids: false}\nbucket_definitions: {}\nstreams: {}\n").contains("not supported by the new compiler"));
+    assert!(
+        error_of("config: {edition: 3, versioned_bucket_ids: false}\nbucket_definitions: {}\nstreams: {}\n")
+            .contains("not supported by the new compiler")
+    );
 }
