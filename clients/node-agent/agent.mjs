@@ -72,6 +72,12 @@ const minLevel = LogLevels[envLevel] ?? LogLevels.debug;
 // same text; those are excluded so each failure is counted once.
 const CHECKSUM_FAILURE_RE = /checksums? (didn't|did not|do not|don't) match|checksum (mismatch|failure|failed)/i;
 
+// The service's per-stream errors (`checkpoint.streams[].errors`) reach the SDK only as WARN log
+// lines of the core extension (SyncStatus has no field for them):
+//   "Subscription to stream <name> (with parameters {...}) could not be resolved: <message>"
+//   "Default subscription <name> has errors: <message>"
+const STREAM_ERROR_RE = /^(Subscription to stream .* could not be resolved|Default subscription .* has errors)/;
+
 const state = {
   db: null,
   dbPath: null,
@@ -79,8 +85,12 @@ const state = {
   endpoint: null,
   pool: null,
   connectPromise: null,
+  // Sync stream subscriptions made with `subscribe`, by handle: {stream, subscription}.
+  subscriptions: new Map(),
+  nextSubscriptionHandle: 1,
   checksumFailures: 0,
   checksumFailureMessages: [],
+  streamErrors: [],
   credentialFetches: 0,
   uploadBatches: 0,
   uploadedOps: 0,
@@ -117,6 +127,10 @@ const sdkLogger = {
       state.checksumFailures++;
       state.checksumFailureMessages.push(message);
       if (state.checksumFailureMessages.length > 20) state.checksumFailureMessages.shift();
+    }
+    if (typeof message === 'string' && STREAM_ERROR_RE.test(message)) {
+      state.streamErrors.push(message);
+      if (state.streamErrors.length > 20) state.streamErrors.shift();
     }
     if (level >= LogLevels.error) {
       state.lastSdkError = message + (error !== undefined ? `: ${errorMessage(error)}` : '');
@@ -162,6 +176,27 @@ const todos = new Table(
 );
 
 const AppSchema = new Schema({ lists, todos });
+
+const COLUMN_TYPES = { text: column.text, integer: column.integer, real: column.real };
+
+// A schema given to `open` as {<table>: {<column>: "text" | "integer" | "real"}} (id is
+// implicit), for tests whose app is not the todo app: the SDK only materialises synced rows of
+// tables its schema names.
+function schemaFromJson(spec) {
+  if (spec == null) return AppSchema;
+  if (typeof spec !== 'object') throw new Error('open: schema must be an object of tables');
+  const tables = {};
+  for (const [table, columns] of Object.entries(spec)) {
+    const cols = {};
+    for (const [name, type] of Object.entries(columns ?? {})) {
+      const col = COLUMN_TYPES[String(type).toLowerCase()];
+      if (!col) throw new Error(`open: column ${table}.${name} has unknown type ${JSON.stringify(type)}`);
+      cols[name] = col;
+    }
+    tables[table] = new Table(cols);
+  }
+  return new Schema(tables);
+}
 
 // ---------------------------------------------------------------------------------------
 // Upload connector: applies ps_crud entries to the source Postgres.
@@ -308,6 +343,55 @@ async function fullStatus() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Sync streams
+
+// SDK 1.1.0 builds these Dates as `new Date(core_value * 1000)`, i.e. it reads seconds, but
+// core 0.5.3 reports stream timestamps in microseconds, so the Date is out of range and
+// toISOString() throws "Invalid time value". Read the core's number as microseconds then.
+function streamTime(date, raw) {
+  if (date == null) return null;
+  if (!Number.isNaN(date.getTime())) return date.toISOString();
+  return typeof raw === 'number' ? new Date(raw / 1000).toISOString() : null;
+}
+
+// What SyncStatus reports for one stream subscription (the core extension's view, built from
+// the service's `checkpoint.streams` and each bucket's `subscriptions`).
+function streamStatusJson(s) {
+  const sub = s.subscription;
+  const core = s.core ?? {};
+  return {
+    name: sub.name,
+    parameters: sub.parameters,
+    active: sub.active,
+    isDefault: sub.isDefault,
+    hasExplicitSubscription: sub.hasExplicitSubscription,
+    expiresAt: streamTime(sub.expiresAt, core.expires_at),
+    hasSynced: sub.hasSynced,
+    lastSyncedAt: streamTime(sub.lastSyncedAt, core.last_synced_at),
+    priority: s.priority ?? null,
+    progress: s.progress
+  };
+}
+
+function requireSubscription(cmd) {
+  const entry = state.subscriptions.get(cmd.handle);
+  if (!entry) throw new Error(`${cmd.cmd}: no subscription with handle ${JSON.stringify(cmd.handle)}`);
+  return entry;
+}
+
+function streamSynced(db, entry) {
+  const desc = { name: entry.subscription.name, parameters: entry.subscription.parameters };
+  return db.currentStatus.forStream(desc)?.subscription.hasSynced === true;
+}
+
+// Drop every handle (at close): a leaked handle only logs a warning, but the next `open` must not
+// see handles of a closed database.
+function forgetSubscriptions() {
+  for (const { subscription } of state.subscriptions.values()) subscription.unsubscribe();
+  state.subscriptions.clear();
+}
+
+// ---------------------------------------------------------------------------------------
 // Commands
 
 function requireDb() {
@@ -345,7 +429,7 @@ const handlers = {
     if (!cmd.db_path) throw new Error('open: db_path is required');
     const abs = path.resolve(cmd.db_path);
     const db = new PowerSyncDatabase({
-      schema: AppSchema,
+      schema: schemaFromJson(cmd.schema),
       database: {
         dbFilename: path.basename(abs),
         dbLocation: path.dirname(abs),
@@ -451,6 +535,54 @@ const handlers = {
     );
   },
 
+  async subscribe(cmd) {
+    const db = requireDb();
+    if (typeof cmd.stream !== 'string') throw new Error('subscribe: stream (string) is required');
+    const options = {};
+    if (cmd.ttl !== undefined) options.ttl = cmd.ttl;
+    if (cmd.priority !== undefined) options.priority = cmd.priority;
+    // Works connected or not: the subscription is stored in ps_stream_subscriptions and, while
+    // connected, the SDK restarts the sync stream with the new subscription list.
+    const stream = db.syncStream(cmd.stream, cmd.parameters ?? null);
+    const subscription = await stream.subscribe(options);
+    const handle = state.nextSubscriptionHandle++;
+    state.subscriptions.set(handle, { stream, subscription });
+    return { handle, stream: subscription.name, parameters: subscription.parameters };
+  },
+
+  async unsubscribe(cmd) {
+    requireDb();
+    const { stream, subscription } = requireSubscription(cmd);
+    state.subscriptions.delete(cmd.handle);
+    subscription.unsubscribe();
+    // unsubscribe() alone keeps requesting the stream until its TTL (default one day) runs out;
+    // unsubscribeAll() drops the stored subscription, so the next request leaves it out and the
+    // service stops sending (and the client deletes) its buckets now.
+    if (cmd.unsubscribe_all) await stream.unsubscribeAll();
+    return null;
+  },
+
+  async wait_stream_synced(cmd) {
+    const db = requireDb();
+    const entry = requireSubscription(cmd);
+    const timeoutMs = cmd.timeout_ms ?? 30000;
+    // Like waitForFirstSync, this resolves (not rejects) on abort: re-check after.
+    await entry.subscription.waitForFirstSync(AbortSignal.timeout(timeoutMs));
+    if (!streamSynced(db, entry)) {
+      const streams = (db.currentStatus.syncStreams ?? []).map(streamStatusJson);
+      throw new Error(
+        `wait_stream_synced timed out after ${timeoutMs} ms; streams: ${JSON.stringify(streams)}; status: ${JSON.stringify(await fullStatus())}`
+      );
+    }
+    return streamStatusJson(db.currentStatus.forStream(entry.subscription));
+  },
+
+  async sync_status_streams() {
+    const db = requireDb();
+    const streams = db.currentStatus.syncStreams;
+    return { streams: streams == null ? null : streams.map(streamStatusJson), errors: state.streamErrors };
+  },
+
   async disconnect() {
     const db = requireDb();
     await db.disconnect();
@@ -460,6 +592,7 @@ const handlers = {
 
   async close() {
     const db = requireDb();
+    forgetSubscriptions();
     await db.close();
     await closePool();
     state.db = null;

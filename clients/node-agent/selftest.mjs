@@ -235,10 +235,131 @@ async function phase2(dir) {
   }
 }
 
+// ---- Phase 3: sync streams against a fake edition-3 service ----
+// It answers each request's `streams` part the way the PowerSync service does: the default
+// stream `announcements` (`checkpoint.streams[0]`), one bucket per `project_todos` subscription
+// (reason `{sub: i}`), and an error for a subscription to an unknown project.
+
+const STREAM_ROWS = { 'announcements|0[]': [['announcements', 'a1', 1, { body: 'hello' }]] };
+for (const [project, ids] of Object.entries({ p1: ['t1', 't2'], p2: ['t3'] })) {
+  STREAM_ROWS[`project_todos|1["${project}"]`] = ids.map((id, i) => ['todos', id, 2 + Object.keys(STREAM_ROWS).length * 2 + i, { project_id: project }]);
+}
+const LAST_OP = String(Math.max(...Object.values(STREAM_ROWS).flat().map((r) => r[2])));
+
+function streamsCheckpoint(req) {
+  const after = new Map((req.buckets ?? []).map((b) => [b.name, Number(b.after)]));
+  const streams = [{ name: 'announcements', is_default: true, errors: [] }];
+  const buckets = [];
+  const bucket = (name, priority, reason) => buckets.push({ bucket: name, checksum: 7 * STREAM_ROWS[name].length, count: STREAM_ROWS[name].length, priority, subscriptions: [reason] });
+  bucket('announcements|0[]', 3, { default: 0 });
+  (req.streams?.subscriptions ?? []).forEach((sub, i) => {
+    if (sub.stream !== 'project_todos') return;
+    if (!streams[1]) streams.push({ name: 'project_todos', is_default: false, errors: [] });
+    const name = `project_todos|1["${sub.parameters?.project_id}"]`;
+    if (STREAM_ROWS[name]) bucket(name, sub.override_priority ?? 3, { sub: i });
+    else streams[1].errors.push({ subscription: i, message: 'no such project' });
+  });
+  const data = buckets.map(({ bucket: name }) => ({
+    data: {
+      bucket: name,
+      data: STREAM_ROWS[name]
+        .filter((r) => r[2] > (after.get(name) ?? 0))
+        .map(([type, id, op, row]) => ({ op_id: String(op), op: 'PUT', object_type: type, object_id: id, checksum: 7, data: JSON.stringify(row) }))
+    }
+  }));
+  return [{ checkpoint: { last_op_id: LAST_OP, write_checkpoint: null, buckets, streams } }, ...data, { checkpoint_complete: { last_op_id: LAST_OP } }];
+}
+
+function startStreamsService() {
+  const bodies = [];
+  const server = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', (d) => (body += d));
+    req.on('end', () => {
+      if (req.url !== '/sync/stream') {
+        res.writeHead(404);
+        return res.end();
+      }
+      bodies.push(JSON.parse(body));
+      res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+      for (const l of streamsCheckpoint(bodies.at(-1))) res.write(JSON.stringify(l) + '\n');
+      const timer = setInterval(() => res.write(JSON.stringify({ token_expires_in: 3600 }) + '\n'), 1000);
+      res.on('close', () => clearInterval(timer));
+    });
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, port: server.address().port, bodies })));
+}
+
+async function until(what, fn, timeoutMs = 10000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) fail(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+async function phase3(dir) {
+  const svc = await startStreamsService();
+  const agent = new Agent('phase3');
+  const schema = { todos: { project_id: 'text' }, announcements: { body: 'text' } };
+  await agent.call('open', { db_path: path.join(dir, 'p4.sqlite'), schema });
+  const p1 = (await agent.call('subscribe', { stream: 'project_todos', parameters: { project_id: 'p1' } })).handle;
+  await agent.call('connect', { endpoint: `http://127.0.0.1:${svc.port}`, token: 'tok-1', retry_delay_ms: 200 });
+  const synced = await agent.call('wait_stream_synced', { handle: p1, timeout_ms: 10000 });
+  check(synced.hasSynced === true && synced.active === true && synced.hasExplicitSubscription === true, 'subscribe before connect: stream synced');
+  check(/^\d{4}-/.test(synced.lastSyncedAt) && /^\d{4}-/.test(synced.expiresAt), `stream times as ISO dates: ${JSON.stringify(synced)}`);
+  const sub = svc.bodies[0].streams.subscriptions;
+  check(JSON.stringify(sub) === '[{"stream":"project_todos","parameters":{"project_id":"p1"},"override_priority":null}]', `request carries the subscription: ${JSON.stringify(sub)}`);
+  const todos = () => agent.call('query', { sql: 'SELECT id FROM todos ORDER BY id' }).then((r) => r.map((x) => x.id).join(','));
+  check((await todos()) === 't1,t2', 'p1 rows synced');
+  const st = await agent.call('sync_status_streams');
+  const ann = st.streams.find((s) => s.name === 'announcements');
+  check(ann?.isDefault === true && ann.hasSynced === true && ann.parameters === null, `default stream reported: ${JSON.stringify(st)}`);
+
+  // (Not ttl: 0: core 0.5.3 extends an active subscription to now + ttl and then deletes those
+  // that expired before a fresh now, so a ttl-0 subscription can vanish while still in use.)
+  const p2 = (await agent.call('subscribe', { stream: 'project_todos', parameters: { project_id: 'p2' }, ttl: 1, priority: 1 })).handle;
+  await agent.call('wait_stream_synced', { handle: p2, timeout_ms: 10000 });
+  check((await todos()) === 't1,t2,t3', 'p2 rows synced');
+  check(svc.bodies.at(-1).streams.subscriptions[1].override_priority === 1, 'priority sent as override_priority');
+  const bad = (await agent.call('subscribe', { stream: 'project_todos', parameters: { project_id: 'nope' } })).handle;
+  await agent.call('wait_stream_synced', { handle: bad, timeout_ms: 10000 });
+  const errors = (await agent.call('sync_status_streams')).errors;
+  check(errors.length === 1 && /could not be resolved: no such project/.test(errors[0]), `subscription error reported: ${errors}`);
+  await agent.call('unsubscribe', { handle: bad, unsubscribe_all: true });
+  await until('reconnect without the bad subscription', () => svc.bodies.at(-1).streams.subscriptions.length === 2);
+
+  // Default TTL: the subscription is still requested after unsubscribe, so its rows stay.
+  const requests = svc.bodies.length;
+  await agent.call('unsubscribe', { handle: p1 });
+  await sleep(1500);
+  check(svc.bodies.length === requests, `plain unsubscribe: no new request (${JSON.stringify(svc.bodies.slice(requests))})`);
+  check((await todos()) === 't1,t2,t3', 'plain unsubscribe keeps the rows until the TTL runs out');
+  // A 1 s TTL: gone at the first keepalive after it ran out.
+  await agent.call('unsubscribe', { handle: p2 });
+  await until('p2 rows removed after its TTL', async () => (await todos()) === 't1,t2');
+  // unsubscribe_all: gone now, whatever the TTL.
+  const again = (await agent.call('subscribe', { stream: 'project_todos', parameters: { project_id: 'p1' } })).handle;
+  await agent.call('unsubscribe', { handle: again, unsubscribe_all: true });
+  await until('p1 rows removed', async () => (await todos()) === '');
+  check(svc.bodies.at(-1).streams.subscriptions.length === 0, 'no subscription requested any more');
+  const bogus = await agent.send('unsubscribe', { handle: again });
+  check(bogus.ok === false, 'unknown handle -> ok:false');
+  await agent.call('close');
+  check((await agent.end()).code === 0, 'agent exited 0');
+  svc.server.closeAllConnections();
+  svc.server.close();
+}
+
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'node-agent-selftest-'));
 try {
   await phase1(dir);
-  if (process.env.SELFTEST_SKIP_FAKE_SERVICE !== '1') await phase2(dir);
+  if (process.env.SELFTEST_SKIP_FAKE_SERVICE !== '1') {
+    await phase2(dir);
+    await phase3(dir);
+  }
 } catch (e) {
   fail(e.stack ?? String(e));
 } finally {

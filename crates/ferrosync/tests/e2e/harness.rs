@@ -35,10 +35,22 @@ impl Service {
             Some(tls) => PgCluster::start_tls(PgOptions::default(), tls)?,
             None => PgCluster::start(PgOptions::default())?,
         };
+        Self::on_cluster(cluster, host, conn, SCHEMA, RULES).await
+    }
+
+    /// A service for another app than the todo app: `schema` is run on the source database
+    /// (still named `todo`; it must create the `powersync` publication) and `rules` is the sync
+    /// config.
+    pub async fn with_app(schema: &str, rules: &str) -> Result<Service> {
+        let cluster = PgCluster::start(PgOptions::default())?;
+        Self::on_cluster(cluster, "127.0.0.1", &ConnTls::default(), schema, rules).await
+    }
+
+    async fn on_cluster(cluster: PgCluster, host: &str, conn: &ConnTls<'_>, schema: &str, rules: &str) -> Result<Service> {
         cluster.create_database("todo").await?;
         cluster.create_database("storage").await?;
-        cluster.connect("todo").await?.batch_execute(SCHEMA).await?;
-        let (dir, port) = service_dir(&cluster, host, conn)?;
+        cluster.connect("todo").await?.batch_execute(schema).await?;
+        let (dir, port) = service_dir(&cluster, host, conn, rules)?;
         Ok(Service {
             cluster,
             dir,
@@ -96,7 +108,7 @@ impl Service {
     /// Another process of the same service (same source, storage and rules) on its own port.
     pub fn peer(&self) -> Result<Peer> {
         let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
+        std::fs::copy(self.dir.path().join("sync-rules.yaml"), dir.path().join("sync-rules.yaml"))?;
         let port = free_port()?;
         let config = std::fs::read_to_string(self.dir.path().join("powersync.yaml"))?;
         let config = config.replace(&format!("\nport: {}\n", self.port), &format!("\nport: {port}\n"));
@@ -205,11 +217,11 @@ pub fn read_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("ferrosync.log")).unwrap_or_default()
 }
 
-/// A directory with the rules and a config for `cluster` (reached as `host`, with `conn`'s TLS
+/// A directory with `rules` and a config for `cluster` (reached as `host`, with `conn`'s TLS
 /// settings) on a free port.
-fn service_dir(cluster: &PgCluster, host: &str, conn: &ConnTls<'_>) -> Result<(tempfile::TempDir, u16)> {
+fn service_dir(cluster: &PgCluster, host: &str, conn: &ConnTls<'_>, rules: &str) -> Result<(tempfile::TempDir, u16)> {
     let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("sync-rules.yaml"), RULES)?;
+    std::fs::write(dir.path().join("sync-rules.yaml"), rules)?;
     let port = free_port()?;
     let config = ferrosync_testkit::ServiceConfig {
         source_uri: cluster.uri_on(host, "todo"),
@@ -273,11 +285,17 @@ pub fn now() -> u64 {
 }
 
 pub fn token(sub: &str) -> String {
-    token_with(
-        json!({"sub": sub, "aud": "test-aud", "iat": now(), "exp": now() + 3600}),
-        "k1",
-        SECRET,
-    )
+    token_with_claims(sub, json!({}))
+}
+
+/// A valid token for `sub` that also carries `extra` (an object) as top-level claims, which sync
+/// streams read with `auth.parameter('<claim>')`.
+pub fn token_with_claims(sub: &str, extra: Value) -> String {
+    let mut claims = json!({"sub": sub, "aud": "test-aud", "iat": now(), "exp": now() + 3600});
+    if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+        claims.extend(extra.clone());
+    }
+    token_with(claims, "k1", SECRET)
 }
 
 /// What a client holds after applying sync lines: per bucket, row key -> (op_id, data), and

@@ -13,4 +13,5 @@ mod proxy;
 mod restart;
 mod schema_changes;
 mod slots;
+mod streams;
 mod tls;
