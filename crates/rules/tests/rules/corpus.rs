@@ -729,7 +729,12 @@ fn corpus() {
         let d = &corpus.defaults;
         let before = (tally.run, tally.skipped, tally.pending.len());
         for c in &corpus.expr {
-            let name = c.name.clone().or_else(|| c.e.clone()).or_else(|| c.w.clone()).unwrap_or_default();
+            let name = c
+                .name
+                .clone()
+                .or_else(|| c.e.clone())
+                .or_else(|| c.w.as_ref().map(|w| format!("where {w}")))
+                .unwrap_or_default();
             tally.case(&file, &name, c.pending.as_ref(), skip, || run_expr(c, d));
         }
         for c in &corpus.rows {
