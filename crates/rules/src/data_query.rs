@@ -152,6 +152,11 @@ impl DataQuery {
                     }
                 }
                 Column::Value(name, expr) => {
+                    // A named column the source row lacks is left out of the
+                    // output (errata: "not `null`").
+                    if matches!(expr, Expr::Column(c) if row.get(c).is_none()) {
+                        continue;
+                    }
                     let v = expr.eval(&ctx)?;
                     match data.iter_mut().find(|(n, _)| n == name) {
                         Some(slot) => slot.1 = v,

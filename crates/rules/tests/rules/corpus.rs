@@ -474,9 +474,23 @@ fn run_expr(c: &ExprCase, d: &Defaults) -> Result<(), String> {
     }
 }
 
+/// JSON text with object keys sorted (key order is checked via `data_text`).
+fn canonical(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys.iter().map(|k| format!("{}:{}", serde_json::Value::from(k.as_str()), canonical(&m[*k]))).collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        serde_json::Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
 fn row_line(bucket: &str, table: &str, id: &str, data: Option<&serde_json::Value>) -> String {
     match data {
-        Some(d) => format!("{bucket} | {table} | {id} | {d}"),
+        Some(d) => format!("{bucket} | {table} | {id} | {}", canonical(d)),
         None => format!("{bucket} | {table} | {id}"),
     }
 }
