@@ -113,7 +113,8 @@ impl Scope {
                 let op = bin_op(op)?;
                 // Legacy member access only takes string keys (errata:
                 // `jb -> 1` fails with "Unsupported member operation").
-                if matches!(op, BinOp::Arrow | BinOp::LongArrow) && matches!(right.as_ref(), SqlExpr::Value(v) if matches!(v.value, Value::Number(..)))
+                if matches!(op, BinOp::Arrow | BinOp::LongArrow)
+                    && matches!(right.as_ref(), SqlExpr::Value(v) if matches!(v.value, Value::Number(..)))
                 {
                     return Err("Unsupported member operation".into());
                 }

@@ -3,8 +3,8 @@
 //! `SELECT` shape the legacy dialect accepts.
 
 use sqlparser::ast::{
-    BinaryOperator, Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, SelectItem, SetExpr, Statement,
-    TableFactor,
+    BinaryOperator, Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, SelectItem,
+    SetExpr, Statement, TableFactor,
 };
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence};
 use sqlparser::keywords::Keyword;

@@ -183,8 +183,9 @@ fn js_date_parse(text: &str) -> Option<f64> {
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
         return None;
     }
-    let time_ok = h <= 23 && mi <= 59 && s <= 59;
-    if !time_ok && !(h == 24 && mi == 0 && s == 0 && ms == 0) {
+    // A 24th hour is allowed when everything after it is zero.
+    let end_of_day = h == 24 && mi == 0 && s == 0 && ms == 0;
+    if !(h <= 23 && mi <= 59 && s <= 59 || end_of_day) {
         return None;
     }
     let days = days_from_civil(year, month, 1) + day - 1;

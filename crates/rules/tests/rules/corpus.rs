@@ -452,7 +452,9 @@ fn run_expr(c: &ExprCase, d: &Defaults) -> Result<(), String> {
             return Err(format!("expected typeof {t}, got {got} (data {data})"));
         }
     }
-    let raw = data.split_once(",\"v\":").map(|(_, r)| r.strip_suffix('}').unwrap_or(r).to_string());
+    let raw = data
+        .split_once(",\"v\":")
+        .map(|(_, r)| r.strip_suffix('}').unwrap_or(r).to_string());
     if c.absent {
         return match raw {
             None => Ok(()),
@@ -480,7 +482,10 @@ fn canonical(v: &serde_json::Value) -> String {
         serde_json::Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            let parts: Vec<String> = keys.iter().map(|k| format!("{}:{}", serde_json::Value::from(k.as_str()), canonical(&m[*k]))).collect();
+            let parts: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}:{}", serde_json::Value::from(k.as_str()), canonical(&m[*k])))
+                .collect();
             format!("{{{}}}", parts.join(","))
         }
         serde_json::Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
@@ -638,7 +643,10 @@ fn run_error(c: &ErrorCase, d: &Defaults) -> Result<(), String> {
         (None, data, params, None) => {
             let mut b = Mapping::new();
             if let Some(p) = params {
-                b.insert("parameters".into(), Value::Sequence(strings(p).into_iter().map(Value::from).collect()));
+                b.insert(
+                    "parameters".into(),
+                    Value::Sequence(strings(p).into_iter().map(Value::from).collect()),
+                );
             }
             let data = data.as_ref().map(strings).unwrap_or_default();
             b.insert("data".into(), Value::Sequence(data.into_iter().map(Value::from).collect()));
@@ -770,7 +778,10 @@ fn corpus() {
             tally.pending.len() - before.2
         ));
     }
-    println!("corpus: {} cases run, {} skipped (edition 3 ready: {ed3})", tally.run, tally.skipped);
+    println!(
+        "corpus: {} cases run, {} skipped (edition 3 ready: {ed3})",
+        tally.run, tally.skipped
+    );
     for line in &per_file {
         println!("  {line}");
     }
@@ -786,6 +797,11 @@ fn corpus() {
         problems.push(format!("only {} cases ran, at least {MIN_CASES} expected", tally.run));
     }
     if !problems.is_empty() {
-        panic!("{} corpus problem(s) ({} cases run):\n{}", problems.len(), tally.run, problems.join("\n"));
+        panic!(
+            "{} corpus problem(s) ({} cases run):\n{}",
+            problems.len(),
+            tally.run,
+            problems.join("\n")
+        );
     }
 }
