@@ -111,6 +111,13 @@ impl Scope {
             },
             SqlExpr::BinaryOp { left, op, right } => {
                 let op = bin_op(op)?;
+                // Legacy member access only takes string keys (errata:
+                // `jb -> 1` fails with "Unsupported member operation").
+                if matches!(op, BinOp::Arrow | BinOp::LongArrow)
+                    && matches!(right.as_ref(), SqlExpr::Value(v) if matches!(v.value, Value::Number(..)))
+                {
+                    return Err("Unsupported member operation".into());
+                }
                 let (l, dl) = self.expr(left)?;
                 let (r, dr) = self.expr(right)?;
                 let d = self.combine(&[dl, dr])?;

@@ -88,6 +88,7 @@ fn parse_config(
     let mut overrides: [Option<bool>; 4] = [None; 4];
     let mut iso = None;
     let mut has_precision = false;
+    let mut sqlite_engine = false;
     for (k, v) in map {
         let key = key_str(k);
         match key.as_str() {
@@ -129,8 +130,7 @@ fn parse_config(
                     "versioned_bucket_ids" => overrides[1] = Some(b),
                     "fixed_json_extract" => overrides[2] = Some(b),
                     "custom_postgres_types" => overrides[3] = Some(b),
-                    _ if b => errors.push(RuleIssue::new("Enabling unstable_sqlite_expression_engine requires edition: 3")),
-                    _ => {}
+                    _ => sqlite_engine = b,
                 }
             }
             other => errors.push(RuleIssue::new(format!(
@@ -145,6 +145,13 @@ fn parse_config(
         fixed_json_extract: overrides[2].unwrap_or(default),
         custom_postgres_types: overrides[3].unwrap_or(default),
     };
+    if sqlite_engine && edition < 3 {
+        errors.push(RuleIssue::new("Enabling unstable_sqlite_expression_engine requires edition: 3"));
+    } else if sqlite_engine && !compat.fixed_json_extract {
+        errors.push(RuleIssue::new(
+            "Enabling unstable_sqlite_expression_engine requires fixed_json_extract",
+        ));
+    }
     if has_precision && !iso.unwrap_or(default) {
         errors.push(RuleIssue::new(
             "'timestamp_max_precision' requires 'timestamps_iso8601' to be enabled.",

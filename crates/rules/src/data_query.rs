@@ -131,6 +131,7 @@ impl DataQuery {
             request: None,
             each: None,
             fixed_json,
+            table: None,
         };
         let assignments = self.filter.assignments(&ctx)?;
         if assignments.is_empty() {
@@ -152,6 +153,11 @@ impl DataQuery {
                     }
                 }
                 Column::Value(name, expr) => {
+                    // A named column the source row lacks is left out of the
+                    // output (errata: "not `null`").
+                    if matches!(expr, Expr::Column(c) if row.get(c).is_none()) {
+                        continue;
+                    }
                     let v = expr.eval(&ctx)?;
                     match data.iter_mut().find(|(n, _)| n == name) {
                         Some(slot) => slot.1 = v,

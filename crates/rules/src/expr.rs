@@ -4,6 +4,7 @@
 use crate::functions::{call, Func};
 use crate::json::{self, Json};
 use crate::request::RequestParameters;
+use crate::table::SourceTableName;
 use crate::value::{cast_integer, cast_numeric, cast_real, compare, sqlite_bool, to_blob, to_text, Row, SqliteValue};
 use std::cmp::Ordering;
 
@@ -74,6 +75,11 @@ pub(crate) enum Expr {
         whens: Vec<(Expr, Expr)>,
         otherwise: Option<Box<Expr>>,
     },
+    /// `alias.table_name()` / `alias.schema()` (edition 3).
+    TableName,
+    SchemaName,
+    /// Accepted by the compiler but fails for every row, as in the reference.
+    Fail(String),
     /// `x BETWEEN low AND high` (edition 3).
     Between(Box<Expr>, Box<Expr>, Box<Expr>),
     /// Scalar `x IN (a, b, ..)` (edition 3).
@@ -88,6 +94,8 @@ pub(crate) struct Ctx<'a> {
     pub request: Option<&'a RequestParameters>,
     pub each: Option<(&'a SqliteValue, &'a SqliteValue)>,
     pub fixed_json: bool,
+    /// The source table of `row` (edition-3 row metadata functions).
+    pub table: Option<&'a SourceTableName>,
 }
 
 type EvalResult = Result<SqliteValue, String>;
@@ -121,6 +129,9 @@ impl Expr {
                 let vals = args.iter().map(|a| a.eval(ctx)).collect::<Result<Vec<_>, _>>()?;
                 call(*f, &vals, ctx.fixed_json)?
             }
+            Expr::TableName => ctx.table.map_or(SqliteValue::Null, |t| SqliteValue::Text(t.name.clone())),
+            Expr::SchemaName => ctx.table.map_or(SqliteValue::Null, |t| SqliteValue::Text(t.schema.clone())),
+            Expr::Fail(message) => return Err(message.clone()),
             Expr::Case { operand, whens, otherwise } => return case(operand.as_deref(), whens, otherwise.as_deref(), ctx),
             Expr::Between(x, low, high) => {
                 let x = x.eval(ctx)?;

@@ -1,6 +1,8 @@
 //! Scalar SQL functions available in the legacy dialect (`upper`, `hex`,
 //! `json_extract`, …) with the reference's JavaScript-flavoured semantics.
 
+mod dates;
+
 use crate::expr::{json_array_values, json_path};
 use crate::json::{self, js_key_order, Json};
 use crate::value::{cast_integer, compare, sqlite_bool, to_blob, to_text, SqliteValue};
@@ -23,6 +25,8 @@ pub(crate) enum Func {
     JsonValid,
     JsonKeys,
     UuidBlob,
+    Unixepoch,
+    Datetime,
     /// `a && b` of sync streams: the two JSON arrays share an element.
     JsonOverlap,
 }
@@ -52,6 +56,8 @@ pub(crate) fn lookup(name: &str) -> Option<(Func, usize, usize)> {
         "json_valid" => (Func::JsonValid, 1, 1),
         "json_keys" => (Func::JsonKeys, 1, 1),
         "uuid_blob" => (Func::UuidBlob, 1, 1),
+        "unixepoch" => (Func::Unixepoch, 1, 3),
+        "datetime" => (Func::Datetime, 1, 3),
         _ => return None,
     })
 }
@@ -262,6 +268,8 @@ pub(crate) fn call(f: Func, a: &[SqliteValue], fixed_json: bool) -> Result<Sqlit
             Some(_) => return Err("Cannot call json_keys on a scalar".into()),
         },
         Func::UuidBlob => uuid_blob(arg(0))?,
+        Func::Unixepoch => dates::call(dates::DateFn::Unixepoch, a),
+        Func::Datetime => dates::call(dates::DateFn::Datetime, a),
     })
 }
 

@@ -114,6 +114,11 @@ impl ParamQuery {
                 auth_output = true;
             }
             let is_row = mode == Mode::ParamTable && (d & ROW != 0 || d == 0);
+            // Errata: the reference refuses output columns computed from the
+            // row (`upper(team_id) AS t`); only plain columns are stored.
+            if d & ROW != 0 && !matches!(expr, Expr::Column(_) | Expr::TableSuffix) {
+                return Err("Parameter match expression is not allowed here".into());
+            }
             columns.push(ParamColumn { name, expr, is_row });
         }
         let kind = match (pattern, each) {

@@ -92,6 +92,7 @@ impl SyncRules {
                 global_ctes: &raw.ctes,
             },
             &mut errors,
+            &mut warnings,
         );
         let mut definitions = Vec::new();
         for def in raw.definitions {

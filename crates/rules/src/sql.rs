@@ -3,8 +3,8 @@
 //! `SELECT` shape the legacy dialect accepts.
 
 use sqlparser::ast::{
-    Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, Select, SelectItem, SetExpr,
-    Statement, TableFactor,
+    BinaryOperator, Expr as SqlExpr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, Select,
+    SelectItem, SetExpr, Statement, TableFactor,
 };
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence};
 use sqlparser::keywords::Keyword;
@@ -70,6 +70,21 @@ impl Dialect for SyncRulesDialect {
     }
 
     fn parse_infix(&self, parser: &mut Parser, expr: &SqlExpr, precedence: u8) -> Option<Result<SqlExpr, ParserError>> {
+        // `<<` / `>>` parse (so the compiler can report "Operator not
+        // supported: <<") instead of failing with a parser error.
+        let shift = match parser.peek_token_ref().token {
+            Token::ShiftLeft => Some(BinaryOperator::PGBitwiseShiftLeft),
+            Token::ShiftRight => Some(BinaryOperator::PGBitwiseShiftRight),
+            _ => None,
+        };
+        if let Some(op) = shift {
+            parser.advance_token();
+            return Some(parser.parse_subexpr(precedence).map(|right| SqlExpr::BinaryOp {
+                left: Box::new(expr.clone()),
+                op,
+                right: Box::new(right),
+            }));
+        }
         let is_kw = |t: &Token, k: Keyword| matches!(t, Token::Word(w) if w.keyword == k);
         let (negated, skip) = if is_kw(&parser.peek_token_ref().token, Keyword::IN) {
             (false, 1)

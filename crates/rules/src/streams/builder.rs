@@ -60,8 +60,9 @@ pub(crate) type Ctes<'a> = &'a [(String, String)];
 
 const SUBQUERY_DEPTH: usize = 8;
 
-/// Splits a stream query into its OR branches.
-pub(crate) fn branches(sql: &str, ctes: Ctes<'_>, default_schema: &str) -> Result<Vec<Branch>, String> {
+/// Splits a stream query into its OR branches; the names of the CTEs it reads are added to
+/// `used_ctes`.
+pub(crate) fn branches(sql: &str, ctes: Ctes<'_>, default_schema: &str, used_ctes: &mut Vec<String>) -> Result<Vec<Branch>, String> {
     let query = parse_query(sql)?;
     let select = checked_select(&query)?;
     let mut conds = match &select.selection {
@@ -79,12 +80,17 @@ pub(crate) fn branches(sql: &str, ctes: Ctes<'_>, default_schema: &str) -> Resul
             ctes,
             default_schema,
             depth: 0,
+            used_ctes,
         };
         let scope = b.from_items(&select.from)?;
         for atom in &atoms {
             b.atom(&scope, atom)?;
         }
-        let (output, columns) = b.output(&scope, select)?;
+        let select_scope = Scope {
+            select_list: true,
+            ..scope
+        };
+        let (output, columns) = b.output(&select_scope, select)?;
         out.push(Branch {
             sources: b.sources,
             conds: b.conds,
@@ -113,15 +119,16 @@ fn join_conditions(from: &[TableWithJoins]) -> Result<Vec<&SqlExpr>, String> {
     Ok(out)
 }
 
-struct Builder<'a> {
+struct Builder<'a, 'u> {
     sources: Vec<Source>,
     conds: Vec<Cond>,
     ctes: Ctes<'a>,
     default_schema: &'a str,
     depth: usize,
+    used_ctes: &'u mut Vec<String>,
 }
 
-impl<'a> Builder<'a> {
+impl<'a> Builder<'a, '_> {
     fn add(&mut self, kind: SourceKind, alias: Option<String>) -> Result<usize, String> {
         if self.sources.len() >= 64 {
             return Err("Too many tables in one query".into());
@@ -130,9 +137,13 @@ impl<'a> Builder<'a> {
         Ok(self.sources.len() - 1)
     }
 
-    fn cte(&self, name: &str) -> Option<&'a str> {
+    fn cte(&mut self, name: &str) -> Option<&'a str> {
         let ctes: Ctes<'a> = self.ctes;
-        ctes.iter().find(|(n, _)| n == name).map(|(_, sql)| sql.as_str())
+        let sql = ctes.iter().find(|(n, _)| n == name).map(|(_, sql)| sql.as_str())?;
+        if !self.used_ctes.iter().any(|u| u == name) {
+            self.used_ctes.push(name.to_string());
+        }
+        Some(sql)
     }
 
     fn from_items(&mut self, from: &[TableWithJoins]) -> Result<Scope, String> {

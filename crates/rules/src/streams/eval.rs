@@ -10,6 +10,7 @@ use crate::json::{self, object_text, serialize_params, Json};
 use crate::param_query::json_each;
 use crate::querier::LookupKey;
 use crate::request::RequestParameters;
+use crate::table::SourceTableName;
 use crate::value::{js_number, sqlite_bool, Row, SqliteValue};
 use crate::{EvaluatedParameters, EvaluatedRow};
 use std::collections::HashMap;
@@ -30,20 +31,26 @@ type Visit<'v> = dyn FnMut(&Ctx<'_>) -> Result<(), String> + 'v;
 
 impl RowPlan {
     /// Calls `visit` for each expanded row of `row` that passes the filters.
-    pub(crate) fn for_each(&self, row: &Row, suffix: Option<&str>, fixed_json: bool, visit: &mut Visit<'_>) -> Result<(), String> {
+    pub(crate) fn for_each(&self, row: &Row, table: &SourceTableName, fixed_json: bool, visit: &mut Visit<'_>) -> Result<(), String> {
         if self.eaches.is_empty() {
-            return self.visit_if_passes(row, suffix, fixed_json, visit);
+            return self.visit_if_passes(row, table, fixed_json, visit);
         }
-        self.expand(row.clone(), 0, suffix, fixed_json, visit)
+        self.expand(row.clone(), 0, table, fixed_json, visit)
     }
 
-    fn visit_if_passes(&self, row: &Row, suffix: Option<&str>, fixed_json: bool, visit: &mut Visit<'_>) -> Result<(), String> {
-        let ctx = Ctx {
+    /// Evaluation context for a row of this plan's table.
+    pub(crate) fn ctx<'a>(&'a self, row: &'a Row, table: &'a SourceTableName, fixed_json: bool) -> Ctx<'a> {
+        Ctx {
             row: Some(row),
-            suffix,
+            suffix: self.pattern.is_wildcard().then(|| self.pattern.suffix(table)),
             fixed_json,
+            table: Some(table),
             ..Ctx::default()
-        };
+        }
+    }
+
+    fn visit_if_passes(&self, row: &Row, table: &SourceTableName, fixed_json: bool, visit: &mut Visit<'_>) -> Result<(), String> {
+        let ctx = self.ctx(row, table, fixed_json);
         for f in &self.filters {
             if !sqlite_bool(&f.eval(&ctx)?) {
                 return Ok(());
@@ -52,22 +59,16 @@ impl RowPlan {
         visit(&ctx)
     }
 
-    fn expand(&self, row: Row, depth: usize, suffix: Option<&str>, fixed_json: bool, visit: &mut Visit<'_>) -> Result<(), String> {
+    fn expand(&self, row: Row, depth: usize, table: &SourceTableName, fixed_json: bool, visit: &mut Visit<'_>) -> Result<(), String> {
         let Some((source, arg)) = self.eaches.get(depth) else {
-            return self.visit_if_passes(&row, suffix, fixed_json, visit);
+            return self.visit_if_passes(&row, table, fixed_json, visit);
         };
-        let ctx = Ctx {
-            row: Some(&row),
-            suffix,
-            fixed_json,
-            ..Ctx::default()
-        };
-        let array = arg.eval(&ctx)?;
+        let array = arg.eval(&self.ctx(&row, table, fixed_json))?;
         for (key, value) in json_each(&array, fixed_json)? {
             let mut expanded = row.clone();
             expanded.push(each_column(*source, "key"), key);
             expanded.push(each_column(*source, "value"), value);
-            self.expand(expanded, depth + 1, suffix, fixed_json, visit)?;
+            self.expand(expanded, depth + 1, table, fixed_json, visit)?;
         }
         Ok(())
     }
@@ -123,15 +124,9 @@ pub(crate) struct DataSource {
 }
 
 impl DataSource {
-    pub(crate) fn evaluate(
-        &self,
-        table_name: &str,
-        row: &Row,
-        suffix: Option<&str>,
-        fixed_json: bool,
-    ) -> Result<Vec<EvaluatedRow>, String> {
+    pub(crate) fn evaluate(&self, t: &SourceTableName, row: &Row, fixed_json: bool) -> Result<Vec<EvaluatedRow>, String> {
         let mut buckets: Vec<String> = Vec::new();
-        self.plan.rows.for_each(row, suffix, fixed_json, &mut |ctx| {
+        self.plan.rows.for_each(row, t, fixed_json, &mut |ctx| {
             if let Some(values) = key_values(&self.plan.keys, ctx)? {
                 let bucket = format!("{}{}", self.prefix, serialize_params(&values));
                 if !buckets.contains(&bucket) {
@@ -143,16 +138,10 @@ impl DataSource {
         if buckets.is_empty() {
             return Ok(Vec::new());
         }
-        let ctx = Ctx {
-            row: Some(row),
-            suffix,
-            fixed_json,
-            ..Ctx::default()
-        };
-        let (id, data) = row_data(&self.plan.columns, &ctx)?;
+        let (id, data) = row_data(&self.plan.columns, &self.plan.rows.ctx(row, t, fixed_json))?;
         let table = match &self.plan.alias {
             Some(a) => a.clone(),
-            None if self.plan.rows.pattern.is_wildcard() => table_name.to_string(),
+            None if self.plan.rows.pattern.is_wildcard() => t.name.clone(),
             None => self.plan.rows.pattern.table_text().to_string(),
         };
         Ok(buckets
@@ -169,15 +158,9 @@ impl DataSource {
 
 impl ParameterIndex {
     /// Index entries of a source row, one per distinct lookup key.
-    pub(crate) fn evaluate(
-        &self,
-        id: usize,
-        row: &Row,
-        suffix: Option<&str>,
-        fixed_json: bool,
-    ) -> Result<Vec<EvaluatedParameters>, String> {
+    pub(crate) fn evaluate(&self, id: usize, t: &SourceTableName, row: &Row, fixed_json: bool) -> Result<Vec<EvaluatedParameters>, String> {
         let mut entries: Vec<(LookupKey, Vec<String>)> = Vec::new();
-        self.rows.for_each(row, suffix, fixed_json, &mut |ctx| {
+        self.rows.for_each(row, t, fixed_json, &mut |ctx| {
             let Some(values) = key_values(&self.keys, ctx)? else {
                 return Ok(());
             };

@@ -25,6 +25,8 @@ use plan::{Indexes, ParameterIndex, QuerierPlan};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+const UNUSED_CTE: &str = "This common table expression isn't referenced.";
+
 /// At most this many distinct buckets per stream (reference limit).
 const MAX_BUCKETS_PER_STREAM: usize = 100;
 
@@ -57,7 +59,13 @@ pub(crate) struct CompileOptions<'a> {
 
 impl StreamSet {
     /// Compiles the streams; problems are appended to `errors`.
-    pub(crate) fn compile(raw: &[RawStream], o: &CompileOptions<'_>, errors: &mut Vec<RuleIssue>) -> StreamSet {
+    pub(crate) fn compile(
+        raw: &[RawStream],
+        o: &CompileOptions<'_>,
+        errors: &mut Vec<RuleIssue>,
+        warnings: &mut Vec<RuleIssue>,
+    ) -> StreamSet {
+        let mut used_global = Vec::new();
         let mut indexes = Indexes::default();
         let mut set = StreamSet {
             fixed_json: o.fixed_json,
@@ -71,11 +79,18 @@ impl StreamSet {
                 priority: r.priority,
                 queriers: Vec::new(),
             };
+            let mut used = Vec::new();
             for sql in &r.queries {
-                if let Err(m) = set.compile_query(&mut stream, sql, &ctes, o, &mut indexes) {
+                if let Err(m) = set.compile_query(&mut stream, sql, &ctes, o, &mut indexes, &mut used) {
                     errors.push(RuleIssue::at(m, &r.name, Some(sql)));
                 }
             }
+            for (name, _) in &r.ctes {
+                if !used.contains(name) {
+                    warnings.push(RuleIssue::at(UNUSED_CTE, &format!("{}.with.{name}", r.name), None));
+                }
+            }
+            used_global.extend(used.into_iter().filter(|n| !r.ctes.iter().any(|(l, _)| l == n)));
             if stream.queriers.len() > MAX_BUCKETS_PER_STREAM {
                 errors.push(RuleIssue::at(
                     format!(
@@ -88,6 +103,11 @@ impl StreamSet {
             }
             set.streams.push(stream);
         }
+        for (name, _) in o.global_ctes {
+            if !used_global.contains(name) {
+                warnings.push(RuleIssue::at(UNUSED_CTE, &format!("with.{name}"), None));
+            }
+        }
         set.indexes = indexes.list;
         set
     }
@@ -99,8 +119,9 @@ impl StreamSet {
         ctes: &[(String, String)],
         o: &CompileOptions<'_>,
         indexes: &mut Indexes,
+        used_ctes: &mut Vec<String>,
     ) -> Result<(), String> {
-        for branch in builder::branches(sql, ctes, o.default_schema)? {
+        for branch in builder::branches(sql, ctes, o.default_schema, used_ctes)? {
             let Some((data, querier)) = plan::plan_branch(&branch, indexes, o.fixed_json)? else {
                 continue;
             };
@@ -135,9 +156,7 @@ impl StreamSet {
 
     pub(crate) fn evaluate_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
         for d in self.data.iter().filter(|d| d.plan.rows.pattern.matches(t)) {
-            let pattern = &d.plan.rows.pattern;
-            let suffix = pattern.is_wildcard().then(|| pattern.suffix(t));
-            match d.evaluate(&t.name, row, suffix, self.fixed_json) {
+            match d.evaluate(t, row, self.fixed_json) {
                 Ok(rows) => out.extend(rows.into_iter().map(Ok)),
                 Err(message) => out.push(Err(EvaluationError { message })),
             }
@@ -151,9 +170,7 @@ impl StreamSet {
         out: &mut Vec<Result<EvaluatedParameters, EvaluationError>>,
     ) {
         for (id, index) in self.indexes.iter().enumerate().filter(|(_, i)| i.rows.pattern.matches(t)) {
-            let pattern = &index.rows.pattern;
-            let suffix = pattern.is_wildcard().then(|| pattern.suffix(t));
-            match index.evaluate(id, row, suffix, self.fixed_json) {
+            match index.evaluate(id, t, row, self.fixed_json) {
                 Ok(entries) => out.extend(entries.into_iter().map(Ok)),
                 Err(message) => out.push(Err(EvaluationError { message })),
             }

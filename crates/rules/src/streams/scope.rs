@@ -62,6 +62,8 @@ pub(crate) enum Binding {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scope {
     pub names: Vec<(String, Binding)>,
+    /// Compiling output columns: scalar IN lists are refused there (as the reference does).
+    pub select_list: bool,
 }
 
 pub(crate) type Compiled = Result<(Expr, Deps), String>;
@@ -108,7 +110,12 @@ impl Scope {
                 }
                 _ => Err("Schema is not supported in column references".into()),
             },
-            SqlExpr::Value(v) => Ok((Expr::Lit(literal(&v.value)?), Deps::default())),
+            SqlExpr::Value(v) => {
+                if matches!(&v.value, sqlparser::ast::Value::Number(n, _) if n.contains(['e', 'E'])) {
+                    return Err("Exponent literals are not supported".into());
+                }
+                Ok((Expr::Lit(literal(&v.value)?), Deps::default()))
+            }
             SqlExpr::Nested(inner) => self.expr(inner),
             SqlExpr::UnaryOp { op, expr } => match op {
                 UnaryOperator::Not => self.map1(expr, |x| Expr::Not(Box::new(x))),
@@ -154,6 +161,7 @@ impl Scope {
                 }
                 let e = match (list.as_slice(), items.pop()) {
                     ([SqlExpr::Nested(_)], Some(arr)) => Expr::JsonIn(Box::new(x), Box::new(arr)),
+                    (_, Some(_)) if self.select_list => return Err("IN lists are not supported in the select list".into()),
                     (_, Some(last)) => {
                         items.push(last);
                         Expr::InList(Box::new(x), items)
@@ -163,6 +171,7 @@ impl Scope {
                 let e = if *negated { Expr::Not(Box::new(e)) } else { e };
                 Ok((e, check(d)?))
             }
+            SqlExpr::Substring { special: false, .. } => Err("SUBSTRING(x FROM a FOR b) is not supported; use substring(x, a, b)".into()),
             SqlExpr::Substring {
                 expr,
                 substring_from,
@@ -204,7 +213,7 @@ impl Scope {
             | BinaryOperator::BitwiseAnd
             | BinaryOperator::BitwiseOr
             | BinaryOperator::PGBitwiseShiftLeft
-            | BinaryOperator::PGBitwiseShiftRight => return Err(format!("Operator not supported: {op}")),
+            | BinaryOperator::PGBitwiseShiftRight => Expr::Fail(format!("Operator not supported: {op}")),
             other => Expr::Bin(bin_op(other)?, Box::new(l), Box::new(r)),
         };
         Ok((e, d))
@@ -302,6 +311,8 @@ impl Scope {
         }
         match name {
             "table_suffix" => Ok((Expr::TableSuffix, Deps::source(*i))),
+            "table_name" => Ok((Expr::TableName, Deps::source(*i))),
+            "schema" => Ok((Expr::SchemaName, Deps::source(*i))),
             _ => Err(format!("Unknown function '{alias}.{name}'")),
         }
     }
@@ -313,6 +324,13 @@ impl Scope {
         let Some((func, min, max)) = functions::lookup(name).filter(|(f, ..)| f.in_edition3()) else {
             return Err(format!("Unknown function '{name}'"));
         };
+        if name == "ifnull" && args.len() > 2 {
+            // Edition 3's ifnull takes any number of arguments: the first that is not NULL.
+            let (first, rest) = args.split_at(1);
+            let (a, da) = self.expr(&first[0])?;
+            let (b, db) = self.call(name, rest)?;
+            return Ok((Expr::Call(func, vec![a, b]), check(da.union(db))?));
+        }
         if args.len() < min {
             return Err(format!("Expected at least {min} arguments"));
         }
