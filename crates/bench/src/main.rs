@@ -8,6 +8,7 @@
 //! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
 mod client;
+mod eval;
 mod failover;
 mod load;
 mod phases;
@@ -80,11 +81,21 @@ struct Args {
     /// External mode: Postgres URI of the service's storage database, for its size.
     #[arg(long)]
     storage_uri: Option<String>,
+    /// Sync config the service runs: the legacy todo rules, or ten edition-3 streams.
+    #[arg(long, value_enum, default_value_t = RulesChoice::Legacy)]
+    rules: RulesChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RulesChoice {
+    Legacy,
+    Streams,
 }
 
 /// Phases that `--skip` accepts (the snapshot starts the service, so it always runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Phase {
+    Eval,
     Idle,
     Storage,
     Latency,
@@ -115,14 +126,18 @@ impl Args {
             external: self.url.clone().zip(self.source_uri.clone()),
             service_pid: self.service_pid,
             storage_uri: self.storage_uri.clone(),
+            rules: match self.rules {
+                RulesChoice::Legacy => setup::LEGACY_RULES,
+                RulesChoice::Streams => setup::STREAM_RULES,
+            },
         }
     }
 
     /// Describes the setup for the results heading.
     fn mode(&self) -> String {
         let scale = format!(
-            "rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds",
-            self.rows, self.incremental_rows, self.latency_samples, self.fanout, self.fanout_rounds, self.failover_rounds
+            "rules {:?}, rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds",
+            self.rules, self.rows, self.incremental_rows, self.latency_samples, self.fanout, self.fanout_rounds, self.failover_rounds
         );
         match &self.url {
             Some(url) => format!("external service {url}; {scale}"),
@@ -188,6 +203,11 @@ async fn interrupted() -> &'static str {
 /// All phases in order. Only a failure to get the service synced at all aborts the run; other
 /// phase failures are recorded in the table and the run continues.
 async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> Result<()> {
+    if args.runs(Phase::Eval) {
+        let rows = args.rows.max(1) as usize;
+        let r = tokio::task::spawn_blocking(move || eval::rules_eval(rows)).await?;
+        record(report, "sync-config evaluation", &report::EVAL, r);
+    }
     start(t, args, report).await?;
     if args.runs(Phase::Idle) {
         if t.service_pid().is_some() {

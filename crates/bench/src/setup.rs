@@ -14,7 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SCHEMA: &str = include_str!("../../../examples/todo/schema.sql");
-const RULES: &str = include_str!("../../../examples/todo/sync-rules.yaml");
+/// The legacy todo rules (`--rules legacy`).
+pub const LEGACY_RULES: &str = include_str!("../../../examples/todo/sync-rules.yaml");
+/// The same app as ten edition-3 streams (`--rules streams`).
+pub const STREAM_RULES: &str = include_str!("../../../examples/todo/sync-streams.yaml");
 
 /// Lists in the data set; every list is one op in the global bucket.
 pub const LISTS: i64 = 1000;
@@ -30,6 +33,8 @@ pub struct TargetOptions {
     pub external: Option<(String, String)>,
     pub service_pid: Option<u32>,
     pub storage_uri: Option<String>,
+    /// Sync config content the service runs.
+    pub rules: &'static str,
 }
 
 /// Everything the phases talk to. Field order matters: the service is dropped (killed) before
@@ -132,6 +137,7 @@ async fn own(opts: &TargetOptions) -> Result<Target> {
         .tempdir()
         .context("config dir")?;
     let port = free_port()?;
+    std::fs::write(dir.path().join("sync-rules.yaml"), opts.rules)?;
     let config = write_config(dir.path(), "powersync.yaml", &cluster, port, &opts.auth)?;
     let service = Service::new(&opts.bin, &config, &dir.path().join("service.log"));
     Ok(Target {
@@ -205,7 +211,6 @@ async fn seed(db: &tokio_postgres::Client, rows: i64) -> Result<()> {
 }
 
 fn write_config(dir: &Path, name: &str, cluster: &PgCluster, port: u16, auth: &Auth) -> Result<PathBuf> {
-    std::fs::write(dir.join("sync-rules.yaml"), RULES)?;
     let yaml = ferrosync_testkit::ServiceConfig {
         source_uri: cluster.uri("todo"),
         storage_uri: cluster.uri("storage"),

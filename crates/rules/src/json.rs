@@ -2,6 +2,7 @@
 //! rejected, and text output follows `JSON.stringify` escaping plus the
 //! reference's number rules (bucket-id style or lossless `N.0` style).
 
+use std::fmt::Write;
 use crate::value::{js_number, js_number_lossless, SqliteValue};
 
 /// Parsed JSON value keeping integer/float distinction and key order.
@@ -247,20 +248,32 @@ impl Parser<'_> {
 
 /// Appends `s` as a JSON string literal with `JSON.stringify` escaping.
 pub(crate) fn write_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+    // Runs of bytes that need no escaping are copied whole: every byte that needs escaping is
+    // ASCII, so the run boundaries are char boundaries.
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
         }
+        out.push_str(&s[start..i]);
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            0x08 => out.push_str("\\b"),
+            0x0c => out.push_str("\\f"),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+        }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
     out.push('"');
 }
 
@@ -274,6 +287,9 @@ fn is_index_key(k: &str) -> Option<u32> {
 
 /// Object keys in JS property order (integer-like keys ascending first).
 pub(crate) fn js_key_order<T>(fields: &[(String, T)]) -> Vec<usize> {
+    if fields.iter().all(|(k, _)| is_index_key(k).is_none()) {
+        return (0..fields.len()).collect();
+    }
     let mut idx: Vec<(u32, usize)> = Vec::new();
     let mut rest = Vec::new();
     for (i, (k, _)) in fields.iter().enumerate() {
@@ -370,7 +386,9 @@ pub(crate) fn from_serde(v: &serde_json::Value, ints_as_float: bool) -> Json {
 pub(crate) fn write_param_value(out: &mut String, v: &SqliteValue) {
     match v {
         SqliteValue::Null | SqliteValue::Blob(_) => out.push_str("null"),
-        SqliteValue::Integer(i) => out.push_str(&i.to_string()),
+        SqliteValue::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
         SqliteValue::Real(f) if f.is_finite() => out.push_str(&js_number(*f)),
         SqliteValue::Real(_) => out.push_str("null"),
         SqliteValue::Text(s) => write_str(out, s),
@@ -379,22 +397,30 @@ pub(crate) fn write_param_value(out: &mut String, v: &SqliteValue) {
 
 /// Serialises parameter values as a compact JSON array (bucket-id style).
 pub(crate) fn serialize_params<'a>(values: impl IntoIterator<Item = &'a SqliteValue>) -> String {
-    let mut out = String::from("[");
+    let mut out = String::with_capacity(32);
+    write_params(&mut out, values);
+    out
+}
+
+/// Appends parameter values as a compact JSON array (bucket-id style).
+pub(crate) fn write_params<'a>(out: &mut String, values: impl IntoIterator<Item = &'a SqliteValue>) {
+    out.push('[');
     for (i, v) in values.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        write_param_value(&mut out, v);
+        write_param_value(out, v);
     }
     out.push(']');
-    out
 }
 
 /// Writes a value for stored/output row JSON (lossless: REAL keeps `.0`).
 pub(crate) fn write_data_value(out: &mut String, v: &SqliteValue) {
     match v {
         SqliteValue::Null | SqliteValue::Blob(_) => out.push_str("null"),
-        SqliteValue::Integer(i) => out.push_str(&i.to_string()),
+        SqliteValue::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
         SqliteValue::Real(f) => out.push_str(&js_number_lossless(*f)),
         SqliteValue::Text(s) => write_str(out, s),
     }

@@ -63,9 +63,20 @@ pub struct LookupKey(String);
 
 impl LookupKey {
     pub(crate) fn new(definition: &str, query_id: &str, values: &[SqliteValue]) -> Self {
-        let head = [SqliteValue::Text(definition.to_string()), SqliteValue::Text(query_id.to_string())];
-        let normalized: Vec<SqliteValue> = values.iter().map(SqliteValue::normalized).collect();
-        LookupKey(serialize_params(head.iter().chain(normalized.iter())))
+        let mut out = String::with_capacity(definition.len() + query_id.len() + 16 * values.len() + 8);
+        out.push('[');
+        json::write_str(&mut out, definition);
+        out.push(',');
+        json::write_str(&mut out, query_id);
+        for v in values {
+            out.push(',');
+            match v {
+                SqliteValue::Real(_) => json::write_param_value(&mut out, &v.normalized()),
+                _ => json::write_param_value(&mut out, v),
+            }
+        }
+        out.push(']');
+        LookupKey(out)
     }
 
     /// The canonical text.

@@ -6,7 +6,7 @@ use super::builder::OutColumn;
 use super::plan::{ParameterIndex, Resolver, RowPlan, Slot};
 use super::scope::each_column;
 use crate::expr::Ctx;
-use crate::json::{self, object_text, serialize_params, Json};
+use crate::json::{self, object_text, write_params, Json};
 use crate::param_query::json_each;
 use crate::querier::LookupKey;
 use crate::request::RequestParameters;
@@ -121,14 +121,22 @@ pub(crate) struct DataSource {
     pub plan: super::plan::DataPlan,
     /// Bucket id prefix (`[<id>#]<stream>|<n>`).
     pub prefix: String,
+    /// Sources with the same `shape` produce the same row data from the same source row, so
+    /// it is computed once per row (many streams select `*` from the same table).
+    pub shape: usize,
 }
 
+/// Row data already computed for a source row, by shape: (shape, id, data).
+pub(crate) type DataCache = Vec<(usize, String, String)>;
+
 impl DataSource {
-    pub(crate) fn evaluate(&self, t: &SourceTableName, row: &Row, fixed_json: bool) -> Result<Vec<EvaluatedRow>, String> {
+    pub(crate) fn evaluate(&self, t: &SourceTableName, row: &Row, fixed_json: bool, cache: &mut DataCache) -> Result<Vec<EvaluatedRow>, String> {
         let mut buckets: Vec<String> = Vec::new();
         self.plan.rows.for_each(row, t, fixed_json, &mut |ctx| {
             if let Some(values) = key_values(&self.plan.keys, ctx)? {
-                let bucket = format!("{}{}", self.prefix, serialize_params(&values));
+                let mut bucket = String::with_capacity(self.prefix.len() + 24);
+                bucket.push_str(&self.prefix);
+                write_params(&mut bucket, &values);
                 if !buckets.contains(&bucket) {
                     buckets.push(bucket);
                 }
@@ -138,7 +146,14 @@ impl DataSource {
         if buckets.is_empty() {
             return Ok(Vec::new());
         }
-        let (id, data) = row_data(&self.plan.columns, &self.plan.rows.ctx(row, t, fixed_json))?;
+        let (id, data) = match cache.iter().find(|(shape, ..)| *shape == self.shape) {
+            Some((_, id, data)) => (id.clone(), data.clone()),
+            None => {
+                let (id, data) = row_data(&self.plan.columns, &self.plan.rows.ctx(row, t, fixed_json))?;
+                cache.push((self.shape, id.clone(), data.clone()));
+                (id, data)
+            }
+        };
         let table = match &self.plan.alias {
             Some(a) => a.clone(),
             None if self.plan.rows.pattern.is_wildcard() => t.name.clone(),

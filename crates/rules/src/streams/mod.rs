@@ -134,7 +134,10 @@ impl StreamSet {
                     prefix
                 }
             };
-            self.data.push(DataSource { plan: data, prefix });
+            let shape_of = |d: &plan::DataPlan| format!("{:?}{:?}", d.columns, d.rows.pattern);
+            let shape = shape_of(&data);
+            let shape = self.data.iter().position(|d| shape_of(&d.plan) == shape).unwrap_or(self.data.len());
+            self.data.push(DataSource { plan: data, prefix, shape });
         }
         Ok(())
     }
@@ -155,8 +158,9 @@ impl StreamSet {
     }
 
     pub(crate) fn evaluate_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
+        let mut cache = Vec::new();
         for d in self.data.iter().filter(|d| d.plan.rows.pattern.matches(t)) {
-            match d.evaluate(t, row, self.fixed_json) {
+            match d.evaluate(t, row, self.fixed_json, &mut cache) {
                 Ok(rows) => out.extend(rows.into_iter().map(Ok)),
                 Err(message) => out.push(Err(EvaluationError { message })),
             }
