@@ -97,8 +97,10 @@ impl<'a> Locator<'a> {
                 return Some(at);
             }
         }
-        let quoted = quoted_words(&issue.message);
-        let key = quoted.iter().find_map(|w| self.child(node, w));
+        // A key the message names: quoted (`Unknown key 'x'`), else a bare word (`Invalid priority`).
+        let mut words = quoted_words(&issue.message);
+        words.extend(issue.message.split_whitespace().map(bare_word));
+        let key = words.iter().find_map(|w| self.child(node, w));
         Some(key.unwrap_or(node).location())
     }
 
@@ -110,8 +112,11 @@ impl<'a> Locator<'a> {
         }
         // Then any word of the message that is a key: `config.edition must be ...`,
         // `Enabling unstable_sqlite_expression_engine requires ...`, `Sync streams require ...`.
-        let bare = |w: &str| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '_').to_string();
-        words.extend(message.split_whitespace().map(|w| bare(w.strip_prefix("config.").unwrap_or(w))));
+        words.extend(
+            message
+                .split_whitespace()
+                .map(|w| bare_word(w.strip_prefix("config.").unwrap_or(w))),
+        );
         let config = self.top("config");
         words.iter().find_map(|w| {
             let under_config = config.and_then(|c| self.child(c, w));
@@ -445,6 +450,11 @@ fn quoted_words(message: &str) -> Vec<String> {
     message.split('\'').skip(1).step_by(2).map(str::to_string).collect()
 }
 
+/// A message word without surrounding punctuation (`priority,` -> `priority`).
+fn bare_word(word: &str) -> String {
+    word.trim_matches(|c: char| !c.is_alphanumeric() && c != '_').to_string()
+}
+
 /// The character offset in `sql` of an sqlparser position (`... at Line: L, Column: C`).
 pub(crate) fn sql_error_offset(sql: &str, message: &str) -> Option<usize> {
     let (_, tail) = message.rsplit_once(" at Line: ")?;
@@ -536,9 +546,10 @@ mod tests {
 
     #[test]
     fn definitions_keys_and_root_issues() {
-        let yaml = "bucket_definitions:\n  ok:\n    data: []\n  \"bad one\":\n    priority: 1\n    extra: 1\n";
-        assert_eq!(location_of(yaml, "required property 'data'"), at(4, 3));
-        assert_eq!(location_of(yaml, "Unknown key 'extra'"), at(6, 5));
+        let yaml = "bucket_definitions:\n  ok:\n    data: []\n    priority: 7\n  \"bad one\":\n    priority: 1\n    extra: 1\n";
+        assert_eq!(location_of(yaml, "Invalid priority"), at(4, 5));
+        assert_eq!(location_of(yaml, "required property 'data'"), at(5, 3));
+        assert_eq!(location_of(yaml, "Unknown key 'extra'"), at(7, 5));
         let yaml = "config:\n  edition: 7\nbucket_definitions:\n  b:\n    data: []\nfoo: 1\n";
         assert_eq!(location_of(yaml, "config.edition"), at(2, 3));
         assert_eq!(location_of(yaml, "top-level key 'foo'"), at(6, 1));
