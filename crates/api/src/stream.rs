@@ -51,7 +51,8 @@ pub struct SubscriptionBody {
 }
 
 impl StreamsBody {
-    fn into_request(self) -> Result<StreamsRequest, ServiceError> {
+    /// The validated request (parameters objects, priorities 0..3).
+    pub fn into_request(self) -> Result<StreamsRequest, ServiceError> {
         let mut subscriptions = Vec::with_capacity(self.subscriptions.len());
         for s in self.subscriptions {
             if s.parameters.as_ref().is_some_and(|p| !p.is_object() && !p.is_null()) {

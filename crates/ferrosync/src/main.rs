@@ -1,11 +1,15 @@
 //! `ferrosync`: a PowerSync-compatible sync service.
 //!
-//! Subcommands: `serve` (replication + sync API), `validate` (config and sync rules),
+//! Subcommands: `serve` (replication + sync API), `validate` (config, sync rules and the
+//! source tables they read), `explain` (a user's buckets and why),
 //! `migrate` (storage schema), `demo` (a local Postgres with a sample todo app, then serve).
 
+mod columns;
 mod demo;
+mod explain;
 mod replicator;
 mod serve;
+mod validate;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +42,23 @@ enum Command {
     Validate {
         #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
         config: PathBuf,
+    },
+    /// Which buckets a user would sync, why, and how many ops and rows each holds.
+    Explain {
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
+        /// A JWT, verified with the config's `client_auth` keys.
+        #[arg(long, required_unless_present = "claims", conflicts_with = "claims")]
+        token: Option<String>,
+        /// A JWT payload as JSON, used without verification.
+        #[arg(long)]
+        claims: Option<String>,
+        /// Client connection parameters (JSON object).
+        #[arg(long)]
+        params: Option<String>,
+        /// The request's `streams` object: `{"include_defaults":true,"subscriptions":[...]}`.
+        #[arg(long)]
+        streams: Option<String>,
     },
     /// Apply storage schema migrations and exit.
     Migrate {
@@ -91,7 +112,22 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config, bind } => serve::serve(&config, bind).await,
-            Command::Validate { config } => serve::validate(&config),
+            Command::Validate { config } => validate::validate(&config).await,
+            Command::Explain {
+                config,
+                token,
+                claims,
+                params,
+                streams,
+            } => {
+                let args = explain::ExplainArgs {
+                    token,
+                    claims,
+                    params,
+                    streams,
+                };
+                explain::explain(&config, args).await
+            }
             Command::Migrate { config } => serve::migrate(&config).await,
             Command::Demo { dir, port } => demo::run(&dir, port).await,
         }

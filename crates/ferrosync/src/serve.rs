@@ -1,7 +1,7 @@
-//! `serve`, `validate` and `migrate`: load the config, wire the stages together, run.
+//! `serve` and `migrate`: load the config, wire the stages together, run.
 
 use crate::replicator::{self, ReplicatorConfig};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ferrosync_api::auth::KeyStore;
 use ferrosync_api::probes::ProbeState;
 use ferrosync_api::AppState;
@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-fn load(path: &Path) -> Result<LoadedConfig> {
+pub(crate) fn load(path: &Path) -> Result<LoadedConfig> {
     let loaded = load_config_file(path, &|name| std::env::var(name).ok()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for warning in &loaded.warnings {
         tracing::warn!("{}: {warning}", path.display());
@@ -23,7 +23,7 @@ fn load(path: &Path) -> Result<LoadedConfig> {
     Ok(loaded)
 }
 
-fn rules_options() -> SyncRulesOptions {
+pub(crate) fn rules_options() -> SyncRulesOptions {
     SyncRulesOptions {
         default_schema: "public".into(),
         sync_rules_id: 1,
@@ -38,16 +38,6 @@ fn check_rules(content: &str) -> Result<SyncRules> {
         tracing::warn!("sync rules: {w}");
     }
     Ok(rules)
-}
-
-pub fn validate(path: &Path) -> Result<()> {
-    let loaded = load(path)?;
-    let Some(sync) = &loaded.config.sync_config else {
-        bail!("no sync_config in {}", path.display())
-    };
-    let rules = check_rules(&sync.content)?;
-    println!("config OK: {} bucket definition(s)", rules.bucket_sources().len());
-    Ok(())
 }
 
 pub async fn migrate(path: &Path) -> Result<()> {

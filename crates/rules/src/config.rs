@@ -2,7 +2,7 @@
 //! (edition, storage version, compatibility switches) and the raw bucket
 //! definitions, with the reference's structural error messages.
 
-use crate::errors::RuleIssue;
+use crate::errors::{Location, RuleIssue};
 use serde_yaml_ng::{Mapping, Value};
 
 /// Compatibility switches (spec §1.2).
@@ -311,7 +311,12 @@ pub(crate) fn parse_yaml(
     let doc: Value = match serde_yaml_ng::from_str(yaml) {
         Ok(d) => d,
         Err(e) => {
-            errors.push(RuleIssue::new(format!("Invalid YAML: {e}")));
+            let mut issue = RuleIssue::new(format!("Invalid YAML: {e}"));
+            issue.location = e.location().map(|l| Location {
+                line: l.line(),
+                column: l.column(),
+            });
+            errors.push(issue);
             return None;
         }
     };

@@ -11,6 +11,22 @@ pub struct RuleIssue {
     pub definition: Option<String>,
     /// The SQL query text the issue belongs to, if any.
     pub query: Option<String>,
+    /// Where in the sync config file the issue is, when it can be told: the offending SQL
+    /// character for SQL syntax errors, else the query text, the key, or the definition.
+    pub location: Option<Location>,
+}
+
+/// A position in the sync config file (1-based line and column, columns in characters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)
+    }
 }
 
 impl RuleIssue {
@@ -19,6 +35,7 @@ impl RuleIssue {
             message: message.into(),
             definition: None,
             query: None,
+            location: None,
         }
     }
 
@@ -27,12 +44,16 @@ impl RuleIssue {
             message: message.into(),
             definition: Some(definition.to_string()),
             query: query.map(str::to_string),
+            location: None,
         }
     }
 }
 
 impl fmt::Display for RuleIssue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(at) = &self.location {
+            write!(f, "{at}: ")?;
+        }
         match (&self.definition, &self.query) {
             (Some(d), Some(q)) => write!(f, "{d}: {} (query: {q})", self.message),
             (Some(d), None) => write!(f, "{d}: {}", self.message),
@@ -48,6 +69,8 @@ impl fmt::Display for RuleIssue {
 pub struct SyncRulesError {
     /// The errors, in file order.
     pub errors: Vec<RuleIssue>,
+    /// Warnings found before parsing stopped (not part of the error text).
+    pub warnings: Vec<RuleIssue>,
 }
 
 fn render(errors: &[RuleIssue]) -> String {

@@ -11,6 +11,7 @@ mod expr;
 mod filter;
 mod functions;
 mod json;
+mod locate;
 mod param_query;
 mod querier;
 mod request;
@@ -21,7 +22,7 @@ mod table;
 mod value;
 
 pub use config::{Compatibility, SyncRulesOptions};
-pub use errors::{EvaluationError, RuleIssue, SyncRulesError};
+pub use errors::{EvaluationError, Location, RuleIssue, SyncRulesError};
 pub use querier::{BucketDescription, BucketReason, LookupKey, Querier, StreamError, StreamInfo, StreamSubscription, StreamsRequest};
 pub use request::RequestParameters;
 pub use rules::{BucketSourceInfo, EvaluatedParameters, EvaluatedRow, SyncRules};

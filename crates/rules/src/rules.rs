@@ -70,13 +70,44 @@ pub struct SyncRules {
 }
 
 impl SyncRules {
-    /// Parses and validates a sync rules YAML file, collecting all errors.
+    /// Parses and validates a sync rules YAML file, collecting all errors; every error and
+    /// warning gets its position in the file where it can be found.
     pub fn parse(yaml: &str, options: &SyncRulesOptions) -> Result<SyncRules, SyncRulesError> {
+        let locator = crate::locate::Locator::new(yaml);
+        match Self::parse_unlocated(yaml, options) {
+            Ok(mut rules) => {
+                locator.attach(&mut rules.warnings);
+                Ok(rules)
+            }
+            Err(mut e) => {
+                locator.attach(&mut e.errors);
+                locator.attach(&mut e.warnings);
+                Err(e)
+            }
+        }
+    }
+
+    /// The bucket definition or stream a bucket id belongs to (with or without the
+    /// `<id>#` prefix of versioned ids).
+    pub fn definition_of(&self, bucket: &str) -> Option<&str> {
+        let unversioned = match bucket.split_once('#') {
+            Some((id, rest)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => rest,
+            _ => bucket,
+        };
+        let starts = |b: &str, name: &str| b.strip_prefix(name).is_some_and(|r| r.starts_with('[') || r.starts_with('|'));
+        self.sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|name| starts(unversioned, name) || starts(bucket, name))
+            .max_by_key(|name| name.len())
+    }
+
+    fn parse_unlocated(yaml: &str, options: &SyncRulesOptions) -> Result<SyncRules, SyncRulesError> {
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         let raw = parse_yaml(yaml, options, &mut errors, &mut warnings);
         let Some(raw) = raw else {
-            return Err(SyncRulesError { errors });
+            return Err(SyncRulesError { errors, warnings });
         };
         let versioned = raw.compatibility.versioned_bucket_ids || raw.storage_version >= 2;
         let streams = StreamSet::compile(
@@ -154,7 +185,7 @@ impl SyncRules {
             });
         }
         if !errors.is_empty() {
-            return Err(SyncRulesError { errors });
+            return Err(SyncRulesError { errors, warnings });
         }
         let legacy = definitions.iter().map(|d| (d.name.as_str(), d.priority));
         let sources = legacy

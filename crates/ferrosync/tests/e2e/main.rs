@@ -15,3 +15,4 @@ mod schema_changes;
 mod slots;
 mod streams;
 mod tls;
+mod tools;
