@@ -26,9 +26,16 @@ fn todo(i: usize) -> SourceRow {
     let mut r = SourceRow::with_capacity(7);
     r.push("id", text(format!("00000000-0000-4000-8000-{i:012x}")));
     r.push("created_at", text("2026-11-26 10:00:00.123456Z".into()));
-    r.push("completed_at", if i % 10 == 0 { text("2026-11-26 11:00:00Z".into()) } else { SqliteValue::Null });
+    r.push(
+        "completed_at",
+        if i.is_multiple_of(10) {
+            text("2026-11-26 11:00:00Z".into())
+        } else {
+            SqliteValue::Null
+        },
+    );
     r.push("description", text(format!("todo number {i}")));
-    r.push("completed", SqliteValue::Integer(i64::from(i % 10 == 0)));
+    r.push("completed", SqliteValue::Integer(i64::from(i.is_multiple_of(10))));
     r.push("owner_id", text(format!("u{}", i % 1000)));
     r.push("list_id", text(format!("10000000-0000-4000-8000-{:012x}", i / 100)));
     r

@@ -2,8 +2,8 @@
 //! rejected, and text output follows `JSON.stringify` escaping plus the
 //! reference's number rules (bucket-id style or lossless `N.0` style).
 
-use std::fmt::Write;
 use crate::value::{js_number, js_number_lossless, SqliteValue};
+use std::fmt::Write;
 
 /// Parsed JSON value keeping integer/float distinction and key order.
 #[derive(Clone, Debug, PartialEq)]

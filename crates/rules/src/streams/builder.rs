@@ -82,7 +82,7 @@ pub(crate) fn branches(sql: &str, ctes: Ctes<'_>, default_schema: &str, used_cte
             depth: 0,
             used_ctes,
         };
-        let scope = b.from_items(&select.from)?;
+        let scope = b.add_from_items(&select.from)?;
         for atom in &atoms {
             b.atom(&scope, atom)?;
         }
@@ -146,7 +146,7 @@ impl<'a> Builder<'a, '_> {
         Some(sql)
     }
 
-    fn from_items(&mut self, from: &[TableWithJoins]) -> Result<Scope, String> {
+    fn add_from_items(&mut self, from: &[TableWithJoins]) -> Result<Scope, String> {
         let mut scope = Scope::default();
         for t in from {
             self.factor(&t.relation, &mut scope)?;
@@ -228,7 +228,7 @@ impl<'a> Builder<'a, '_> {
         }
         self.depth += 1;
         let select = checked_select(query)?;
-        let scope = self.from_items(&select.from)?;
+        let scope = self.add_from_items(&select.from)?;
         let mut conds: Dnf = match &select.selection {
             Some(w) => dnf(w, false)?,
             None => always(),

@@ -130,7 +130,13 @@ pub(crate) struct DataSource {
 pub(crate) type DataCache = Vec<(usize, String, String)>;
 
 impl DataSource {
-    pub(crate) fn evaluate(&self, t: &SourceTableName, row: &Row, fixed_json: bool, cache: &mut DataCache) -> Result<Vec<EvaluatedRow>, String> {
+    pub(crate) fn evaluate(
+        &self,
+        t: &SourceTableName,
+        row: &Row,
+        fixed_json: bool,
+        cache: &mut DataCache,
+    ) -> Result<Vec<EvaluatedRow>, String> {
         let mut buckets: Vec<String> = Vec::new();
         self.plan.rows.for_each(row, t, fixed_json, &mut |ctx| {
             if let Some(values) = key_values(&self.plan.keys, ctx)? {
@@ -211,9 +217,11 @@ pub(crate) struct RequestScope<'a> {
 }
 
 type Tuples = Vec<Vec<SqliteValue>>;
+/// (slot, value) choices from one input of a resolver.
+type Options = Vec<Vec<(usize, SqliteValue)>>;
 
 /// Cross product of the tuples so far with the (slot, value) choices of one input.
-fn cross(tuples: Tuples, options: &[Vec<(usize, SqliteValue)>]) -> Result<Tuples, String> {
+fn cross(tuples: Tuples, options: &Options) -> Result<Tuples, String> {
     if tuples.len().saturating_mul(options.len()) > MAX_TUPLES {
         return Err(format!("Too many parameter combinations (more than {MAX_TUPLES})"));
     }
@@ -264,12 +272,7 @@ impl Resolver {
         Ok(complete.then_some(tuples))
     }
 
-    fn each_options(
-        &self,
-        n: usize,
-        each: &super::plan::RequestEach,
-        s: &RequestScope<'_>,
-    ) -> Result<Vec<Vec<(usize, SqliteValue)>>, String> {
+    fn each_options(&self, n: usize, each: &super::plan::RequestEach, s: &RequestScope<'_>) -> Result<Options, String> {
         let ctx = Ctx {
             request: Some(s.request),
             fixed_json: s.fixed_json,
@@ -310,7 +313,7 @@ impl Resolver {
         child: &super::plan::ChildLookup,
         s: &RequestScope<'_>,
         missing: &mut Vec<LookupKey>,
-    ) -> Result<Option<Vec<Vec<(usize, SqliteValue)>>>, String> {
+    ) -> Result<Option<Options>, String> {
         let Some(keys) = child.resolver.tuples(s, missing)? else {
             return Ok(None);
         };
