@@ -18,6 +18,11 @@ mod setup;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+// The evaluation phase stands in for the replicator, which runs on mimalloc: measure it with
+// the same allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use client::{Auth, Format};
 use report::{Report, Row};
 use setup::{Target, TargetOptions};

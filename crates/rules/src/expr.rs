@@ -6,6 +6,7 @@ use crate::json::{self, Json};
 use crate::request::RequestParameters;
 use crate::table::SourceTableName;
 use crate::value::{cast_integer, cast_numeric, cast_real, compare, sqlite_bool, to_blob, to_text, Row, SqliteValue};
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 /// A request-derived value in a parameter query.
@@ -101,6 +102,19 @@ pub(crate) struct Ctx<'a> {
 type EvalResult = Result<SqliteValue, String>;
 
 impl Expr {
+    /// Like [`Expr::eval`], but borrows row values and literals instead of cloning them: the
+    /// row-evaluation hot path reads many text columns only to compare or copy them once.
+    pub(crate) fn eval_ref<'c>(&'c self, ctx: &Ctx<'c>) -> Result<Cow<'c, SqliteValue>, String> {
+        match self {
+            Expr::Lit(v) => Ok(Cow::Borrowed(v)),
+            Expr::Column(name) => Ok(ctx
+                .row
+                .and_then(|r| r.get(name))
+                .map_or(Cow::Owned(SqliteValue::Null), Cow::Borrowed)),
+            other => other.eval(ctx).map(Cow::Owned),
+        }
+    }
+
     /// Evaluates the expression.
     pub(crate) fn eval(&self, ctx: &Ctx<'_>) -> EvalResult {
         Ok(match self {
@@ -121,10 +135,10 @@ impl Expr {
             Expr::EachKey => ctx.each.map(|e| e.0.clone()).unwrap_or(SqliteValue::Null),
             Expr::EachValue => ctx.each.map(|e| e.1.clone()).unwrap_or(SqliteValue::Null),
             Expr::Bucket(name) => return Err(format!("bucket.{name} cannot be evaluated here")),
-            Expr::Not(e) => SqliteValue::from(!sqlite_bool(&e.eval(ctx)?)),
-            Expr::IsNull(e, negated) => SqliteValue::from(e.eval(ctx)?.is_null() != *negated),
-            Expr::Cast(e, t) => cast(&e.eval(ctx)?, *t),
-            Expr::JsonIn(l, r) => json_in(&l.eval(ctx)?, &r.eval(ctx)?)?,
+            Expr::Not(e) => SqliteValue::from(!sqlite_bool(&*e.eval_ref(ctx)?)),
+            Expr::IsNull(e, negated) => SqliteValue::from(e.eval_ref(ctx)?.is_null() != *negated),
+            Expr::Cast(e, t) => cast(&*e.eval_ref(ctx)?, *t),
+            Expr::JsonIn(l, r) => json_in(&*l.eval_ref(ctx)?, &*r.eval_ref(ctx)?)?,
             Expr::Call(f, args) => {
                 let vals = args.iter().map(|a| a.eval(ctx)).collect::<Result<Vec<_>, _>>()?;
                 call(*f, &vals, ctx.fixed_json)?
@@ -145,13 +159,13 @@ impl Expr {
             }
             Expr::InList(x, items) => in_list(&x.eval(ctx)?, items, ctx)?,
             Expr::Bin(op, l, r) => {
-                let a = l.eval(ctx)?;
+                let a = l.eval_ref(ctx)?;
                 match op {
                     BinOp::And if !sqlite_bool(&a) => return Ok(SqliteValue::Integer(0)),
                     BinOp::Or if sqlite_bool(&a) => return Ok(SqliteValue::Integer(1)),
                     _ => {}
                 }
-                binary(*op, &a, &r.eval(ctx)?, ctx.fixed_json)?
+                binary(*op, &a, &*r.eval_ref(ctx)?, ctx.fixed_json)?
             }
         })
     }

@@ -246,10 +246,35 @@ impl Parser<'_> {
     }
 }
 
+/// True when `bytes` holds a control character, `"` or `\\` (the bytes JSON escapes). Word at
+/// a time: for each 8-byte word, "some byte < 0x20" and "some byte equals c" are the classic
+/// exact bit tricks (a byte ≥ 0x80 never triggers them).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        if below(x, 0x20) | below(x ^ (ONES * u64::from(b'"')), 1) | below(x ^ (ONES * u64::from(b'\\')), 1) != 0 {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 /// Appends `s` as a JSON string literal with `JSON.stringify` escaping.
 pub(crate) fn write_str(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
+    // Most strings need no escaping: check 8 bytes at a time, then copy the string whole.
+    if !needs_escape(s.as_bytes()) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     // Runs of bytes that need no escaping are copied whole: every byte that needs escaping is
     // ASCII, so the run boundaries are char boundaries.
     let bytes = s.as_bytes();
@@ -286,14 +311,14 @@ fn is_index_key(k: &str) -> Option<u32> {
 }
 
 /// Object keys in JS property order (integer-like keys ascending first).
-pub(crate) fn js_key_order<T>(fields: &[(String, T)]) -> Vec<usize> {
-    if fields.iter().all(|(k, _)| is_index_key(k).is_none()) {
+pub(crate) fn js_key_order<K: AsRef<str>, T>(fields: &[(K, T)]) -> Vec<usize> {
+    if fields.iter().all(|(k, _)| is_index_key(k.as_ref()).is_none()) {
         return (0..fields.len()).collect();
     }
     let mut idx: Vec<(u32, usize)> = Vec::new();
     let mut rest = Vec::new();
     for (i, (k, _)) in fields.iter().enumerate() {
-        match is_index_key(k) {
+        match is_index_key(k.as_ref()) {
             Some(n) => idx.push((n, i)),
             None => rest.push(i),
         }
@@ -427,15 +452,16 @@ pub(crate) fn write_data_value(out: &mut String, v: &SqliteValue) {
 }
 
 /// Compact JSON object text from ordered columns (JS key order).
-pub(crate) fn object_text(fields: &[(String, SqliteValue)]) -> String {
-    let mut out = String::from("{");
+pub(crate) fn object_text<K: AsRef<str>, V: std::borrow::Borrow<SqliteValue>>(fields: &[(K, V)]) -> String {
+    let mut out = String::with_capacity(16 + 24 * fields.len());
+    out.push('{');
     for (n, i) in js_key_order(fields).into_iter().enumerate() {
         if n > 0 {
             out.push(',');
         }
-        write_str(&mut out, &fields[i].0);
+        write_str(&mut out, fields[i].0.as_ref());
         out.push(':');
-        write_data_value(&mut out, &fields[i].1);
+        write_data_value(&mut out, fields[i].1.borrow());
     }
     out.push('}');
     out
@@ -453,6 +479,32 @@ mod tests {
         assert!(parse("TRUE").is_err());
         assert_eq!(parse("3").unwrap(), Json::Int(3));
         assert_eq!(parse("\"\\ud83d\\ude00\"").unwrap(), Json::Str("😀".into()));
+    }
+
+    #[test]
+    fn escape_detection_matches_the_bytewise_rule() {
+        let bytewise = |s: &[u8]| s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        let samples: [&[u8]; 9] = [
+            b"plain ascii text",
+            b"0123456789abcdef\"",
+            b"tab\there",
+            "h\u{e9}llo w\u{f6}rld \u{1F600}".as_bytes(),
+            b"\x7f\x80\xff\x20\x21",
+            b"ends with backslash\\",
+            b"",
+            b"\x1f",
+            b"almost\x20\x21\x23\x5b\x5d",
+        ];
+        for s in samples {
+            assert_eq!(needs_escape(s), bytewise(s), "{s:?}");
+        }
+        for b in 0..=255u8 {
+            for pos in 0..10 {
+                let mut v = vec![b'a'; 10];
+                v[pos] = b;
+                assert_eq!(needs_escape(&v), bytewise(&v), "byte {b} at {pos}");
+            }
+        }
     }
 
     #[test]

@@ -62,19 +62,35 @@ pub struct StreamInfo {
 pub struct LookupKey(String);
 
 impl LookupKey {
-    pub(crate) fn new(definition: &str, query_id: &str, values: &[SqliteValue]) -> Self {
-        let mut out = String::with_capacity(definition.len() + query_id.len() + 16 * values.len() + 8);
+    pub(crate) fn new<'v>(definition: &str, query_id: &str, values: impl IntoIterator<Item = &'v SqliteValue>) -> Self {
+        let mut out = Self::head(definition, query_id);
+        for v in values {
+            Self::push_value(&mut out, v);
+        }
+        Self::finish(out)
+    }
+
+    /// Start of a key's text: `["<definition>","<query_id>"`; then [`LookupKey::push_value`]
+    /// per value and [`LookupKey::finish`] (for callers that evaluate values one by one).
+    pub(crate) fn head(definition: &str, query_id: &str) -> String {
+        let mut out = String::with_capacity(definition.len() + query_id.len() + 40);
         out.push('[');
         json::write_str(&mut out, definition);
         out.push(',');
         json::write_str(&mut out, query_id);
-        for v in values {
-            out.push(',');
-            match v {
-                SqliteValue::Real(_) => json::write_param_value(&mut out, &v.normalized()),
-                _ => json::write_param_value(&mut out, v),
-            }
+        out
+    }
+
+    /// Appends one value (integral REALs as INTEGERs, so 1.0 and 1 find the same rows).
+    pub(crate) fn push_value(out: &mut String, v: &SqliteValue) {
+        out.push(',');
+        match v {
+            SqliteValue::Real(_) => json::write_param_value(out, &v.normalized()),
+            _ => json::write_param_value(out, v),
         }
+    }
+
+    pub(crate) fn finish(mut out: String) -> LookupKey {
         out.push(']');
         LookupKey(out)
     }

@@ -245,7 +245,7 @@ impl SyncRules {
     /// Replication time: the buckets a source row belongs to.
     pub fn evaluate_row(&self, t: &SourceTableName, row: &Row) -> Vec<Result<EvaluatedRow, EvaluationError>> {
         let fixed = self.compatibility.fixed_json_extract;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(8);
         for d in &self.definitions {
             for q in d.data_queries.iter().filter(|q| q.pattern.matches(t)) {
                 match q.evaluate(t, row, &d.prefix, fixed) {

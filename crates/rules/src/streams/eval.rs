@@ -6,20 +6,23 @@ use super::builder::OutColumn;
 use super::plan::{ParameterIndex, Resolver, RowPlan, Slot};
 use super::scope::each_column;
 use crate::expr::Ctx;
-use crate::json::{self, object_text, write_params, Json};
+use crate::expr::Expr;
+use crate::json::{self, object_text, write_data_value, write_param_value, Json};
 use crate::param_query::json_each;
 use crate::querier::LookupKey;
 use crate::request::RequestParameters;
 use crate::table::SourceTableName;
 use crate::value::{js_number, sqlite_bool, Row, SqliteValue};
-use crate::{EvaluatedParameters, EvaluatedRow};
+use crate::{EvaluatedParameters, EvaluatedRow, EvaluationError};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write;
 
 /// Most value tuples one resolver may produce before it is an error.
 const MAX_TUPLES: usize = 10_000;
 
 /// The lookup key of index `index` for `values`.
-pub(crate) fn index_lookup(index: usize, values: &[SqliteValue]) -> LookupKey {
+pub(crate) fn index_lookup<'v>(index: usize, values: impl IntoIterator<Item = &'v SqliteValue>) -> LookupKey {
     LookupKey::new("lookup", &index.to_string(), values)
 }
 
@@ -74,45 +77,64 @@ impl RowPlan {
     }
 }
 
-/// Evaluates `keys` in `ctx`; `None` when one is NULL or a BLOB (such rows match nothing).
-fn key_values(keys: &[crate::expr::Expr], ctx: &Ctx<'_>) -> Result<Option<Vec<SqliteValue>>, String> {
-    let mut values = Vec::with_capacity(keys.len());
-    for k in keys {
-        let v = k.eval(ctx)?;
+/// Appends `keys` evaluated in `ctx` with `push`; `false` when one is NULL or a BLOB (such
+/// rows match nothing).
+fn push_keys(out: &mut String, keys: &[Expr], ctx: &Ctx<'_>, push: fn(&mut String, &SqliteValue, bool)) -> Result<bool, String> {
+    for (i, k) in keys.iter().enumerate() {
+        let v = k.eval_ref(ctx)?;
         if !usable(&v) {
-            return Ok(None);
+            return Ok(false);
         }
-        values.push(v);
+        push(out, &v, i == 0);
     }
-    Ok(Some(values))
+    Ok(true)
+}
+
+/// A bucket parameter: comma-separated inside the id's JSON array.
+fn push_param(out: &mut String, v: &SqliteValue, first: bool) {
+    if !first {
+        out.push(',');
+    }
+    write_param_value(out, v);
+}
+
+fn push_lookup_value(out: &mut String, v: &SqliteValue, _first: bool) {
+    LookupKey::push_value(out, v);
 }
 
 /// Data of the synced row: `*` copies every column (also `_`-prefixed ones), later columns
 /// overwrite earlier ones, BLOBs are dropped.
 pub(crate) fn row_data(columns: &[OutColumn], ctx: &Ctx<'_>) -> Result<(String, String), String> {
-    let mut data: Vec<(String, SqliteValue)> = Vec::new();
-    let mut set = |name: &str, v: SqliteValue| match data.iter_mut().find(|(n, _)| n == name) {
-        Some(slot) => slot.1 = v,
-        None => data.push((name.to_string(), v)),
-    };
+    let mut data: Vec<(&str, Cow<'_, SqliteValue>)> = Vec::with_capacity(ctx.row.map_or(0, Row::len) + columns.len());
     for col in columns {
         match col {
+            // A row's column names are unique: the first `*` needs no lookups.
+            OutColumn::Star if data.is_empty() => {
+                data.extend(ctx.row.map(Row::iter).into_iter().flatten().map(|(n, v)| (n, Cow::Borrowed(v))));
+            }
             OutColumn::Star => {
                 for (name, value) in ctx.row.map(Row::iter).into_iter().flatten() {
-                    set(name, value.clone());
+                    set(&mut data, name, Cow::Borrowed(value));
                 }
             }
-            OutColumn::Value(name, e) => set(name, e.eval(ctx)?),
+            OutColumn::Value(name, e) => set(&mut data, name, e.eval_ref(ctx)?),
         }
     }
-    data.retain(|(_, v)| !matches!(v, SqliteValue::Blob(_)));
-    let id = match data.iter().find(|(n, _)| n == "id").map(|(_, v)| v) {
+    data.retain(|(_, v)| !matches!(**v, SqliteValue::Blob(_)));
+    let id = match data.iter().find(|(n, _)| *n == "id").map(|(_, v)| &**v) {
         Some(SqliteValue::Text(s)) => s.clone(),
         Some(SqliteValue::Integer(i)) => i.to_string(),
         Some(SqliteValue::Real(f)) => js_number(*f),
         _ => String::new(),
     };
     Ok((id, object_text(&data)))
+}
+
+fn set<'c>(data: &mut Vec<(&'c str, Cow<'c, SqliteValue>)>, name: &'c str, v: Cow<'c, SqliteValue>) {
+    match data.iter_mut().find(|(n, _)| *n == name) {
+        Some(slot) => slot.1 = v,
+        None => data.push((name, v)),
+    }
 }
 
 /// One synced table of a stream bucket.
@@ -126,23 +148,33 @@ pub(crate) struct DataSource {
     pub shape: usize,
 }
 
-/// Row data already computed for a source row, by shape: (shape, id, data).
-pub(crate) type DataCache = Vec<(usize, String, String)>;
+/// Per-row scratch space shared by the data sources of one table.
+#[derive(Default)]
+pub(crate) struct RowScratch {
+    /// Row data already computed for this row, by shape: (shape, id, data).
+    data: Vec<(usize, String, String)>,
+    /// Bucket ids of the data source being evaluated.
+    buckets: Vec<String>,
+}
 
 impl DataSource {
+    /// Appends the bucket rows of a source row to `out`.
     pub(crate) fn evaluate(
         &self,
         t: &SourceTableName,
         row: &Row,
         fixed_json: bool,
-        cache: &mut DataCache,
-    ) -> Result<Vec<EvaluatedRow>, String> {
-        let mut buckets: Vec<String> = Vec::new();
+        scratch: &mut RowScratch,
+        out: &mut Vec<Result<EvaluatedRow, EvaluationError>>,
+    ) -> Result<(), String> {
+        let RowScratch { data: cache, buckets } = scratch;
+        buckets.clear();
         self.plan.rows.for_each(row, t, fixed_json, &mut |ctx| {
-            if let Some(values) = key_values(&self.plan.keys, ctx)? {
-                let mut bucket = String::with_capacity(self.prefix.len() + 24);
-                bucket.push_str(&self.prefix);
-                write_params(&mut bucket, &values);
+            let mut bucket = String::with_capacity(self.prefix.len() + 48);
+            bucket.push_str(&self.prefix);
+            bucket.push('[');
+            if push_keys(&mut bucket, &self.plan.keys, ctx, push_param)? {
+                bucket.push(']');
                 if !buckets.contains(&bucket) {
                     buckets.push(bucket);
                 }
@@ -150,62 +182,90 @@ impl DataSource {
             Ok(())
         })?;
         if buckets.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let (id, data) = match cache.iter().find(|(shape, ..)| *shape == self.shape) {
-            Some((_, id, data)) => (id.clone(), data.clone()),
+        let cached = match cache.iter().position(|(shape, ..)| *shape == self.shape) {
+            Some(i) => i,
             None => {
                 let (id, data) = row_data(&self.plan.columns, &self.plan.rows.ctx(row, t, fixed_json))?;
-                cache.push((self.shape, id.clone(), data.clone()));
-                (id, data)
+                cache.push((self.shape, id, data));
+                cache.len() - 1
             }
         };
+        let (_, id, data) = &cache[cached];
         let table = match &self.plan.alias {
-            Some(a) => a.clone(),
-            None if self.plan.rows.pattern.is_wildcard() => t.name.clone(),
-            None => self.plan.rows.pattern.table_text().to_string(),
+            Some(a) => a.as_str(),
+            None if self.plan.rows.pattern.is_wildcard() => t.name.as_str(),
+            None => self.plan.rows.pattern.table_text(),
         };
-        Ok(buckets
-            .into_iter()
-            .map(|bucket| EvaluatedRow {
+        out.extend(buckets.drain(..).map(|bucket| {
+            Ok(EvaluatedRow {
                 bucket,
-                table: table.clone(),
+                table: table.to_string(),
                 id: id.clone(),
                 data: data.clone(),
             })
-            .collect())
+        }));
+        Ok(())
     }
 }
 
 impl ParameterIndex {
-    /// Index entries of a source row, one per distinct lookup key.
-    pub(crate) fn evaluate(&self, id: usize, t: &SourceTableName, row: &Row, fixed_json: bool) -> Result<Vec<EvaluatedParameters>, String> {
-        let mut entries: Vec<(LookupKey, Vec<String>)> = Vec::new();
+    /// Appends the index entries of a source row to `out`, one per distinct lookup key.
+    pub(crate) fn evaluate(
+        &self,
+        id: &str,
+        t: &SourceTableName,
+        row: &Row,
+        fixed_json: bool,
+        out: &mut Vec<Result<EvaluatedParameters, EvaluationError>>,
+    ) -> Result<(), String> {
+        // (lookup key text, JSON array of the stored objects)
+        let mut entries: Vec<(String, String)> = Vec::new();
         self.rows.for_each(row, t, fixed_json, &mut |ctx| {
-            let Some(values) = key_values(&self.keys, ctx)? else {
+            let mut lookup = LookupKey::head("lookup", id);
+            if !push_keys(&mut lookup, &self.keys, ctx, push_lookup_value)? {
                 return Ok(());
-            };
-            let mut fields = Vec::with_capacity(self.outputs.len());
-            for (i, o) in self.outputs.iter().enumerate() {
-                fields.push((i.to_string(), o.eval(ctx)?));
             }
-            fields.retain(|(_, v)| !matches!(v, SqliteValue::Blob(_)));
-            let object = object_text(&fields);
-            let lookup = index_lookup(id, &values);
+            lookup.push(']');
+            let mut object = String::with_capacity(32);
+            object.push('{');
+            for (i, o) in self.outputs.iter().enumerate() {
+                let v = o.eval_ref(ctx)?;
+                if matches!(*v, SqliteValue::Blob(_)) {
+                    continue;
+                }
+                if object.len() > 1 {
+                    object.push(',');
+                }
+                let _ = write!(object, "\"{i}\":");
+                write_data_value(&mut object, &v);
+            }
+            object.push('}');
             match entries.iter_mut().find(|(l, _)| *l == lookup) {
-                Some((_, objects)) if !objects.contains(&object) => objects.push(object),
+                // Objects are flat `{...}` texts, so containment is an exact-duplicate test.
+                Some((_, array)) if !array.contains(&object) => {
+                    array.pop();
+                    array.push(',');
+                    array.push_str(&object);
+                    array.push(']');
+                }
                 Some(_) => {}
-                None => entries.push((lookup, vec![object])),
+                None => {
+                    object.insert(0, '[');
+                    object.push(']');
+                    entries.push((lookup, object));
+                }
             }
             Ok(())
         })?;
-        Ok(entries
-            .into_iter()
-            .map(|(lookup, objects)| EvaluatedParameters {
-                lookup,
-                bucket_parameters: format!("[{}]", objects.join(",")),
+        out.extend(entries.into_iter().map(|(lookup, array)| {
+            Ok(EvaluatedParameters {
+                lookup: LookupKey::from_stored(lookup),
+                bucket_parameters: array,
             })
-            .collect())
+        }));
+        Ok(())
     }
 }
 

@@ -45,6 +45,10 @@ pub(crate) struct StreamSet {
     streams: Vec<Stream>,
     data: Vec<DataSource>,
     indexes: Vec<ParameterIndex>,
+    /// Index ids as text, the second element of their lookup keys.
+    index_ids: Vec<String>,
+    /// Data sources and indexes grouped by table pattern.
+    by_pattern: Vec<ByPattern>,
     fixed_json: bool,
 }
 
@@ -109,6 +113,8 @@ impl StreamSet {
             }
         }
         set.indexes = indexes.list;
+        set.index_ids = (0..set.indexes.len()).map(|i| i.to_string()).collect();
+        set.group_by_pattern();
         set
     }
 
@@ -158,11 +164,12 @@ impl StreamSet {
     }
 
     pub(crate) fn evaluate_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
-        let mut cache = Vec::new();
-        for d in self.data.iter().filter(|d| d.plan.rows.pattern.matches(t)) {
-            match d.evaluate(t, row, self.fixed_json, &mut cache) {
-                Ok(rows) => out.extend(rows.into_iter().map(Ok)),
-                Err(message) => out.push(Err(EvaluationError { message })),
+        let mut scratch = eval::RowScratch::default();
+        for group in self.by_pattern.iter().filter(|p| p.pattern.matches(t)) {
+            for d in group.data.iter().map(|i| &self.data[*i]) {
+                if let Err(message) = d.evaluate(t, row, self.fixed_json, &mut scratch, out) {
+                    out.push(Err(EvaluationError { message }));
+                }
             }
         }
     }
@@ -173,12 +180,49 @@ impl StreamSet {
         row: &Row,
         out: &mut Vec<Result<EvaluatedParameters, EvaluationError>>,
     ) {
-        for (id, index) in self.indexes.iter().enumerate().filter(|(_, i)| i.rows.pattern.matches(t)) {
-            match index.evaluate(id, t, row, self.fixed_json) {
-                Ok(entries) => out.extend(entries.into_iter().map(Ok)),
-                Err(message) => out.push(Err(EvaluationError { message })),
+        for group in self.by_pattern.iter().filter(|p| p.pattern.matches(t)) {
+            for i in &group.indexes {
+                if let Err(message) = self.indexes[*i].evaluate(&self.index_ids[*i], t, row, self.fixed_json, out) {
+                    out.push(Err(EvaluationError { message }));
+                }
             }
         }
+    }
+}
+
+/// The data sources and indexes (by position) that read one table pattern.
+#[derive(Debug)]
+struct ByPattern {
+    pattern: TablePattern,
+    data: Vec<usize>,
+    indexes: Vec<usize>,
+}
+
+impl StreamSet {
+    fn group_by_pattern(&mut self) {
+        let mut groups: Vec<ByPattern> = Vec::new();
+        let mut group = |pattern: &TablePattern| -> usize {
+            match groups.iter().position(|g| g.pattern == *pattern) {
+                Some(i) => i,
+                None => {
+                    groups.push(ByPattern {
+                        pattern: pattern.clone(),
+                        data: Vec::new(),
+                        indexes: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            }
+        };
+        let data: Vec<usize> = self.data.iter().map(|d| group(&d.plan.rows.pattern)).collect();
+        let indexes: Vec<usize> = self.indexes.iter().map(|i| group(&i.rows.pattern)).collect();
+        for (i, g) in data.into_iter().enumerate() {
+            groups[g].data.push(i);
+        }
+        for (i, g) in indexes.into_iter().enumerate() {
+            groups[g].indexes.push(i);
+        }
+        self.by_pattern = groups;
     }
 }
 
