@@ -418,12 +418,21 @@ fn exercise_fixed(rules: &SyncRules) {
     );
 }
 
-fn evaluate_inner(u: &mut Unstructured) -> Result<()> {
-    let parsed: Vec<SyncRules> = CONFIGS
+thread_local! {
+    /// The configs of `CONFIGS` that parse, unversioned and versioned (parsed once).
+    static PARSED: Vec<SyncRules> = CONFIGS
         .iter()
-        .filter_map(|(_, yaml)| SyncRules::parse(yaml, &options(u.arbitrary().unwrap_or(false))).ok())
+        .flat_map(|(_, yaml)| [false, true].map(|versioned| SyncRules::parse(yaml, &options(versioned)).ok()))
+        .flatten()
         .collect();
-    let rules = u.choose(&parsed)?;
+}
+
+fn evaluate_inner(u: &mut Unstructured) -> Result<()> {
+    PARSED.with(|parsed| evaluate_with(u, parsed))
+}
+
+fn evaluate_with(u: &mut Unstructured, parsed: &[SyncRules]) -> Result<()> {
+    let rules = u.choose(parsed)?;
     let mut rows = Vec::new();
     for _ in 0..u.int_in_range(1..=4)? {
         let table = gen_table(u, rules)?;
