@@ -36,6 +36,10 @@ pub(crate) enum Filter {
 /// One assignment of values to filter inputs (by input index).
 pub(crate) type Assignment = Vec<(usize, SqliteValue)>;
 
+/// Most assignments one row may produce through `AND` (a cartesian product): two `IN`s over
+/// JSON arrays of a few thousand elements each would otherwise need billions of them.
+pub(crate) const MAX_ASSIGNMENTS: usize = 100_000;
+
 enum Clause {
     Value(Expr, u8),
     Match(Filter),
@@ -262,7 +266,13 @@ impl Filter {
                     return Ok(left);
                 }
                 let right = b.assignments(ctx)?;
-                let mut out = Vec::with_capacity(left.len() * right.len());
+                let total = left.len().saturating_mul(right.len());
+                if total > MAX_ASSIGNMENTS {
+                    return Err(format!(
+                        "Too many bucket parameter combinations for one row ({total}, limit of {MAX_ASSIGNMENTS})"
+                    ));
+                }
+                let mut out = Vec::with_capacity(total);
                 for l in &left {
                     for r in &right {
                         let mut merged = l.clone();
@@ -309,4 +319,36 @@ pub(crate) fn request_values(input: &ParamInput, ctx: &Ctx<'_>) -> Result<Option
         SqliteValue::Blob(_) => None,
         v => Some(vec![v.normalized()]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Row, SourceTableName, SqliteValue, SyncRules, SyncRulesOptions};
+
+    /// Found by fuzzing: `AND` of two `IN`s over row arrays is a cartesian product; 3000-element
+    /// arrays (14 KB each) took 18 s and 9 M rows, larger ones exhausted memory. Now an error.
+    #[test]
+    fn and_product_is_bounded() {
+        let yaml = "bucket_definitions:\n  b:\n    parameters: SELECT token_parameters.a AS a, token_parameters.b AS b\n    data:\n      - SELECT id FROM t WHERE bucket.a IN t.x AND bucket.b IN t.y\n";
+        let rules = SyncRules::parse(yaml, &SyncRulesOptions::default()).unwrap();
+        let table = SourceTableName {
+            connection_tag: "default".into(),
+            schema: "public".into(),
+            name: "t".into(),
+        };
+        let array = |n: usize| SqliteValue::Text(format!("[{}]", (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",")));
+        let mut row = Row::new();
+        row.push("id", SqliteValue::Text("1".into()));
+        row.push("x", array(3000));
+        row.push("y", array(3000));
+        let out = rules.evaluate_row(&table, &row);
+        assert_eq!(out.len(), 1);
+        let message = out[0].as_ref().unwrap_err().message.clone();
+        assert!(
+            message.starts_with("Too many bucket parameter combinations for one row (9000000"),
+            "{message}"
+        );
+        row.set("y", array(30));
+        assert_eq!(rules.evaluate_row(&table, &row).len(), 90_000);
+    }
 }

@@ -31,3 +31,6 @@ pub use value::{Row, SqliteValue};
 
 #[cfg(test)]
 mod eval_tests;
+
+#[cfg(test)]
+mod fuzz_smoke;

@@ -9,7 +9,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence};
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
-use sqlparser::tokenizer::Token;
+use sqlparser::tokenizer::{Token, Tokenizer};
 use std::any::TypeId;
 
 /// PostgreSQL dialect with an infix hook for unparenthesised `IN <expr>`.
@@ -183,9 +183,79 @@ fn rewrite_empty_projection(sql: &str) -> Option<String> {
     }
 }
 
+/// Most operators (symbols and `AND`/`OR`/`NOT`/`IS`/`IN`/…) one query may hold. A chain like
+/// `a + a + … + a` parses into a left-deep tree that sqlparser's recursion limit does not bound,
+/// and cloning, compiling and evaluating it recurses once per operator: 3000 of them (a 12 KB
+/// query) overflowed a 2 MB thread stack. Real queries use a few dozen.
+pub(crate) const MAX_OPERATORS: usize = 256;
+
+/// Counts the operator tokens of `sql` (0 when it does not tokenize: the parser reports that).
+fn operator_count(dialect: &SyncRulesDialect, sql: &str) -> usize {
+    let Ok(tokens) = Tokenizer::new(dialect, sql).tokenize() else {
+        return 0;
+    };
+    tokens
+        .iter()
+        .filter(|t| match t {
+            Token::Word(w) => {
+                w.quote_style.is_none()
+                    && matches!(
+                        w.keyword,
+                        Keyword::AND
+                            | Keyword::OR
+                            | Keyword::NOT
+                            | Keyword::IS
+                            | Keyword::IN
+                            | Keyword::BETWEEN
+                            | Keyword::LIKE
+                            | Keyword::ILIKE
+                            | Keyword::SIMILAR
+                            | Keyword::COLLATE
+                            | Keyword::AT
+                            | Keyword::XOR
+                            | Keyword::OPERATOR
+                    )
+            }
+            Token::EOF
+            | Token::Whitespace(_)
+            | Token::Comma
+            | Token::LParen
+            | Token::RParen
+            | Token::Period
+            | Token::SemiColon
+            | Token::Number(..)
+            | Token::Char(_)
+            | Token::Placeholder(_)
+            | Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedByteStringLiteral(_)
+            | Token::TripleDoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_)
+            | Token::TripleSingleQuotedRawStringLiteral(_)
+            | Token::TripleDoubleQuotedRawStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::QuoteDelimitedStringLiteral(_)
+            | Token::NationalQuoteDelimitedStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_) => false,
+            _ => true,
+        })
+        .count()
+}
+
 /// Parses one statement that must be a single query.
 pub(crate) fn parse_query(text: &str) -> Result<Box<Query>, String> {
     let dialect = SyncRulesDialect::default();
+    if operator_count(&dialect, text) > MAX_OPERATORS {
+        return Err(format!("Query is too complex (more than {MAX_OPERATORS} operators)"));
+    }
     let statements = Parser::parse_sql(&dialect, text).map_err(|e| match e {
         ParserError::ParserError(m) | ParserError::TokenizerError(m) => m,
         ParserError::RecursionLimitExceeded => "Query is too deeply nested".to_string(),
@@ -311,6 +381,21 @@ mod tests {
         assert!(parse_select("SELECT wher€").is_ok());
         assert!(parse_select("SELECT\twhere(1)").is_ok());
         assert!(p.projection.is_empty() && p.from.is_some());
+    }
+
+    /// Found by fuzzing: `a + a + …` chains are not bounded by sqlparser's recursion limit and
+    /// overflowed the stack (3000 operators in release, 1000 in debug, on a 2 MB thread).
+    #[test]
+    fn long_operator_chains_are_an_error_not_a_stack_overflow() {
+        for op in [" + a", " AND a", " -> 'x'", " || a", " = a", "::text", " IS NULL", " OR a IN b"] {
+            let at_limit = format!("SELECT a{} AS v FROM t", op.repeat(MAX_OPERATORS / 2));
+            assert!(!parse_select(&at_limit).is_err_and(|e| e.contains("too complex")), "{op}");
+            let sql = format!("SELECT a{} AS v FROM t", op.repeat(3000));
+            let err = parse_select(&sql).err().unwrap_or_default();
+            assert_eq!(err, "Query is too complex (more than 256 operators)", "{op}");
+        }
+        let strings = format!("SELECT a FROM t WHERE a IN ({})", vec!["'x'"; 2000].join(", "));
+        assert!(parse_select(&strings).is_ok());
     }
 
     #[test]
