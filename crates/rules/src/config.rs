@@ -56,6 +56,7 @@ pub(crate) struct RawStream {
     pub ctes: Vec<(String, String)>,
     pub auto_subscribe: bool,
     pub priority: u8,
+    pub accept_dangerous: bool,
 }
 
 /// The structurally-validated file.
@@ -250,6 +251,7 @@ fn parse_stream(name: String, v: &Value, edition: u32, errors: &mut Vec<RuleIssu
         ctes: Vec::new(),
         auto_subscribe: false,
         priority: 3,
+        accept_dangerous: false,
     };
     let (mut query, mut queries) = (None, None);
     for (k, v) in map {
@@ -279,11 +281,10 @@ fn parse_stream(name: String, v: &Value, edition: u32, errors: &mut Vec<RuleIssu
                 Some(p @ 0..=3) => stream.priority = p as u8,
                 _ => errors.push(RuleIssue::at(PRIORITY_ERROR, &name, None)),
             },
-            "accept_potentially_dangerous_queries" => {
-                if v.as_bool().is_none() {
-                    errors.push(RuleIssue::at("accept_potentially_dangerous_queries must be a boolean", &name, None));
-                }
-            }
+            "accept_potentially_dangerous_queries" => match v.as_bool() {
+                Some(b) => stream.accept_dangerous = b,
+                None => errors.push(RuleIssue::at("accept_potentially_dangerous_queries must be a boolean", &name, None)),
+            },
             other => errors.push(RuleIssue::at(
                 format!("Unknown key '{other}' in stream definition (must NOT have additional properties)"),
                 &name,

@@ -207,15 +207,16 @@ impl<S: SyncStorage> Connection<S> {
             let names: Vec<String> = missing.iter().map(|l| l.as_str().to_string()).collect();
             let mut found = storage(self.hub.storage().parameter_sets(state.group, state.checkpoint.op_id, &names).await)?;
             total += found.values().map(Vec::len).sum::<usize>();
-            if total > self.limits.max_parameter_results {
-                return Err(SyncError::TooMany(format!(
-                    "Too many parameter query results: {total} (limit of {})",
-                    self.limits.max_parameter_results
-                )));
-            }
             for lookup in missing {
                 let rows = found.remove(lookup.as_str()).unwrap_or_default();
                 known.insert(lookup, rows);
+            }
+            if total > self.limits.max_parameter_results {
+                return Err(SyncError::TooMany(format!(
+                    "Too many parameter query results: {total} (limit of {}); by query: {}",
+                    self.limits.max_parameter_results,
+                    breakdown(known.iter().map(|(l, rows)| (lookup_source(l.as_str()), rows.len())))
+                )));
             }
         }
         self.fetched = known.keys().cloned().collect();
@@ -227,10 +228,16 @@ impl<S: SyncStorage> Connection<S> {
     async fn on_checkpoint(&mut self, state: &HubState) -> Step<()> {
         let buckets = self.resolve_buckets(state).await?;
         if buckets.len() > self.limits.max_buckets {
+            let rules = &state.rules;
             return Err(SyncError::TooMany(format!(
-                "Too many buckets: {} (limit of {})",
+                "Too many buckets: {} (limit of {}); by definition: {}",
                 buckets.len(),
-                self.limits.max_buckets
+                self.limits.max_buckets,
+                breakdown(
+                    buckets
+                        .iter()
+                        .map(|b| (rules.definition_of(&b.bucket).unwrap_or("?").to_string(), 1))
+                )
             )));
         }
         let names: Vec<&str> = buckets.iter().map(|b| b.bucket.as_str()).collect();
@@ -442,6 +449,32 @@ impl<S: SyncStorage> Connection<S> {
     }
 }
 
+/// `name: count` pairs, largest first: which definitions or queries went over a limit.
+fn breakdown(items: impl Iterator<Item = (String, usize)>) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, n) in items {
+        *counts.entry(name).or_default() += n;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().filter(|(_, n)| *n > 0).collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts.iter().map(|(name, n)| format!("{name}: {n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The query a lookup key belongs to: `definition#query_id` (legacy) or `subquery #i` (streams).
+fn lookup_source(key: &str) -> String {
+    let parts: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(key)
+        .unwrap_or_default()
+        .iter()
+        .take(2)
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    match parts.as_slice() {
+        [name, id] if name == "lookup" => format!("subquery #{id}"),
+        [name, id] => format!("{name} (parameter query {id})"),
+        _ => key.to_string(),
+    }
+}
+
 fn checksum_line<'a>(b: &'a BucketDescription, next: &HashMap<String, Sent>) -> BucketChecksumLine<'a> {
     let sent = &next[&b.bucket];
     BucketChecksumLine {
@@ -462,5 +495,23 @@ fn op_line(op: &ferrosync_storage::OplogEntry) -> OplogLine<'_> {
         subkey: op.subkey.as_deref(),
         checksum: i64::from(op.checksum),
         data: op.data.as_deref(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_errors_name_the_largest_sources_first() {
+        let items = [("by_list", 3), ("global", 1), ("by_list", 2), ("empty", 0)].map(|(n, c)| (n.to_string(), c));
+        assert_eq!(breakdown(items.into_iter()), "by_list: 5, global: 1");
+    }
+
+    #[test]
+    fn lookup_keys_name_their_query() {
+        assert_eq!(lookup_source(r#"["by_list","1","u1"]"#), "by_list (parameter query 1)");
+        assert_eq!(lookup_source(r#"["lookup","3","u1"]"#), "subquery #3");
+        assert_eq!(lookup_source("garbage"), "garbage");
     }
 }

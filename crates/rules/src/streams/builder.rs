@@ -128,6 +128,23 @@ struct Builder<'a, 'u> {
     used_ctes: &'u mut Vec<String>,
 }
 
+impl Branch {
+    /// Reads client-supplied values (`connection.*`, `subscription.*`) but nothing from the
+    /// token: anyone can make it return any bucket, so it must not be used for authorization.
+    pub(crate) fn is_unauthenticated(&self) -> bool {
+        let deps = self.conds.iter().flat_map(|c| match c {
+            Cond::Filter(_, d) => [*d, Deps::default()],
+            Cond::Eq(_, a, _, b) => [*a, *b],
+        });
+        let each_deps = self.sources.iter().filter_map(|s| match &s.kind {
+            SourceKind::Each { arg_deps, .. } => Some(*arg_deps),
+            SourceKind::Table(_) => None,
+        });
+        let all = deps.chain(each_deps).fold(Deps::default(), Deps::union);
+        all.unauth && !all.auth
+    }
+}
+
 impl<'a> Builder<'a, '_> {
     fn add(&mut self, kind: SourceKind, alias: Option<String>) -> Result<usize, String> {
         if self.sources.len() >= 64 {

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 const UNUSED_CTE: &str = "This common table expression isn't referenced.";
+const DANGEROUS: &str = "Clients can send any value for this unauthenticated parameter, so this is unsuitable for authorization. Consider further constraining this with an authenticated parameter.";
 
 /// At most this many distinct buckets per stream (reference limit).
 const MAX_BUCKETS_PER_STREAM: usize = 100;
@@ -85,8 +86,10 @@ impl StreamSet {
             };
             let mut used = Vec::new();
             for sql in &r.queries {
-                if let Err(m) = set.compile_query(&mut stream, sql, &ctes, o, &mut indexes, &mut used) {
-                    errors.push(RuleIssue::at(m, &r.name, Some(sql)));
+                match set.compile_query(&mut stream, sql, &ctes, o, &mut indexes, &mut used) {
+                    Ok(true) if !r.accept_dangerous => warnings.push(RuleIssue::at(DANGEROUS, &r.name, Some(sql))),
+                    Ok(_) => {}
+                    Err(m) => errors.push(RuleIssue::at(m, &r.name, Some(sql))),
                 }
             }
             for (name, _) in &r.ctes {
@@ -126,8 +129,10 @@ impl StreamSet {
         o: &CompileOptions<'_>,
         indexes: &mut Indexes,
         used_ctes: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
+        let mut unauthenticated = false;
         for branch in builder::branches(sql, ctes, o.default_schema, used_ctes)? {
+            unauthenticated |= branch.is_unauthenticated();
             let Some((data, querier)) = plan::plan_branch(&branch, indexes, o.fixed_json)? else {
                 continue;
             };
@@ -145,7 +150,7 @@ impl StreamSet {
             let shape = self.data.iter().position(|d| shape_of(&d.plan) == shape).unwrap_or(self.data.len());
             self.data.push(DataSource { plan: data, prefix, shape });
         }
-        Ok(())
+        Ok(unauthenticated)
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -309,3 +309,25 @@ fn compile_errors() {
             .contains("not supported by the new compiler")
     );
 }
+
+#[test]
+fn unauthenticated_streams_warn_unless_accepted() {
+    let warns = |extra: &str, q: &str| {
+        let yaml = format!("config: {{edition: 3}}\nstreams:\n  s:\n{extra}    query: \"{q}\"\n");
+        parse(&yaml)
+            .warnings()
+            .iter()
+            .any(|w| w.message.contains("unsuitable for authorization"))
+    };
+    assert!(warns("", "SELECT * FROM t WHERE owner = connection.parameter('user')"));
+    assert!(warns("", "SELECT * FROM t WHERE id IN subscription.parameter('ids')"));
+    assert!(!warns(
+        "",
+        "SELECT * FROM t WHERE id = subscription.parameter('id') AND owner = auth.user_id()"
+    ));
+    assert!(!warns("", "SELECT * FROM t WHERE owner = auth.user_id()"));
+    assert!(!warns(
+        "    accept_potentially_dangerous_queries: true\n",
+        "SELECT * FROM t WHERE owner = connection.parameter('user')"
+    ));
+}
