@@ -117,6 +117,8 @@ pub(crate) fn row_data(columns: &[OutColumn], ctx: &Ctx<'_>) -> Result<(String, 
                     set(&mut data, name, Cow::Borrowed(value));
                 }
             }
+            // A named column the source row lacks is left out (as the reference does), not null.
+            OutColumn::Value(_, Expr::Column(c)) if ctx.row.is_some_and(|r| r.get(c).is_none()) => {}
             OutColumn::Value(name, e) => set(&mut data, name, e.eval_ref(ctx)?),
         }
     }

@@ -331,3 +331,9 @@ fn unauthenticated_streams_warn_unless_accepted() {
         "SELECT * FROM t WHERE owner = connection.parameter('user')"
     ));
 }
+
+#[test]
+fn a_named_column_the_row_lacks_is_left_out() {
+    let rules = parse("config: {edition: 3, versioned_bucket_ids: false}\nstreams:\n  s:\n    query: SELECT id, nope, name AS n FROM t\n");
+    assert_eq!(rows(&rules, "t", json!({"id": "a", "name": null}))[0].3, r#"{"id":"a","n":null}"#);
+}
