@@ -3,7 +3,7 @@
 
 use crate::expr::{BinOp, CastType, Expr, RequestRef};
 use crate::functions;
-use crate::sql::{fold, object_parts, plain_args};
+use crate::sql::{fold, object_parts, plain_args, substring_args};
 use crate::value::SqliteValue;
 use sqlparser::ast::{BinaryOperator, CastKind, Expr as SqlExpr, FunctionArguments, UnaryOperator, Value};
 
@@ -148,17 +148,7 @@ impl Scope {
                 let (x, d) = self.expr(expr)?;
                 Ok((Expr::Cast(Box::new(x), t), self.combine(&[d])?))
             }
-            SqlExpr::Substring {
-                expr,
-                substring_from,
-                substring_for,
-                ..
-            } => {
-                let mut args = vec![expr.as_ref().clone()];
-                args.extend(substring_from.iter().map(|b| b.as_ref().clone()));
-                args.extend(substring_for.iter().map(|b| b.as_ref().clone()));
-                self.call("substring", &args)
-            }
+            SqlExpr::Substring { .. } => self.call("substring", &substring_args(e)),
             SqlExpr::InList { expr, list, negated } => {
                 let [right] = list.as_slice() else {
                     return Err("IN lists are not supported; use a JSON array".into());

@@ -150,6 +150,23 @@ pub(crate) struct ParsedSelect {
     pub selection: Option<SqlExpr>,
 }
 
+/// The arguments of `substring(x, a, b)` / `SUBSTRING(x FROM a FOR b)` as a plain call's.
+pub(crate) fn substring_args(e: &SqlExpr) -> Vec<SqlExpr> {
+    let SqlExpr::Substring {
+        expr,
+        substring_from,
+        substring_for,
+        ..
+    } = e
+    else {
+        return vec![e.clone()];
+    };
+    let mut args = vec![expr.as_ref().clone()];
+    args.extend(substring_from.iter().map(|b| b.as_ref().clone()));
+    args.extend(substring_for.iter().map(|b| b.as_ref().clone()));
+    args
+}
+
 /// Unwraps plain function arguments.
 pub(crate) fn plain_args(args: &[FunctionArg]) -> Result<Vec<SqlExpr>, String> {
     args.iter()

@@ -5,7 +5,7 @@
 use crate::compile::{bin_op, cast_type, expr_kind, literal};
 use crate::expr::{BinOp, Expr, RequestRef};
 use crate::functions;
-use crate::sql::{fold, object_parts, plain_args};
+use crate::sql::{fold, object_parts, plain_args, substring_args};
 use crate::value::SqliteValue;
 use sqlparser::ast::{BinaryOperator, CastKind, Expr as SqlExpr, FunctionArguments, UnaryOperator};
 
@@ -172,17 +172,7 @@ impl Scope {
                 Ok((e, check(d)?))
             }
             SqlExpr::Substring { special: false, .. } => Err("SUBSTRING(x FROM a FOR b) is not supported; use substring(x, a, b)".into()),
-            SqlExpr::Substring {
-                expr,
-                substring_from,
-                substring_for,
-                ..
-            } => {
-                let mut args = vec![expr.as_ref().clone()];
-                args.extend(substring_from.iter().map(|b| b.as_ref().clone()));
-                args.extend(substring_for.iter().map(|b| b.as_ref().clone()));
-                self.call("substring", &args)
-            }
+            SqlExpr::Substring { .. } => self.call("substring", &substring_args(e)),
             SqlExpr::Function(f) => self.function(f),
             SqlExpr::Like { .. } | SqlExpr::ILike { .. } => Err("LIKE expressions are not currently supported.".into()),
             SqlExpr::InSubquery { .. } | SqlExpr::Subquery(_) | SqlExpr::Exists { .. } => {
