@@ -453,7 +453,19 @@ pub(crate) fn write_data_value(out: &mut String, v: &SqliteValue) {
 
 /// Compact JSON object text from ordered columns (JS key order).
 pub(crate) fn object_text<K: AsRef<str>, V: std::borrow::Borrow<SqliteValue>>(fields: &[(K, V)]) -> String {
-    let mut out = String::with_capacity(16 + 24 * fields.len());
+    // Sized up front: growing the string while writing showed up as a tenth of row evaluation.
+    let size: usize = fields
+        .iter()
+        .map(|(k, v)| {
+            k.as_ref().len()
+                + 4
+                + match v.borrow() {
+                    SqliteValue::Text(t) => t.len() + 2,
+                    _ => 24,
+                }
+        })
+        .sum();
+    let mut out = String::with_capacity(size + 2);
     out.push('{');
     for (n, i) in js_key_order(fields).into_iter().enumerate() {
         if n > 0 {
