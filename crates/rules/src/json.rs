@@ -312,9 +312,6 @@ fn is_index_key(k: &str) -> Option<u32> {
 
 /// Object keys in JS property order (integer-like keys ascending first).
 pub(crate) fn js_key_order<K: AsRef<str>, T>(fields: &[(K, T)]) -> Vec<usize> {
-    if fields.iter().all(|(k, _)| is_index_key(k.as_ref()).is_none()) {
-        return (0..fields.len()).collect();
-    }
     let mut idx: Vec<(u32, usize)> = Vec::new();
     let mut rest = Vec::new();
     for (i, (k, _)) in fields.iter().enumerate() {
@@ -467,13 +464,23 @@ pub(crate) fn object_text<K: AsRef<str>, V: std::borrow::Borrow<SqliteValue>>(fi
         .sum();
     let mut out = String::with_capacity(size + 2);
     out.push('{');
-    for (n, i) in js_key_order(fields).into_iter().enumerate() {
+    let mut write = |n: usize, (key, value): &(K, V)| {
         if n > 0 {
             out.push(',');
         }
-        write_str(&mut out, fields[i].0.as_ref());
+        write_str(&mut out, key.as_ref());
         out.push(':');
-        write_data_value(&mut out, fields[i].1.borrow());
+        write_data_value(&mut out, value.borrow());
+    };
+    // Column names are rarely integer-like; only then does JS reorder the keys.
+    if fields.iter().any(|(k, _)| is_index_key(k.as_ref()).is_some()) {
+        for (n, i) in js_key_order(fields).into_iter().enumerate() {
+            write(n, &fields[i]);
+        }
+    } else {
+        for (n, field) in fields.iter().enumerate() {
+            write(n, field);
+        }
     }
     out.push('}');
     out
