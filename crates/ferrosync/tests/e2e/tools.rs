@@ -190,7 +190,9 @@ async fn explain_legacy_buckets_lookups_and_counts() -> Result<()> {
     let mut svc = Service::with_app(LEGACY_SCHEMA, LEGACY_RULES).await?;
     svc.start().await?;
     let db = svc.source().await?;
-    // One more op than rows in l1's bucket.
+    // The snapshot first (or it may copy the updated row and make no extra op), then an update:
+    // one more op than rows in l1's bucket.
+    wait_synced(&svc, &token("u1"), json!({"buckets": []}), |s| s.table("todos").len() == 5).await?;
     db.batch_execute("UPDATE todos SET description = 'b2' WHERE id = 't2'").await?;
     wait_synced(&svc, &token("u1"), json!({"buckets": []}), |s| {
         s.table("todos").len() == 5 && s.table("todos").values().any(|v| v.to_string().contains("b2"))
