@@ -59,29 +59,37 @@ pub fn rules_eval(rows: usize) -> Result<Row> {
         .map(|i| (table("lists"), list(i)))
         .chain((0..rows).map(|i| (table("todos"), todo(i))))
         .collect();
-    let started = Instant::now();
-    let (mut bucket_rows, mut lookups, mut errors) = (0usize, 0usize, 0usize);
-    for (t, row) in &sources {
-        for r in rules.evaluate_row(t, row) {
-            match r {
-                Ok(_) => bucket_rows += 1,
-                Err(_) => errors += 1,
+    // Best of three passes, like the downloads: the machine is shared with Postgres, which may
+    // still be writing back the freshly seeded tables.
+    let mut best = f64::MAX;
+    let (mut bucket_rows, mut lookups) = (0usize, 0usize);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (mut rows_out, mut lookups_out, mut errors) = (0usize, 0usize, 0usize);
+        for (t, row) in &sources {
+            for r in rules.evaluate_row(t, row) {
+                match r {
+                    Ok(_) => rows_out += 1,
+                    Err(_) => errors += 1,
+                }
+            }
+            for p in rules.evaluate_parameter_row(t, row) {
+                match p {
+                    Ok(_) => lookups_out += 1,
+                    Err(_) => errors += 1,
+                }
             }
         }
-        for p in rules.evaluate_parameter_row(t, row) {
-            match p {
-                Ok(_) => lookups += 1,
-                Err(_) => errors += 1,
-            }
+        best = best.min(started.elapsed().as_secs_f64());
+        if errors > 0 {
+            bail!("{errors} evaluation errors");
         }
+        (bucket_rows, lookups) = (rows_out, lookups_out);
     }
-    let secs = started.elapsed().as_secs_f64();
-    if errors > 0 {
-        bail!("{errors} evaluation errors");
-    }
+    let secs = best;
     let n = sources.len() as f64;
     let value = format!(
-        "{} rows/s ({} rows → {} bucket rows + {} lookups in {:.2} s)",
+        "{} rows/s, best of 3 ({} rows → {} bucket rows + {} lookups in {:.2} s)",
         report::rate(n / secs),
         report::thousands(sources.len() as u64),
         report::thousands(bucket_rows as u64),

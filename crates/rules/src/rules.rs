@@ -261,7 +261,7 @@ impl SyncRules {
     /// Replication time: the parameter lookup entries of a source row.
     pub fn evaluate_parameter_row(&self, t: &SourceTableName, row: &Row) -> Vec<Result<EvaluatedParameters, EvaluationError>> {
         let fixed = self.compatibility.fixed_json_extract;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(2);
         for d in &self.definitions {
             for q in &d.param_queries {
                 let Kind::Table { pattern, .. } = &q.kind else {

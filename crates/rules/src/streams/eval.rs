@@ -157,19 +157,45 @@ pub(crate) struct RowScratch {
     data: Vec<(usize, String, String)>,
     /// Bucket ids of the data source being evaluated.
     buckets: Vec<String>,
+    /// Bucket rows found so far: (bucket, index into `data`, output table).
+    pending: Vec<(String, usize, String)>,
+}
+
+impl RowScratch {
+    /// Ready for the next source row.
+    pub(crate) fn clear(&mut self) {
+        self.data.clear();
+        self.buckets.clear();
+        self.pending.clear();
+    }
+
+    /// Emits the bucket rows found for this row. The last row of each shape takes the shared
+    /// id and data strings instead of copying them.
+    pub(crate) fn finish(&mut self, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
+        let mut last_use = vec![usize::MAX; self.data.len()];
+        for (i, (_, slot, _)) in self.pending.iter().enumerate() {
+            last_use[*slot] = i;
+        }
+        for (i, (bucket, slot, table)) in self.pending.drain(..).enumerate() {
+            let (_, id, data) = &mut self.data[slot];
+            let (id, data) = if last_use[slot] == i {
+                (std::mem::take(id), std::mem::take(data))
+            } else {
+                (id.clone(), data.clone())
+            };
+            out.push(Ok(EvaluatedRow { bucket, table, id, data }));
+        }
+    }
 }
 
 impl DataSource {
-    /// Appends the bucket rows of a source row to `out`.
-    pub(crate) fn evaluate(
-        &self,
-        t: &SourceTableName,
-        row: &Row,
-        fixed_json: bool,
-        scratch: &mut RowScratch,
-        out: &mut Vec<Result<EvaluatedRow, EvaluationError>>,
-    ) -> Result<(), String> {
-        let RowScratch { data: cache, buckets } = scratch;
+    /// Finds the buckets of a source row; they are emitted by [`RowScratch::finish`].
+    pub(crate) fn evaluate(&self, t: &SourceTableName, row: &Row, fixed_json: bool, scratch: &mut RowScratch) -> Result<(), String> {
+        let RowScratch {
+            data: cache,
+            buckets,
+            pending,
+        } = scratch;
         buckets.clear();
         self.plan.rows.for_each(row, t, fixed_json, &mut |ctx| {
             let mut bucket = String::with_capacity(self.prefix.len() + 48);
@@ -186,7 +212,7 @@ impl DataSource {
         if buckets.is_empty() {
             return Ok(());
         }
-        let cached = match cache.iter().position(|(shape, ..)| *shape == self.shape) {
+        let slot = match cache.iter().position(|(shape, ..)| *shape == self.shape) {
             Some(i) => i,
             None => {
                 let (id, data) = row_data(&self.plan.columns, &self.plan.rows.ctx(row, t, fixed_json))?;
@@ -194,20 +220,12 @@ impl DataSource {
                 cache.len() - 1
             }
         };
-        let (_, id, data) = &cache[cached];
         let table = match &self.plan.alias {
             Some(a) => a.as_str(),
             None if self.plan.rows.pattern.is_wildcard() => t.name.as_str(),
             None => self.plan.rows.pattern.table_text(),
         };
-        out.extend(buckets.drain(..).map(|bucket| {
-            Ok(EvaluatedRow {
-                bucket,
-                table: table.to_string(),
-                id: id.clone(),
-                data: data.clone(),
-            })
-        }));
+        pending.extend(buckets.drain(..).map(|bucket| (bucket, slot, table.to_string())));
         Ok(())
     }
 }
@@ -230,34 +248,33 @@ impl ParameterIndex {
                 return Ok(());
             }
             lookup.push(']');
-            let mut object = String::with_capacity(32);
-            object.push('{');
+            // Written as a one-object array `[{...}]`, the common case.
+            let mut array = String::with_capacity(48);
+            array.push_str("[{");
             for (i, o) in self.outputs.iter().enumerate() {
                 let v = o.eval_ref(ctx)?;
                 if matches!(*v, SqliteValue::Blob(_)) {
                     continue;
                 }
-                if object.len() > 1 {
-                    object.push(',');
+                if array.len() > 2 {
+                    array.push(',');
                 }
-                let _ = write!(object, "\"{i}\":");
-                write_data_value(&mut object, &v);
+                let _ = write!(array, "\"{i}\":");
+                write_data_value(&mut array, &v);
             }
-            object.push('}');
+            array.push_str("}]");
             match entries.iter_mut().find(|(l, _)| *l == lookup) {
                 // Objects are flat `{...}` texts, so containment is an exact-duplicate test.
-                Some((_, array)) if !array.contains(&object) => {
-                    array.pop();
-                    array.push(',');
-                    array.push_str(&object);
-                    array.push(']');
+                Some((_, existing)) => {
+                    let object = &array[1..array.len() - 1];
+                    if !existing.contains(object) {
+                        existing.pop();
+                        existing.push(',');
+                        existing.push_str(object);
+                        existing.push(']');
+                    }
                 }
-                Some(_) => {}
-                None => {
-                    object.insert(0, '[');
-                    object.push(']');
-                    entries.push((lookup, object));
-                }
+                None => entries.push((lookup, array)),
             }
             Ok(())
         })?;

@@ -22,6 +22,7 @@ use crate::value::{sqlite_bool, Row};
 use crate::{EvaluatedParameters, EvaluatedRow, EvaluationError};
 use eval::{DataSource, RequestScope};
 use plan::{Indexes, ParameterIndex, QuerierPlan};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -169,14 +170,27 @@ impl StreamSet {
     }
 
     pub(crate) fn evaluate_row(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
-        let mut scratch = eval::RowScratch::default();
-        for group in self.by_pattern.iter().filter(|p| p.pattern.matches(t)) {
-            for d in group.data.iter().map(|i| &self.data[*i]) {
-                if let Err(message) = d.evaluate(t, row, self.fixed_json, &mut scratch, out) {
-                    out.push(Err(EvaluationError { message }));
+        thread_local! {
+            // Reused across rows: two fewer allocations per row on the replication hot path.
+            static SCRATCH: RefCell<eval::RowScratch> = RefCell::new(eval::RowScratch::default());
+        }
+        SCRATCH.with(|cell| {
+            let mut fresh = eval::RowScratch::default();
+            let mut borrowed = cell.try_borrow_mut();
+            let scratch = match borrowed.as_deref_mut() {
+                Ok(s) => s,
+                Err(_) => &mut fresh,
+            };
+            scratch.clear();
+            for group in self.by_pattern.iter().filter(|p| p.pattern.matches(t)) {
+                for d in group.data.iter().map(|i| &self.data[*i]) {
+                    if let Err(message) = d.evaluate(t, row, self.fixed_json, scratch) {
+                        out.push(Err(EvaluationError { message }));
+                    }
                 }
             }
-        }
+            scratch.finish(out);
+        });
     }
 
     pub(crate) fn evaluate_parameter_row(
