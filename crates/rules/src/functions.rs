@@ -2,6 +2,7 @@
 //! `json_extract`, …) with the reference's JavaScript-flavoured semantics.
 
 mod dates;
+mod geo;
 
 use crate::expr::{json_array_values, json_path};
 use crate::json::{self, js_key_order, Json};
@@ -29,6 +30,11 @@ pub(crate) enum Func {
     Datetime,
     /// `a && b` of sync streams: the two JSON arrays share an element.
     JsonOverlap,
+    /// PostGIS helpers (spec §3.5), see [`geo`].
+    StAsGeoJson,
+    StAsText,
+    StX,
+    StY,
 }
 
 impl Func {
@@ -58,6 +64,10 @@ pub(crate) fn lookup(name: &str) -> Option<(Func, usize, usize)> {
         "uuid_blob" => (Func::UuidBlob, 1, 1),
         "unixepoch" => (Func::Unixepoch, 1, 3),
         "datetime" => (Func::Datetime, 1, 3),
+        "st_asgeojson" => (Func::StAsGeoJson, 1, 1),
+        "st_astext" => (Func::StAsText, 1, 1),
+        "st_x" => (Func::StX, 1, 1),
+        "st_y" => (Func::StY, 1, 1),
         _ => return None,
     })
 }
@@ -270,6 +280,10 @@ pub(crate) fn call(f: Func, a: &[SqliteValue], fixed_json: bool) -> Result<Sqlit
         Func::UuidBlob => uuid_blob(arg(0))?,
         Func::Unixepoch => dates::call(dates::DateFn::Unixepoch, a),
         Func::Datetime => dates::call(dates::DateFn::Datetime, a),
+        Func::StAsGeoJson => geo::call(geo::GeoFn::AsGeoJson, arg(0))?,
+        Func::StAsText => geo::call(geo::GeoFn::AsText, arg(0))?,
+        Func::StX => geo::call(geo::GeoFn::X, arg(0))?,
+        Func::StY => geo::call(geo::GeoFn::Y, arg(0))?,
     })
 }
 
