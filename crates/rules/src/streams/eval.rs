@@ -3,7 +3,7 @@
 //! time.
 
 use super::builder::OutColumn;
-use super::plan::{ParameterIndex, Resolver, RowPlan, Slot};
+use super::plan::{ParameterIndex, RequestEach, Resolver, RowPlan, Slot};
 use super::scope::each_column;
 use crate::expr::Ctx;
 use crate::expr::Expr;
@@ -288,6 +288,37 @@ impl ParameterIndex {
     }
 }
 
+impl RequestEach {
+    /// One element as a row, under the names expressions read it by.
+    fn element_row(&self, key: SqliteValue, value: SqliteValue) -> Row {
+        let mut row = Row::with_capacity(2);
+        row.push(each_column(self.source, "key"), key);
+        row.push(each_column(self.source, "value"), value);
+        row
+    }
+
+    /// Whether some element passes the conditions (an empty array: none does).
+    pub(crate) fn any_passes(&self, request: &RequestParameters, fixed_json: bool) -> Result<bool, String> {
+        let ctx = Ctx {
+            request: Some(request),
+            fixed_json,
+            ..Ctx::default()
+        };
+        let array = self.arg.eval(&ctx)?;
+        'elements: for (key, value) in json_each(&array, fixed_json)? {
+            let row = self.element_row(key, value);
+            let ectx = Ctx { row: Some(&row), ..ctx };
+            for f in &self.filters {
+                if !sqlite_bool(&f.eval(&ectx)?) {
+                    continue 'elements;
+                }
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
 /// Request-time inputs of a resolver.
 pub(crate) struct RequestScope<'a> {
     pub request: &'a RequestParameters,
@@ -360,9 +391,7 @@ impl Resolver {
         let array = each.arg.eval(&ctx)?;
         let mut options = Vec::new();
         'elements: for (key, value) in json_each(&array, s.fixed_json)? {
-            let mut row = Row::with_capacity(2);
-            row.push(each_column(each.source, "key"), key);
-            row.push(each_column(each.source, "value"), value);
+            let row = each.element_row(key, value);
             let ectx = Ctx { row: Some(&row), ..ctx };
             for f in &each.filters {
                 if !sqlite_bool(&f.eval(&ectx)?) {

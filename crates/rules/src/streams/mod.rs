@@ -273,19 +273,21 @@ impl StreamQuerier {
             let explicit: Vec<usize> = (0..req.subscriptions.len())
                 .filter(|i| req.subscriptions[*i].stream == stream.name)
                 .collect();
-            let is_default = req.include_defaults && stream.auto_subscribe;
+            let by_default = req.include_defaults && stream.auto_subscribe;
             let parameterless = explicit.iter().any(|i| req.subscriptions[*i].parameters.is_none());
-            if !is_default && explicit.is_empty() {
+            if !by_default && explicit.is_empty() {
                 continue;
             }
             let info = infos.len();
             infos.push(StreamInfo {
                 name: stream.name.clone(),
-                is_default,
+                // The stream's setting, as the reference reports it, even when the client
+                // asked for no default streams.
+                is_default: stream.auto_subscribe,
                 errors: Vec::new(),
             });
             let failed = vec![false; stream.queriers.len()];
-            if is_default && !parameterless {
+            if by_default && !parameterless {
                 subs.push(Subscribed {
                     stream: index,
                     reason: BucketReason::Default(info),
@@ -385,6 +387,11 @@ fn evaluate(
     };
     for f in &plan.filters {
         if !sqlite_bool(&f.eval(&ctx)?) {
+            return Ok(Some(Vec::new()));
+        }
+    }
+    for each in &plan.exists {
+        if !each.any_passes(&sub.request, fixed_json)? {
             return Ok(Some(Vec::new()));
         }
     }

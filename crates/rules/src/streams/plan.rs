@@ -82,6 +82,9 @@ pub(crate) struct ChildLookup {
 #[derive(Debug, PartialEq)]
 pub(crate) struct QuerierPlan {
     pub filters: Vec<Expr>,
+    /// Request-side `json_each` sources that feed no parameter: the branch matches only when
+    /// some element passes their conditions (an empty array matches nothing).
+    pub exists: Vec<RequestEach>,
     pub resolver: Resolver,
 }
 
@@ -125,6 +128,8 @@ struct Planner<'a> {
     request_keys: Vec<(usize, Expr, Expr, Deps)>,
     /// (unit a, expr on a, unit b, expr on b).
     edges: Vec<(usize, Expr, usize, Expr)>,
+    /// Request-side `json_each` sources used by a resolver, with the unit whose keys they feed.
+    used_eaches: std::cell::RefCell<Vec<(usize, usize)>>,
 }
 
 /// Plans one branch; `None` when a constant condition makes it match nothing.
@@ -137,6 +142,7 @@ pub(crate) fn plan_branch(branch: &Branch, indexes: &mut Indexes, fixed_json: bo
         request_filters: Vec::new(),
         request_keys: Vec::new(),
         edges: Vec::new(),
+        used_eaches: Default::default(),
     };
     for cond in &branch.conds {
         if !p.classify(cond, fixed_json)? {
@@ -152,8 +158,10 @@ pub(crate) fn plan_branch(branch: &Branch, indexes: &mut Indexes, fixed_json: bo
         columns: branch.columns.clone(),
         alias: branch.sources[root].alias.clone(),
     };
+    let exists = p.unused_request_eaches();
     let querier = QuerierPlan {
         filters: std::mem::take(&mut p.request_filters),
+        exists,
         resolver,
     };
     Ok(Some((data, querier)))
@@ -170,7 +178,8 @@ fn units(branch: &Branch) -> Result<Vec<Option<usize>>, String> {
                 let mut found = None;
                 for j in bits(arg_deps.sources) {
                     match (found, unit_of.get(j).copied().flatten()) {
-                        (_, None) => {}
+                        // Request-side expansions are evaluated independently of each other.
+                        (_, None) => return Err("json_each over another json_each of request data is not supported".into()),
                         (None, Some(u)) => found = Some(u),
                         (Some(f), Some(u)) if f != u => return Err("json_each can only expand values of one table".into()),
                         _ => {}
@@ -216,11 +225,12 @@ impl Planner<'_> {
                     self.edges.push((u, a.clone(), v, b.clone()));
                     Ok(true)
                 }
-                (Side::Unit(u), Side::Request(_) | Side::Const) => {
+                // A comparison with a constant is a row filter, not a bucket parameter.
+                (Side::Unit(u), Side::Request(_)) => {
                     self.request_keys.push((u, a.clone(), b.clone(), *db));
                     Ok(true)
                 }
-                (Side::Request(_) | Side::Const, Side::Unit(u)) => {
+                (Side::Request(_), Side::Unit(u)) => {
                     self.request_keys.push((u, b.clone(), a.clone(), *da));
                     Ok(true)
                 }
@@ -324,7 +334,7 @@ impl Planner<'_> {
                     let [source] = bits(eaches).collect::<Vec<_>>()[..] else {
                         return Err(UNASSOCIATED.into());
                     };
-                    let each = self.request_each(&mut resolver, source);
+                    let each = self.request_each(&mut resolver, source, unit)?;
                     Slot::Each {
                         each,
                         expr: request.clone(),
@@ -363,18 +373,39 @@ impl Planner<'_> {
         Ok((keys, resolver))
     }
 
-    fn request_each(&self, resolver: &mut Resolver, source: usize) -> usize {
+    fn request_each(&self, resolver: &mut Resolver, source: usize, unit: usize) -> Result<usize, String> {
         if let Some(i) = resolver.eaches.iter().position(|e| e.source == source) {
-            return i;
+            return Ok(i);
         }
-        let SourceKind::Each { arg, .. } = &self.branch.sources[source].kind else {
-            unreachable!("request-side sources are json_each");
+        let mut used = self.used_eaches.borrow_mut();
+        // Two tables' keys would each expand the array on their own and lose which values
+        // came from the same element.
+        if used.iter().any(|(s, u)| *s == source && *u != unit) {
+            return Err("A json_each of request data can only be compared with one table".into());
+        }
+        used.push((source, unit));
+        resolver.eaches.push(self.request_each_plan(source));
+        Ok(resolver.eaches.len() - 1)
+    }
+
+    fn request_each_plan(&self, source: usize) -> RequestEach {
+        let arg = match &self.branch.sources[source].kind {
+            SourceKind::Each { arg, .. } => arg.clone(),
+            SourceKind::Table(_) => Expr::Lit(crate::value::SqliteValue::Null),
         };
-        resolver.eaches.push(RequestEach {
+        RequestEach {
             source,
-            arg: arg.clone(),
+            arg,
             filters: self.each_filters.get(&source).cloned().unwrap_or_default(),
-        });
-        resolver.eaches.len() - 1
+        }
+    }
+
+    /// Request-side `json_each` sources no resolver uses: they still constrain the branch.
+    fn unused_request_eaches(&self) -> Vec<RequestEach> {
+        let used = self.used_eaches.borrow();
+        (0..self.branch.sources.len())
+            .filter(|i| self.unit_of[*i].is_none() && !used.iter().any(|(s, _)| s == i))
+            .map(|i| self.request_each_plan(i))
+            .collect()
     }
 }

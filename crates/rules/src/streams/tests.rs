@@ -337,3 +337,86 @@ fn a_named_column_the_row_lacks_is_left_out() {
     let rules = parse("config: {edition: 3, versioned_bucket_ids: false}\nstreams:\n  s:\n    query: SELECT id, nope, name AS n FROM t\n");
     assert_eq!(rows(&rules, "t", json!({"id": "a", "name": null}))[0].3, r#"{"id":"a","n":null}"#);
 }
+
+/// Review finding: conditions on a request-side json_each that feeds no parameter were dropped,
+/// so every user got the bucket.
+#[test]
+fn request_side_json_each_conditions_constrain_the_branch() {
+    let admin_only = [
+        "SELECT * FROM t WHERE 'admin' IN (SELECT value FROM json_each(auth.parameter('roles')))",
+        "SELECT t.* FROM t, json_each(auth.parameter('roles')) AS e WHERE e.value = 'admin'",
+    ];
+    for q in admin_only {
+        let rules = parse(&format!(
+            "config: {{edition: 3, versioned_bucket_ids: false}}\nstreams:\n  s:\n    auto_subscribe: true\n    query: \"{q}\"\n"
+        ));
+        let user = Store::default().buckets(&rules, json!({"sub": "u1", "roles": ["user"]}), &StreamsRequest::default());
+        assert!(user.is_empty(), "{q}: {user:?}");
+        let admin = Store::default().buckets(&rules, json!({"sub": "u1", "roles": ["user", "admin"]}), &StreamsRequest::default());
+        assert_eq!(ids(&admin), vec!["s|0[]"], "{q}");
+        let none = Store::default().buckets(&rules, json!({"sub": "u1"}), &StreamsRequest::default());
+        assert!(none.is_empty(), "{q}: {none:?}");
+    }
+    let keyed = parse(
+        "config: {edition: 3, versioned_bucket_ids: false}\nstreams:\n  s:\n    auto_subscribe: true\n    query: SELECT * FROM t WHERE t.org IN auth.parameter('orgs') AND 'admin' IN (SELECT value FROM json_each(auth.parameter('roles')))\n",
+    );
+    let user = Store::default().buckets(
+        &keyed,
+        json!({"sub": "u", "orgs": ["o1"], "roles": ["user"]}),
+        &StreamsRequest::default(),
+    );
+    assert!(user.is_empty(), "{user:?}");
+    let admin = Store::default().buckets(
+        &keyed,
+        json!({"sub": "u", "orgs": ["o1"], "roles": ["admin"]}),
+        &StreamsRequest::default(),
+    );
+    assert_eq!(ids(&admin), vec![r#"s|0["o1"]"#]);
+}
+
+/// Review finding: one request-side json_each compared with two tables lost the pairing of
+/// values from the same element; such queries are refused.
+#[test]
+fn a_request_json_each_feeding_two_tables_is_refused() {
+    let q = "SELECT t.* FROM t JOIN u ON t.uid = u.id, json_each(auth.parameter('pairs')) AS e WHERE t.a = e.value ->> 'a' AND u.b = e.value ->> 'b'";
+    assert!(error_of(&format!("config: {{edition: 3}}\nstreams:\n  s:\n    query: \"{q}\"\n")).contains("only be compared with one table"));
+    let nested = "SELECT t.* FROM t, json_each(auth.parameter('groups')) AS g, json_each(g.value) AS m WHERE t.x = m.value";
+    assert!(error_of(&format!("config: {{edition: 3}}\nstreams:\n  s:\n    query: \"{nested}\"\n")).contains("not supported"));
+}
+
+/// Review finding: `column = constant` made the constant a bucket parameter; it is a row filter.
+#[test]
+fn a_comparison_with_a_constant_is_a_row_filter() {
+    let rules = parse(
+        "config: {edition: 3, versioned_bucket_ids: false}\nstreams:\n  s:\n    auto_subscribe: true\n    query: SELECT * FROM t WHERE t.kind = 'a' OR t.kind = 'b'\n",
+    );
+    let buckets = |kind: &str| -> Vec<String> {
+        rows(&rules, "t", json!({"id": "1", "kind": kind}))
+            .into_iter()
+            .map(|r| r.0)
+            .collect()
+    };
+    assert_eq!(buckets("b"), vec!["s|0[]"]);
+    assert_eq!(buckets("a"), vec!["s|0[]"]);
+    assert!(buckets("c").is_empty());
+    assert_eq!(
+        ids(&Store::default().buckets(&rules, json!({"sub": "u"}), &StreamsRequest::default())),
+        vec!["s|0[]"]
+    );
+}
+
+/// `is_default` is the stream's setting, also when the client asked for no default streams.
+#[test]
+fn is_default_reports_the_stream_setting() {
+    let rules = parse("config: {edition: 3}\nstreams:\n  s:\n    auto_subscribe: true\n    query: SELECT * FROM t\n");
+    let req = StreamsRequest {
+        include_defaults: false,
+        subscriptions: vec![StreamSubscription {
+            stream: "s".into(),
+            parameters: None,
+            override_priority: None,
+        }],
+    };
+    let q = rules.querier(&RequestParameters::new(json!({"sub": "u"}), None), &req);
+    assert!(q.streams()[0].is_default);
+}
