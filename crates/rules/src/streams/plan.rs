@@ -153,7 +153,7 @@ pub(crate) fn plan_branch(branch: &Branch, indexes: &mut Indexes, fixed_json: bo
     p.check_tree(root)?;
     let (keys, resolver) = p.node(root, None, indexes)?;
     let data = DataPlan {
-        rows: p.row_plan(root),
+        rows: p.row_plan(root)?,
         keys,
         columns: branch.columns.clone(),
         alias: branch.sources[root].alias.clone(),
@@ -298,9 +298,9 @@ impl Planner<'_> {
         out
     }
 
-    fn row_plan(&self, unit: usize) -> RowPlan {
-        let SourceKind::Table(pattern) = &self.branch.sources[unit].kind else {
-            unreachable!("units are table sources");
+    fn row_plan(&self, unit: usize) -> Result<RowPlan, String> {
+        let Some(SourceKind::Table(pattern)) = self.branch.sources.get(unit).map(|s| &s.kind) else {
+            return Err(UNASSOCIATED.into());
         };
         let eaches = self
             .branch
@@ -313,11 +313,11 @@ impl Planner<'_> {
                 SourceKind::Table(_) => None,
             })
             .collect();
-        RowPlan {
+        Ok(RowPlan {
             pattern: pattern.clone(),
             eaches,
             filters: self.unit_filters.get(&unit).cloned().unwrap_or_default(),
-        }
+        })
     }
 
     /// The keys of `unit` (expressions on its rows) and where their values come from.
@@ -361,7 +361,7 @@ impl Planner<'_> {
             }
             let (child_keys, child_resolver) = self.node(child, Some(unit), indexes)?;
             let index = indexes.register(ParameterIndex {
-                rows: self.row_plan(child),
+                rows: self.row_plan(child)?,
                 keys: child_keys,
                 outputs,
             });
