@@ -3,9 +3,9 @@
 
 use crate::expr::{BinOp, CastType, Expr, RequestRef};
 use crate::functions;
-use crate::sql::{fold, object_parts, plain_args, substring_args};
+use crate::sql::{call_args, fold, object_parts, substring_args};
 use crate::value::SqliteValue;
-use sqlparser::ast::{BinaryOperator, CastKind, Expr as SqlExpr, FunctionArguments, UnaryOperator, Value};
+use sqlparser::ast::{BinaryOperator, CastKind, Expr as SqlExpr, UnaryOperator, Value};
 
 /// Depends on the source row.
 pub(crate) const ROW: u8 = 1;
@@ -169,19 +169,7 @@ impl Scope {
     }
 
     fn function(&self, f: &sqlparser::ast::Function) -> Result<(Expr, u8), String> {
-        if f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
-            return Err("DISTINCT, ORDER BY, FILTER and OVER clauses are not supported".into());
-        }
-        let args = match &f.args {
-            FunctionArguments::None => Vec::new(),
-            FunctionArguments::List(list) => {
-                if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
-                    return Err("DISTINCT, ORDER BY, FILTER and OVER clauses are not supported".into());
-                }
-                plain_args(&list.args)?
-            }
-            FunctionArguments::Subquery(_) => return Err("Subqueries are not supported yet".into()),
-        };
+        let args = call_args(f, "Subqueries are not supported yet")?;
         let parts = object_parts(&f.name)?;
         match parts.as_slice() {
             [name] => self.call(name, &args),

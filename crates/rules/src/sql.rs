@@ -167,6 +167,25 @@ pub(crate) fn substring_args(e: &SqlExpr) -> Vec<SqlExpr> {
     args
 }
 
+/// The plain arguments of a function call, refusing aggregate-style clauses. `subquery` is
+/// the dialect's message for a subquery argument.
+pub(crate) fn call_args(f: &sqlparser::ast::Function, subquery: &str) -> Result<Vec<SqlExpr>, String> {
+    const CLAUSES: &str = "DISTINCT, ORDER BY, FILTER and OVER clauses are not supported";
+    if f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
+        return Err(CLAUSES.into());
+    }
+    match &f.args {
+        sqlparser::ast::FunctionArguments::None => Ok(Vec::new()),
+        sqlparser::ast::FunctionArguments::List(list) => {
+            if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+                return Err(CLAUSES.into());
+            }
+            plain_args(&list.args)
+        }
+        sqlparser::ast::FunctionArguments::Subquery(_) => Err(subquery.into()),
+    }
+}
+
 /// Unwraps plain function arguments.
 pub(crate) fn plain_args(args: &[FunctionArg]) -> Result<Vec<SqlExpr>, String> {
     args.iter()

@@ -5,9 +5,9 @@
 use crate::compile::{bin_op, cast_type, expr_kind, literal};
 use crate::expr::{BinOp, Expr, RequestRef};
 use crate::functions;
-use crate::sql::{fold, object_parts, plain_args, substring_args};
+use crate::sql::{call_args, fold, object_parts, substring_args};
 use crate::value::SqliteValue;
-use sqlparser::ast::{BinaryOperator, CastKind, Expr as SqlExpr, FunctionArguments, UnaryOperator};
+use sqlparser::ast::{BinaryOperator, CastKind, Expr as SqlExpr, UnaryOperator};
 
 /// What an expression reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +67,8 @@ pub(crate) struct Scope {
 }
 
 pub(crate) type Compiled = Result<(Expr, Deps), String>;
+
+const SUBQUERY_POSITION: &str = "Invalid position for subqueries. Subqueries are only supported in WHERE clauses.";
 
 const ROW_AND_PARAMS: &str = "This expression already references row data, so it can't also reference connection parameters unless the two are compared with an equals operator.";
 
@@ -175,9 +177,7 @@ impl Scope {
             SqlExpr::Substring { .. } => self.call("substring", &substring_args(e)),
             SqlExpr::Function(f) => self.function(f),
             SqlExpr::Like { .. } | SqlExpr::ILike { .. } => Err("LIKE expressions are not currently supported.".into()),
-            SqlExpr::InSubquery { .. } | SqlExpr::Subquery(_) | SqlExpr::Exists { .. } => {
-                Err("Invalid position for subqueries. Subqueries are only supported in WHERE clauses.".into())
-            }
+            SqlExpr::InSubquery { .. } | SqlExpr::Subquery(_) | SqlExpr::Exists { .. } => Err(SUBQUERY_POSITION.into()),
             other => Err(format!("{} not supported here", expr_kind(other))),
         }
     }
@@ -226,21 +226,7 @@ impl Scope {
     }
 
     fn function(&self, f: &sqlparser::ast::Function) -> Compiled {
-        if f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
-            return Err("DISTINCT, ORDER BY, FILTER and OVER clauses are not supported".into());
-        }
-        let args = match &f.args {
-            FunctionArguments::None => Vec::new(),
-            FunctionArguments::List(list) => {
-                if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
-                    return Err("DISTINCT, ORDER BY, FILTER and OVER clauses are not supported".into());
-                }
-                plain_args(&list.args)?
-            }
-            FunctionArguments::Subquery(_) => {
-                return Err("Invalid position for subqueries. Subqueries are only supported in WHERE clauses.".into())
-            }
-        };
+        let args = call_args(f, SUBQUERY_POSITION)?;
         let parts = object_parts(&f.name)?;
         match parts.as_slice() {
             [name] => self.call(name, &args),
