@@ -22,24 +22,17 @@
 //! sequence/map = TEXT holding its JSON. Expected values are written from the
 //! spec (`/work/shared/spec`), never pasted from ferrosync's output.
 
-use ferrosync_rules::{
-    LookupKey, RequestParameters, Row, SourceTableName, SqliteValue, StreamSubscription, StreamsRequest, SyncRules, SyncRulesOptions,
-};
+use ferrosync_rules::{LookupKey, RequestParameters, Row, SqliteValue, StreamSubscription, StreamsRequest, SyncRules};
 use serde::{Deserialize, Deserializer};
 use serde_yaml_ng::{Mapping, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Flip to `true` once edition 3 (sync streams) is implemented; the env var
-/// `FERROSYNC_EDITION3=1` forces it on meanwhile.
-const EDITION3_READY: bool = true;
+mod convert;
+use convert::*;
 
 /// The corpus must not silently shrink.
 const MIN_CASES: usize = 300;
-
-fn edition3_enabled() -> bool {
-    EDITION3_READY || std::env::var("FERROSYNC_EDITION3").is_ok_and(|v| v == "1")
-}
 
 /// Keeps an explicit `null` distinct from an absent key.
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
@@ -253,163 +246,6 @@ fn run_request(
         lookups,
         errors: querier.errors().iter().cloned().chain(stream_errors).collect(),
     }
-}
-
-// ---------------------------------------------------------------------------
-// Conversions
-
-fn options(file: &Defaults, case: Option<&Opts>) -> SyncRulesOptions {
-    let mut o = SyncRulesOptions {
-        default_schema: "test_schema".into(),
-        sync_rules_id: 1,
-        default_storage_version: 1,
-    };
-    for opts in [file.options.as_ref(), case].into_iter().flatten() {
-        if let Some(s) = &opts.default_schema {
-            o.default_schema = s.clone();
-        }
-        if let Some(i) = opts.sync_rules_id {
-            o.sync_rules_id = i;
-        }
-        if let Some(v) = opts.default_storage_version {
-            o.default_storage_version = v;
-        }
-    }
-    o
-}
-
-fn to_json(v: &Value) -> Result<serde_json::Value, String> {
-    serde_json::to_value(v).map_err(|e| format!("cannot convert {v:?} to JSON: {e}"))
-}
-
-fn sqlite_value(v: &Value) -> Result<SqliteValue, String> {
-    Ok(match v {
-        Value::Null => SqliteValue::Null,
-        Value::Bool(b) => SqliteValue::Integer(i64::from(*b)),
-        Value::Number(n) if n.is_i64() || n.is_u64() => SqliteValue::Integer(n.as_i64().ok_or("integer out of range")?),
-        Value::Number(n) => SqliteValue::Real(n.as_f64().ok_or("bad number")?),
-        Value::String(s) => SqliteValue::Text(s.clone()),
-        Value::Mapping(m) if m.len() == 1 && m.get("blob").is_some() => {
-            let hex = m.get("blob").and_then(Value::as_str).ok_or("blob must be hex text")?;
-            SqliteValue::Blob(unhex(hex)?)
-        }
-        other => SqliteValue::Text(to_json(other)?.to_string()),
-    })
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).map_err(|e| format!("bad hex {s}: {e}")))
-        .collect()
-}
-
-fn row_of(m: &Mapping) -> Result<Row, String> {
-    let mut r = Row::new();
-    for (k, v) in m {
-        let k = k.as_str().ok_or("row column names must be strings")?;
-        r.push(k, sqlite_value(v)?);
-    }
-    Ok(r)
-}
-
-fn table_of(v: Option<&Value>, default_schema: &str) -> Result<SourceTableName, String> {
-    let mut t = SourceTableName {
-        connection_tag: "default".into(),
-        schema: default_schema.into(),
-        name: "t".into(),
-    };
-    match v {
-        None => {}
-        Some(Value::String(s)) => t.name = s.clone(),
-        Some(Value::Mapping(m)) => {
-            for (k, v) in m {
-                let v = v.as_str().ok_or("table fields must be text")?.to_string();
-                match k.as_str() {
-                    Some("name") => t.name = v,
-                    Some("schema") => t.schema = v,
-                    Some("tag") => t.connection_tag = v,
-                    _ => return Err(format!("unknown table field {k:?}")),
-                }
-            }
-        }
-        Some(other) => return Err(format!("bad table {other:?}")),
-    }
-    Ok(t)
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    match v {
-        Value::String(s) => vec![s.clone()],
-        Value::Sequence(s) => s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn parse_rules(yaml: &str, o: &SyncRulesOptions) -> Result<SyncRules, String> {
-    SyncRules::parse(yaml, o).map_err(|e| {
-        let list: Vec<String> = e.errors.iter().map(|i| i.message.clone()).collect();
-        format!("parse failed: {list:?}")
-    })
-}
-
-fn yaml_text(v: &Value) -> String {
-    serde_yaml_ng::to_string(v).unwrap_or_default()
-}
-
-fn with_config(mut root: Mapping, defaults: &Defaults, config: Option<&Mapping>, edition: Option<u8>) -> Value {
-    let mut c = defaults.config.clone().unwrap_or_default();
-    if let Some(extra) = config {
-        for (k, v) in extra {
-            c.insert(k.clone(), v.clone());
-        }
-    }
-    if let Some(e) = edition.or(defaults.edition) {
-        c.insert("edition".into(), Value::from(e));
-    }
-    if !c.is_empty() {
-        let mut out = Mapping::new();
-        out.insert("config".into(), Value::Mapping(c));
-        for (k, v) in root {
-            out.insert(k, v);
-        }
-        root = out;
-    }
-    Value::Mapping(root)
-}
-
-/// A one-query config: a legacy bucket definition or an edition-3 stream.
-fn single_query(sql: &str, defaults: &Defaults, config: Option<&Mapping>, edition: Option<u8>) -> String {
-    let ed = edition.or(defaults.edition).unwrap_or(1);
-    let mut root = Mapping::new();
-    if ed >= 3 {
-        let mut s = Mapping::new();
-        s.insert("query".into(), sql.into());
-        let mut streams = Mapping::new();
-        streams.insert("s".into(), Value::Mapping(s));
-        root.insert("streams".into(), Value::Mapping(streams));
-    } else {
-        let mut b = Mapping::new();
-        b.insert("data".into(), Value::Sequence(vec![sql.into()]));
-        let mut defs = Mapping::new();
-        defs.insert("b".into(), Value::Mapping(b));
-        root.insert("bucket_definitions".into(), Value::Mapping(defs));
-    }
-    yaml_text(&with_config(root, defaults, config, edition))
-}
-
-/// Prepends the file's default config to a full YAML text (if any).
-fn full_yaml(yaml: &str, defaults: &Defaults) -> Result<String, String> {
-    if defaults.config.is_none() && defaults.edition.is_none() {
-        return Ok(yaml.to_string());
-    }
-    let v: Value = serde_yaml_ng::from_str(yaml).map_err(|e| format!("bad case yaml: {e}"))?;
-    let Value::Mapping(m) = v else {
-        return Ok(yaml.to_string());
-    };
-    if m.contains_key("config") {
-        return Ok(yaml.to_string());
-    }
-    Ok(yaml_text(&with_config(m, defaults, None, None)))
 }
 
 // ---------------------------------------------------------------------------
@@ -731,20 +567,15 @@ fn run_error(c: &ErrorCase, d: &Defaults) -> Result<(), String> {
 
 struct Tally {
     run: usize,
-    skipped: usize,
     pending: Vec<String>,
     failures: Vec<String>,
     names: HashMap<String, usize>,
 }
 
 impl Tally {
-    fn case(&mut self, file: &str, name: &str, pending: Option<&String>, skip: bool, f: impl FnOnce() -> Result<(), String>) {
+    fn case(&mut self, file: &str, name: &str, pending: Option<&String>, f: impl FnOnce() -> Result<(), String>) {
         let full = format!("{file}::{name}");
         *self.names.entry(full.clone()).or_default() += 1;
-        if skip {
-            self.skipped += 1;
-            return;
-        }
         if let Some(reason) = pending {
             self.pending.push(format!("{full}: {reason}"));
             return;
@@ -766,10 +597,8 @@ fn corpus() {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    let ed3 = edition3_enabled();
     let mut tally = Tally {
         run: 0,
-        skipped: 0,
         pending: Vec::new(),
         failures: Vec::new(),
         names: HashMap::new(),
@@ -779,9 +608,8 @@ fn corpus() {
         let file = path.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_string();
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let corpus: CorpusFile = serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let skip = file == "edition3" && !ed3;
         let d = &corpus.defaults;
-        let before = (tally.run, tally.skipped, tally.pending.len());
+        let before = (tally.run, tally.pending.len());
         for c in &corpus.expr {
             let name = c
                 .name
@@ -789,31 +617,27 @@ fn corpus() {
                 .or_else(|| c.e.clone())
                 .or_else(|| c.w.as_ref().map(|w| format!("where {w}")))
                 .unwrap_or_default();
-            tally.case(&file, &name, c.pending.as_ref(), skip, || run_expr(c, d));
+            tally.case(&file, &name, c.pending.as_ref(), || run_expr(c, d));
         }
         for c in &corpus.rows {
-            tally.case(&file, &c.name, c.pending.as_ref(), skip, || run_rows(c, d));
+            tally.case(&file, &c.name, c.pending.as_ref(), || run_rows(c, d));
         }
         for c in &corpus.parameters {
-            tally.case(&file, &c.name, c.pending.as_ref(), skip, || run_params(c, d));
+            tally.case(&file, &c.name, c.pending.as_ref(), || run_params(c, d));
         }
         for c in &corpus.request {
-            tally.case(&file, &c.name, c.pending.as_ref(), skip, || run_request_case(c, d));
+            tally.case(&file, &c.name, c.pending.as_ref(), || run_request_case(c, d));
         }
         for c in &corpus.errors {
-            tally.case(&file, &c.name, c.pending.as_ref(), skip, || run_error(c, d));
+            tally.case(&file, &c.name, c.pending.as_ref(), || run_error(c, d));
         }
         per_file.push(format!(
-            "{file}: {} run, {} skipped, {} pending",
+            "{file}: {} run, {} pending",
             tally.run - before.0,
-            tally.skipped - before.1,
-            tally.pending.len() - before.2
+            tally.pending.len() - before.1
         ));
     }
-    println!(
-        "corpus: {} cases run, {} skipped (edition 3 ready: {ed3})",
-        tally.run, tally.skipped
-    );
+    println!("corpus: {} cases run", tally.run);
     for line in &per_file {
         println!("  {line}");
     }
