@@ -1,9 +1,10 @@
-//! HTTP API: sync stream, write checkpoints, probes, auth.
+//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth.
 pub mod auth;
 pub mod checkpoint;
 pub mod error;
 pub mod http_server;
 pub mod probes;
+pub mod rsocket;
 pub mod server;
 pub mod stream;
 

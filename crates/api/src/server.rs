@@ -2,8 +2,10 @@
 
 use crate::auth::KeyStore;
 use crate::error::ServiceError;
-use crate::{checkpoint, probes, stream};
+use crate::{checkpoint, probes, rsocket, stream};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, Method};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ferrosync_storage::PgStorage;
@@ -42,7 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .expose_headers([header::CONTENT_TYPE])
         .max_age(Duration::from_secs(3600));
     Router::new()
-        .route("/sync/stream", post(stream::sync_stream))
+        .route("/sync/stream", post(stream::sync_stream).get(rsocket::upgrade))
         .route("/write-checkpoint2.json", get(checkpoint::write_checkpoint))
         .route("/probes/liveness", get(probes::liveness))
         .route("/probes/startup", get(probes::startup))
@@ -52,6 +54,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> ServiceError {
-    ServiceError::new("PSYNC_S2002", 404, "Route not found")
+/// Unknown routes; WebSocket upgrades are accepted on any path, as the reference does.
+async fn not_found(state: State<Arc<AppState>>, request: Request) -> Response {
+    if rsocket::is_upgrade(&request) {
+        return rsocket::upgrade(state, request).await;
+    }
+    ServiceError::new("PSYNC_S2002", 404, "Route not found").into_response()
 }

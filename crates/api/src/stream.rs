@@ -1,6 +1,7 @@
 //! `POST /sync/stream`: validate, authenticate, negotiate NDJSON vs BSON, then stream lines
-//! produced by the sync layer.
+//! produced by the sync layer. Validation and admission are shared with the WebSocket transport.
 
+use crate::auth::AuthContext;
 use crate::checkpoint::user_key;
 use crate::error::ServiceError;
 use crate::server::AppState;
@@ -13,6 +14,7 @@ use ferrosync_sync::{connection_stream, ConnectionRequest, LineFormat};
 use futures::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The request body (protocol spec §2.3); unknown fields are ignored.
 #[derive(Deserialize)]
@@ -105,30 +107,61 @@ pub fn negotiate(accept: Option<&str>) -> LineFormat {
     }
 }
 
-pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ServiceError> {
-    let request: StreamingSyncRequest =
-        serde_json::from_slice(&body).map_err(|e| ServiceError::validation(format!("invalid sync request body: {e}")))?;
-    let mut buckets = Vec::new();
-    for b in request.buckets.unwrap_or_default() {
-        let after = b
-            .after
-            .parse::<i64>()
-            .map_err(|_| ServiceError::validation(format!("bucket {:?}: after must be a decimal op id", b.name)))?;
-        buckets.push((b.name, after));
+/// A validated request body, before authentication is known.
+pub(crate) struct ValidRequest {
+    client_id: Option<String>,
+    parameters: Option<serde_json::Value>,
+    streams: StreamsRequest,
+    buckets: Vec<(String, i64)>,
+}
+
+impl StreamingSyncRequest {
+    /// Check the body (positions, parameters, subscriptions); `PSYNC_S2001` on bad input.
+    pub(crate) fn validate(self) -> Result<ValidRequest, ServiceError> {
+        let mut buckets = Vec::new();
+        for b in self.buckets.unwrap_or_default() {
+            let after = b
+                .after
+                .parse::<i64>()
+                .map_err(|_| ServiceError::validation(format!("bucket {:?}: after must be a decimal op id", b.name)))?;
+            buckets.push((b.name, after));
+        }
+        if let Some(p) = &self.parameters {
+            if !p.is_object() && !p.is_null() {
+                return Err(ServiceError::validation("parameters must be an object"));
+            }
+        }
+        let streams = match self.streams {
+            Some(body) => body.into_request()?,
+            None => StreamsRequest::default(),
+        };
+        Ok(ValidRequest {
+            client_id: self.client_id,
+            parameters: self.parameters.filter(|p| !p.is_null()),
+            streams,
+            buckets,
+        })
     }
-    if let Some(p) = &request.parameters {
-        if !p.is_object() && !p.is_null() {
-            return Err(ServiceError::validation("parameters must be an object"));
+}
+
+impl ValidRequest {
+    /// What the sync layer serves for this request and user.
+    pub(crate) fn into_connection(self, auth: &AuthContext, format: LineFormat, keepalive_lines: bool) -> ConnectionRequest {
+        ConnectionRequest {
+            user_key: user_key(&auth.user_id, self.client_id.as_deref()),
+            parameters: RequestParameters::new(auth.payload.clone(), self.parameters),
+            streams: self.streams,
+            buckets: self.buckets,
+            expires_at: auth.expires_at,
+            format,
+            keepalive_lines,
         }
     }
-    let streams = match request.streams {
-        Some(body) => body.into_request()?,
-        None => StreamsRequest::default(),
-    };
-    let auth = state
-        .keys
-        .verify_authorization(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
-        .await?;
+}
+
+/// Checks before a sync stream opens on either transport: storage is reachable and a
+/// connection slot is free. The permit must live as long as the stream.
+pub(crate) fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ServiceError> {
     if let Some(error) = state.hub.storage_error() {
         // Answer now rather than hold a stream that cannot make progress: clients retry.
         return Err(ServiceError::new("PSYNC_S2003", 503, "Bucket storage is unreachable; retry shortly").with_details(error));
@@ -141,16 +174,20 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
     if state.hub.subscribe().borrow().is_none() {
         tracing::debug!("no active sync config yet; client waits for the first checkpoint");
     }
+    Ok(permit)
+}
+
+pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ServiceError> {
+    let request: StreamingSyncRequest =
+        serde_json::from_slice(&body).map_err(|e| ServiceError::validation(format!("invalid sync request body: {e}")))?;
+    let request = request.validate()?;
+    let auth = state
+        .keys
+        .verify_authorization(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
+        .await?;
+    let permit = admit(&state)?;
     let format = negotiate(headers.get(header::ACCEPT).and_then(|h| h.to_str().ok()));
-    let req = ConnectionRequest {
-        user_key: user_key(&auth.user_id, request.client_id.as_deref()),
-        parameters: RequestParameters::new(auth.payload.clone(), request.parameters.filter(|p| !p.is_null())),
-        streams,
-        buckets,
-        expires_at: auth.expires_at,
-        format,
-        keepalive_lines: true,
-    };
+    let req = request.into_connection(&auth, format, true);
     // The permit lives as long as the response body, which drives the connection.
     let stream = connection_stream(state.hub.clone(), req, state.limits).map(move |chunk| {
         let _permit = &permit;

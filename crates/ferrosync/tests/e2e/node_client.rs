@@ -1,4 +1,4 @@
-//! The real PowerSync Node SDK syncing the todo app.
+//! The real PowerSync Node SDK syncing the todo app, over HTTP streaming and over WebSocket.
 
 use crate::harness::*;
 use anyhow::{Context, Result};
@@ -6,14 +6,28 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn powersync_node_client_syncs_todo_app() -> Result<()> {
+    todo_app("http").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn powersync_node_client_syncs_todo_app_over_websocket() -> Result<()> {
+    todo_app("websocket").await
+}
+
+/// Fresh sync, live changes, bucket moves, reconnect and a write checkpoint round trip.
+async fn todo_app(connection_method: &str) -> Result<()> {
     let mut svc = Service::new().await?;
     let db = svc.source().await?;
     seed(&db, 2, 20, &["u1", "u2"]).await?;
     svc.start().await?;
     let mut agent = NodeAgent::start()?;
     agent.call(json!({"cmd": "open", "db_path": svc.dir.path().join("client.sqlite")}))?;
-    let connect = json!({"cmd": "connect", "endpoint": svc.url(), "token": token("u1"), "source_url": svc.cluster.uri("todo"), "retry_delay_ms": 200});
-    agent.call(connect.clone())?;
+    let connect = json!({"cmd": "connect", "endpoint": svc.url(), "token": token("u1"), "source_url": svc.cluster.uri("todo"), "retry_delay_ms": 200, "connection_method": connection_method});
+    let connected = agent.call(connect.clone())?;
+    assert_eq!(
+        connected["connection_method"],
+        json!(if connection_method == "http" { "http" } else { "web-socket" })
+    );
     agent
         .call(json!({"cmd": "wait_first_sync", "timeout_ms": 60000}))
         .with_context(|| svc.log())?;
