@@ -16,3 +16,5 @@ mod slots;
 mod streams;
 mod tls;
 mod tools;
+mod websocket;
+mod ws_client;
