@@ -1,6 +1,7 @@
 //! End-to-end tests: a throwaway Postgres, the real `ferrosync` binary, and clients speaking
 //! the protocol (a raw HTTP client that checks every checksum, and the real PowerSync Node SDK).
 
+mod abuse;
 mod chaos;
 mod failover;
 mod harness;
