@@ -151,3 +151,30 @@ async fn slow_websocket_client_keeps_memory_bounded() -> Result<()> {
     assert!(ops > 100_000, "{ops} ops");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_stream_completes_at_token_expiry() -> Result<()> {
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    seed(&db, 1, 2, &["u1"]).await?;
+    svc.start().await?;
+    let short = token_with(
+        json!({"sub": "u1", "aud": "test-aud", "iat": now(), "exp": now() + 3}),
+        "k1",
+        SECRET,
+    );
+    let mut client = WsClient::sync(&svc.url(), &short, 1000, json!({"buckets": []})).await?;
+    let mut saw_zero = false;
+    loop {
+        let frame = client.next_frame(T).await?.context("closed before COMPLETE")?;
+        if frame.frame_type == PAYLOAD && frame.flags & FLAG_COMPLETE != 0 {
+            break;
+        }
+        let line = line_of(&frame)?;
+        assert!(!saw_zero, "a line after token_expires_in 0: {line}");
+        saw_zero = line.get("token_expires_in") == Some(&json!(0));
+    }
+    assert!(saw_zero, "no token_expires_in 0 before COMPLETE");
+    assert!(client.next_frame(T).await?.is_none(), "the connection stays open after COMPLETE");
+    Ok(())
+}
