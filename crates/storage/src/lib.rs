@@ -5,6 +5,7 @@
 //! changes into ops and commits checkpoints. Read side: [`SyncStorage`] is what the sync layer
 //! needs; [`PgStorage`] implements it.
 
+pub mod checkpoint_requests;
 pub mod checksum;
 pub mod chunk;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod streams;
 mod write_task;
 pub mod writer;
 
+pub use checkpoint_requests::StoredRequest;
 pub use error::StorageError;
 pub use model::*;
 pub use notify::{parse_checkpoint_payload, CheckpointListener};
