@@ -19,7 +19,6 @@ pub mod streams;
 mod write_task;
 pub mod writer;
 
-pub use checkpoint_requests::StoredRequest;
 pub use error::StorageError;
 pub use model::*;
 pub use notify::{parse_checkpoint_payload, CheckpointListener};
