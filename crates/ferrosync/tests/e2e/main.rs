@@ -2,9 +2,11 @@
 //! the protocol (a raw HTTP client that checks every checksum, and the real PowerSync Node SDK).
 
 mod chaos;
+mod checkpoint_requests;
 mod failover;
 mod harness;
 mod kill;
+mod limits;
 mod live;
 mod network_cut;
 mod node_client;
