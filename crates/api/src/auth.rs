@@ -24,6 +24,10 @@ pub const MAX_TOKEN_LIFETIME_SECS: i64 = 86_400;
 pub const SUPABASE_MAX_TOKEN_LIFETIME_SECS: i64 = 7 * 86_400 + 1_200;
 /// Audience required for tokens verified by the Supabase legacy secret.
 pub const SUPABASE_AUDIENCE: &str = "authenticated";
+/// Longest `Authorization` value looked at. Real tokens are a few KiB at most; a longer value
+/// is refused before any decoding, so a client cannot make each request cost megabytes of
+/// base64 and JSON work.
+pub const MAX_AUTHORIZATION_LEN: usize = 32 * 1024;
 
 /// A verified token.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +201,12 @@ impl KeyStore {
                 "Authentication required: the Authorization header is missing",
             ));
         };
+        if header.len() > MAX_AUTHORIZATION_LEN {
+            return Err(auth_err(
+                "PSYNC_S2106",
+                format!("Authentication required: the Authorization header is longer than {MAX_AUTHORIZATION_LEN} bytes"),
+            ));
+        }
         let token = parse_authorization(header).ok_or_else(|| {
             auth_err(
                 "PSYNC_S2106",

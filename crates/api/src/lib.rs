@@ -1,6 +1,8 @@
 //! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth.
 pub mod auth;
+pub mod body;
 pub mod checkpoint;
+pub mod checkpoint_request;
 pub mod error;
 pub mod http_server;
 pub mod probes;

@@ -1,8 +1,9 @@
 //! The HTTP server: routes, shared state, CORS, and the PowerSync error envelope for unknown routes.
 
 use crate::auth::KeyStore;
+use crate::checkpoint_request::RequestRetention;
 use crate::error::ServiceError;
-use crate::{checkpoint, probes, rsocket, stream};
+use crate::{checkpoint, checkpoint_request, probes, rsocket, stream};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, Method};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,8 @@ pub struct AppState {
     /// One permit per open sync stream (`max_concurrent_connections`).
     pub connections: Arc<Semaphore>,
     pub probes: Arc<probes::ProbeState>,
+    /// Retention of client-chosen write checkpoint ids (`checkpoint_request_retention_minutes`).
+    pub checkpoint_requests: RequestRetention,
 }
 
 /// The router with every route and CORS for browser SDKs.
@@ -46,6 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/sync/stream", post(stream::sync_stream).get(rsocket::upgrade))
         .route("/write-checkpoint2.json", get(checkpoint::write_checkpoint))
+        .route("/sync/checkpoint-request", post(checkpoint_request::checkpoint_request))
         .route("/probes/liveness", get(probes::liveness))
         .route("/probes/startup", get(probes::startup))
         .route("/probes/readiness", get(probes::readiness))

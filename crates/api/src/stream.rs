@@ -2,6 +2,7 @@
 //! produced by the sync layer. Validation and admission are shared with the WebSocket transport.
 
 use crate::auth::AuthContext;
+use crate::body::{LimitedBody, SYNC_STREAM_LIMIT};
 use crate::checkpoint::user_key;
 use crate::error::ServiceError;
 use crate::server::AppState;
@@ -10,11 +11,12 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use ferrosync_rules::{RequestParameters, StreamSubscription, StreamsRequest};
-use ferrosync_sync::{connection_stream, ConnectionRequest, LineFormat};
-use futures::StreamExt;
+use ferrosync_sync::{connection_stream, ConnectionRequest, LineFormat, SyncError};
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use std::sync::Arc;
-use tokio::sync::OwnedSemaphorePermit;
+use std::time::Duration;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 /// The request body (protocol spec §2.3); unknown fields are ignored.
 #[derive(Deserialize)]
@@ -166,18 +168,18 @@ pub(crate) fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ServiceErr
         // Answer now rather than hold a stream that cannot make progress: clients retry.
         return Err(ServiceError::new("PSYNC_S2003", 503, "Bucket storage is unreachable; retry shortly").with_details(error));
     }
-    let permit = state
+    state
         .connections
         .clone()
         .try_acquire_owned()
-        .map_err(|_| ServiceError::new("PSYNC_S2304", 429, "Maximum active concurrent connections reached"))?;
-    if state.hub.subscribe().borrow().is_none() {
-        tracing::debug!("no active sync config yet; client waits for the first checkpoint");
-    }
-    Ok(permit)
+        .map_err(|_| ServiceError::new("PSYNC_S2304", 429, "Maximum active concurrent connections reached"))
 }
 
-pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ServiceError> {
+pub async fn sync_stream(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody<SYNC_STREAM_LIMIT>,
+) -> Result<Response, ServiceError> {
     let request: StreamingSyncRequest =
         serde_json::from_slice(&body).map_err(|e| ServiceError::validation(format!("invalid sync request body: {e}")))?;
     let request = request.validate()?;
@@ -186,10 +188,18 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
         .verify_authorization(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
         .await?;
     let permit = admit(&state)?;
+    let opening_wait = if state.hub.subscribe().borrow().is_none() {
+        tracing::debug!("no active sync config yet; client waits for the first checkpoint");
+        Duration::ZERO
+    } else {
+        OPENING_WAIT
+    };
     let format = negotiate(headers.get(header::ACCEPT).and_then(|h| h.to_str().ok()));
     let req = request.into_connection(&auth, format, true);
+    let (lines, ended_with) = connection_stream(state.hub.clone(), req, state.limits);
+    let lines = opening(lines, ended_with, opening_wait).await?;
     // The permit lives as long as the response body, which drives the connection.
-    let stream = connection_stream(state.hub.clone(), req, state.limits).map(move |chunk| {
+    let stream = lines.map(move |chunk| {
         let _permit = &permit;
         Ok::<_, std::convert::Infallible>(chunk)
     });
@@ -199,6 +209,42 @@ pub async fn sync_stream(State(state): State<Arc<AppState>>, headers: HeaderMap,
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+/// Longest the answer waits for a connection's first lines before it starts anyway.
+const OPENING_WAIT: Duration = Duration::from_secs(10);
+
+/// Hold the answer until the connection's first lines (its first checkpoint) are ready, at
+/// most `wait`: a connection that ends in an error before sending anything (too many buckets,
+/// storage failing) is answered with that error's status, as the reference answers it
+/// (errata.md, "Requests"), instead of an empty 200 stream. Returns every line to send.
+async fn opening<L>(
+    mut lines: L,
+    ended_with: oneshot::Receiver<SyncError>,
+    wait: Duration,
+) -> Result<impl Stream<Item = Bytes>, ServiceError>
+where
+    L: Stream<Item = Bytes> + Unpin,
+{
+    let first = match tokio::time::timeout(wait, lines.next()).await {
+        Ok(Some(first)) => Some(first),
+        Ok(None) => match ended_with.await {
+            Ok(error) => return Err(refused(error)),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    Ok(futures::stream::iter(first).chain(lines))
+}
+
+/// The error a client is given for a connection that ended with `error`.
+pub(crate) fn refused(error: SyncError) -> ServiceError {
+    match error {
+        SyncError::TooMany(description) => ServiceError::new("PSYNC_S2305", 500, description),
+        SyncError::Storage(e) => {
+            ServiceError::new("PSYNC_S2401", 500, "Bucket storage query failed; retry shortly").with_details(e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]

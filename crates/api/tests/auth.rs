@@ -251,6 +251,23 @@ async fn malformed_authorization_header() {
 }
 
 #[tokio::test]
+async fn oversized_authorization_header_is_refused_unparsed() {
+    let store = full_store();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut c = json!({"sub": "u", "iat": now, "exp": now + 300, "aud": "powersync-dev"});
+    c["padding"] = json!("x".repeat(ferrosync_api::auth::MAX_AUTHORIZATION_LEN));
+    let token = sign(Algorithm::HS256, &hs_key(), Some("hs"), &c);
+    // The token itself is valid: only its length gets it refused.
+    store.verify_token(&token).await.unwrap();
+    let e = store.verify_authorization(Some(&format!("Token {token}"))).await.unwrap_err();
+    assert_eq!((e.code, e.status), ("PSYNC_S2106", 401), "{e}");
+    assert!(e.description.contains("longer than 32768 bytes"), "{e}");
+}
+
+#[tokio::test]
 async fn not_a_jwt() {
     let store = full_store();
     for token in ["abc", "a.b", "a.b.c", "e30.e30.e30.e30"] {

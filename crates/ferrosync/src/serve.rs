@@ -3,6 +3,7 @@
 use crate::replicator::{self, ReplicatorConfig};
 use anyhow::{Context, Result};
 use ferrosync_api::auth::KeyStore;
+use ferrosync_api::checkpoint_request::RequestRetention;
 use ferrosync_api::probes::ProbeState;
 use ferrosync_api::AppState;
 use ferrosync_config::{load_config_file, LoadedConfig};
@@ -13,6 +14,7 @@ use ferrosync_sync::{CheckpointHub, Limits};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 pub(crate) fn load(path: &Path) -> Result<LoadedConfig> {
@@ -99,6 +101,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         },
         connections: Arc::new(Semaphore::new(params.max_concurrent_connections)),
         probes,
+        checkpoint_requests: RequestRetention::new(Duration::from_secs(params.checkpoint_request_retention_minutes.saturating_mul(60))),
     });
     let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
     let listener = listen(&addr).await.with_context(|| format!("binding {addr}"))?;

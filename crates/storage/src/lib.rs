@@ -5,6 +5,7 @@
 //! changes into ops and commits checkpoints. Read side: [`SyncStorage`] is what the sync layer
 //! needs; [`PgStorage`] implements it.
 
+pub mod checkpoint_requests;
 pub mod checksum;
 pub mod chunk;
 pub mod error;

@@ -46,7 +46,9 @@ pub trait SyncStorage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<HashMap<String, Vec<String>>, StorageError>> + Send;
     /// Write checkpoints created or updated after `seq`, in seq order.
     fn write_checkpoints_since(&self, seq: i64) -> impl Future<Output = Result<Vec<WriteCheckpoint>, StorageError>> + Send;
-    /// Store a new write checkpoint for `user_key` at source position `head`; returns its id.
+    /// Store a new write checkpoint for `user_key` at source position `head`; returns its id
+    /// (one more than the stored one, which it turns into a server-generated id that never
+    /// expires; see [`crate::checkpoint_requests`]).
     fn create_write_checkpoint(&self, user_key: &str, head: u64) -> impl Future<Output = Result<i64, StorageError>> + Send;
 }
 
@@ -78,7 +80,7 @@ impl PgStorage {
         })
     }
 
-    async fn client(&self) -> Result<Arc<Client>, StorageError> {
+    pub(crate) async fn client(&self) -> Result<Arc<Client>, StorageError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         Ok(self.clients[i].get().await?)
     }
@@ -265,7 +267,7 @@ impl SyncStorage for PgStorage {
                 "INSERT INTO ferrosync.write_checkpoints (user_key, write_checkpoint, lsn, seq)
                  VALUES ($1, 1, $2::text::pg_lsn, nextval('ferrosync.write_checkpoint_seq'))
                  ON CONFLICT (user_key) DO UPDATE SET write_checkpoint = ferrosync.write_checkpoints.write_checkpoint + 1,
-                   lsn = excluded.lsn, seq = excluded.seq
+                   lsn = excluded.lsn, seq = excluded.seq, requested_at = NULL
                  RETURNING write_checkpoint",
                 &[&user_key, &lsn_to_text(head)],
             )

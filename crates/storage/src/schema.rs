@@ -127,6 +127,15 @@ CREATE TABLE ferrosync.current_data (
 ALTER TABLE ferrosync.sync_rules ADD COLUMN changes_pruned_to bigint NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        4,
+        r#"
+-- Set while a row's id was last chosen by the client (POST /sync/checkpoint-request): such
+-- rows expire after checkpoint_request_retention_minutes. NULL for server-generated ids.
+ALTER TABLE ferrosync.write_checkpoints ADD COLUMN requested_at timestamptz;
+CREATE INDEX write_checkpoints_requested_at ON ferrosync.write_checkpoints (requested_at) WHERE requested_at IS NOT NULL;
+"#,
+    ),
 ];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several

@@ -15,6 +15,7 @@ use futures::Stream;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Ops per storage read. The next read is issued while this one is being sent.
 const FETCH_LIMIT: usize = 2000;
@@ -81,11 +82,15 @@ struct Connection<S> {
 ///
 /// The connection runs as its response body: the returned stream drives it, so a held stream
 /// costs no task of its own, and dropping the stream (the client went away) ends it at once.
+///
+/// The receiver gets the error that ends the connection, if one does: a transport can still
+/// turn it into an error response (e.g. 500 `PSYNC_S2305` for too many buckets) or frame.
 pub fn connection_stream<S: SyncStorage>(
     hub: Arc<CheckpointHub<S>>,
     req: ConnectionRequest,
     limits: Limits,
-) -> impl Stream<Item = Bytes> + Send + 'static {
+) -> (impl Stream<Item = Bytes> + Send + 'static, oneshot::Receiver<SyncError>) {
+    let (report, ended_with) = oneshot::channel();
     let positions = req.buckets.iter().cloned().collect();
     let (out, slot) = Output::new(req.format);
     let mut conn = Connection {
@@ -101,14 +106,16 @@ pub fn connection_stream<S: SyncStorage>(
         last_checkpoint: 0,
         write_checkpoint: None,
     };
-    ChunkStream::new(
+    let chunks = ChunkStream::new(
         async move {
             if let Err(e) = conn.run().await {
                 tracing::warn!(user = %conn.req.user_key, error = %e, "sync stream ended with an error");
+                let _ = report.send(e);
             }
         },
         slot,
-    )
+    );
+    (chunks, ended_with)
 }
 
 type Step<T> = Result<T, SyncError>;

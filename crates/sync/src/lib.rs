@@ -11,6 +11,6 @@ pub mod lines;
 mod misses;
 mod output;
 
-pub use connection::{connection_stream, ConnectionRequest, Limits};
+pub use connection::{connection_stream, ConnectionRequest, Limits, SyncError};
 pub use hub::CheckpointHub;
 pub use lines::LineFormat;

@@ -13,7 +13,7 @@ use crate::error::ServiceError;
 use crate::server::AppState;
 use crate::stream::StreamingSyncRequest;
 use bytes::Bytes;
-use ferrosync_sync::{connection_stream, LineFormat};
+use ferrosync_sync::{connection_stream, LineFormat, SyncError};
 use futures::Stream;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 /// How long a new connection may take to send SETUP, and then its REQUEST_STREAM.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,10 +89,11 @@ pub(super) async fn run<T: AsyncRead + AsyncWrite + Unpin>(io: T, state: Arc<App
             .await
             .map_err(|_| Closing::error(0, error_code::CONNECTION_ERROR, "No stream requested in time"))??;
         let request = request.into_connection(&established.auth, LineFormat::Bson, false);
-        let lines = Box::pin(connection_stream(state.hub.clone(), request, state.limits));
+        let (lines, ended_with) = connection_stream(state.hub.clone(), request, state.limits);
         let streaming = Streaming {
             socket: &mut socket,
-            lines,
+            lines: Box::pin(lines),
+            ended_with,
             stream_id,
             credits: u64::from(initial_n).min(MAX_CREDITS),
             pending: Bytes::new(),
@@ -197,6 +198,8 @@ fn decode_request(established: &Established, metadata: Option<&[u8]>, data: &[u8
 struct Streaming<'a, T, L> {
     socket: &'a mut Socket<T>,
     lines: Pin<Box<L>>,
+    /// The error that ended the connection, if one did: sent as an ERROR frame.
+    ended_with: oneshot::Receiver<SyncError>,
     stream_id: u32,
     credits: u64,
     /// The rest of the last chunk of lines: whole BSON documents not yet framed.
@@ -265,7 +268,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin, L: Stream<Item = Bytes>> Streaming<'_, T
                 match self.lines.as_mut().poll_next(cx) {
                     Poll::Ready(Some(chunk)) => self.pending = chunk,
                     Poll::Ready(None) => {
-                        self.socket.queue_complete(self.stream_id);
+                        match self.ended_with.try_recv() {
+                            Ok(error) => {
+                                let error = crate::stream::refused(error);
+                                self.socket
+                                    .queue_error(self.stream_id, error_code::APPLICATION_ERROR, &error.to_string());
+                            }
+                            Err(_) => self.socket.queue_complete(self.stream_id),
+                        }
                         self.completed = true;
                     }
                     Poll::Pending => break,

@@ -76,6 +76,22 @@ impl Service {
         Ok(())
     }
 
+    /// Add `api.parameters` (YAML lines, e.g. `max_buckets_per_connection: 3`) to the config;
+    /// call before starting, on a service whose config has no `api` section yet.
+    pub fn api_parameters(&self, parameters: &[&str]) -> Result<()> {
+        let path = self.dir.path().join("powersync.yaml");
+        let mut config = std::fs::read_to_string(&path)?;
+        if config.lines().any(|l| l.starts_with("api:")) {
+            bail!("the config already has an api section: {config}");
+        }
+        config.push_str("api:\n  parameters:\n");
+        for p in parameters {
+            config.push_str(&format!("    {p}\n"));
+        }
+        std::fs::write(path, config)?;
+        Ok(())
+    }
+
     /// Start the binary and wait until it answers HTTP.
     pub async fn start(&mut self) -> Result<()> {
         self.spawn()?;

@@ -3,9 +3,11 @@
 
 mod abuse;
 mod chaos;
+mod checkpoint_requests;
 mod failover;
 mod harness;
 mod kill;
+mod limits;
 mod live;
 mod network_cut;
 mod node_client;

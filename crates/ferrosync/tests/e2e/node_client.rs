@@ -68,3 +68,80 @@ async fn todo_app(connection_method: &str) -> Result<()> {
     agent.call(json!({"cmd": "close"}))?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_checkpoint_round_trip_http_legacy() -> Result<()> {
+    write_checkpoint_round_trip("http", "legacy").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_checkpoint_round_trip_http_requests() -> Result<()> {
+    write_checkpoint_round_trip("http", "requests").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_checkpoint_round_trip_websocket_legacy() -> Result<()> {
+    write_checkpoint_round_trip("websocket", "legacy").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_checkpoint_round_trip_websocket_requests() -> Result<()> {
+    write_checkpoint_round_trip("websocket", "requests").await
+}
+
+/// Local writes of the real client (`connection_method` "http" or "websocket", `checkpoint_mode`
+/// "legacy" or "requests") are uploaded to Postgres by its connector, and the client applies
+/// downloads again only once a checkpoint carries the write checkpoint it asked for. So a
+/// server-side edit of the uploaded row reaching the client shows the round trip: without the
+/// write checkpoint the client would keep its local version ("pending local changes") for good.
+async fn write_checkpoint_round_trip(connection_method: &str, checkpoint_mode: &str) -> Result<()> {
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    seed(&db, 1, 3, &["u1"]).await?;
+    svc.start().await?;
+    let mut agent = NodeAgent::start()?;
+    let opened = agent.call(json!({"cmd": "open", "db_path": svc.dir.path().join("client.sqlite")}))?;
+    let client_id = opened["client_id"].as_str().context("client id")?.to_string();
+    agent.call(json!({
+        "cmd": "connect", "endpoint": svc.url(), "token": token("u1"), "source_url": svc.cluster.uri("todo"),
+        "retry_delay_ms": 200, "connection_method": connection_method, "checkpoint_mode": checkpoint_mode,
+    }))?;
+    agent
+        .call(json!({"cmd": "wait_first_sync", "timeout_ms": 60000}))
+        .with_context(|| svc.log())?;
+    eventually_equal(&mut agent, &db, "u1").await?;
+    let lists = agent.call(json!({"cmd": "query", "sql": "SELECT id FROM lists"}))?;
+    let list_id = lists[0]["id"].as_str().context("list id")?.to_string();
+    let storage = svc.cluster.connect("storage").await?;
+    let mut last_id = 0;
+    for round in 1..=2 {
+        let description = format!("from client {round}");
+        agent.call(json!({"cmd": "execute", "sql": "INSERT INTO todos (id, description, owner_id, list_id, completed) VALUES (uuid(), ?, 'u1', ?, 0)", "params": [description, list_id]}))?;
+        agent.call(json!({"cmd": "wait_upload_done", "timeout_ms": 30000}))?;
+        let edited = db
+            .execute(
+                "UPDATE todos SET description = description || ' (edited on the server)' WHERE description = $1",
+                &[&description],
+            )
+            .await?;
+        assert_eq!(edited, 1, "the upload reached the source");
+        eventually_equal(&mut agent, &db, "u1").await.with_context(|| svc.log())?;
+        // The id the client waited for, stored as the mode stores it.
+        let row = storage
+            .query_one(
+                "SELECT write_checkpoint, requested_at IS NOT NULL FROM ferrosync.write_checkpoints WHERE user_key = $1",
+                &[&format!("u1/{client_id}")],
+            )
+            .await?;
+        let (id, requested): (i64, bool) = (row.get(0), row.get(1));
+        assert!(id > last_id, "round {round}: write checkpoint {id} after {last_id}");
+        assert_eq!(requested, checkpoint_mode == "requests", "round {round}");
+        last_id = id;
+    }
+    let status = agent.call(json!({"cmd": "status"}))?;
+    assert_eq!(status["crud_pending"], json!(0), "{status}");
+    assert_eq!(status["checksum_failures"], json!(0), "{status}");
+    assert_eq!(status["dataFlow"]["downloadError"], json!(null), "{status}");
+    agent.call(json!({"cmd": "close"}))?;
+    Ok(())
+}
