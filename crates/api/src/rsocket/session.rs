@@ -239,13 +239,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin, L: Stream<Item = Bytes>> std::future::Fu
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin, L: Stream<Item = Bytes>> Streaming<'_, T, L> {
-    /// Handle one client message; `true` when the client cancelled the stream.
+    /// Handle one client message; `true` when the client cancelled the stream (CANCEL, or an
+    /// ERROR on it).
     fn on_message(&mut self, message: &[u8]) -> Result<bool, Closing> {
         match frame::parse(message) {
             Ok(Frame::RequestN { stream_id, n }) if stream_id == self.stream_id => {
                 self.credits = (self.credits + u64::from(n)).min(MAX_CREDITS);
             }
-            Ok(Frame::Cancel { stream_id }) if stream_id == self.stream_id => return Ok(true),
+            Ok(Frame::Cancel { stream_id } | Frame::Error { stream_id, .. }) if stream_id == self.stream_id => return Ok(true),
             Ok(Frame::RequestStream { stream_id, .. }) => {
                 self.socket.queue_error(
                     stream_id,
