@@ -4,7 +4,7 @@
 //! Everything is observed through the protocol (HTTP streams) and the source database; the
 //! storage database is only read for sizes, never for the service's progress.
 
-use crate::client::{self, Event, Format, SyncStream, SyncSummary};
+use crate::client::{self, Event, SyncStream, SyncSummary, Transport};
 use crate::procstat;
 use crate::report::{self, ms, rate, thousands, Report, Row};
 use crate::setup::{Target, LISTS};
@@ -25,7 +25,7 @@ async fn first_complete(t: &mut Target, user: &str, limit: Duration) -> Result<S
     let mut stream = loop {
         t.check_service()?;
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-        match t.endpoint.open_within(user, Format::Ndjson, &[], remaining).await {
+        match t.endpoint.open_within(user, Transport::NDJSON, &[], remaining).await {
             Ok(s) => break s,
             Err(e) if Instant::now() < deadline && client::is_transient(&e) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -171,7 +171,7 @@ async fn storage_breakdown(storage: &tokio_postgres::Client) -> Result<String> {
 pub async fn latency(t: &mut Target, samples: usize, run_id: &str, stall: Duration, report: &mut Report) -> Result<Row> {
     let metric = format!("commit → client latency, {samples} single-row inserts, one held stream");
     let list = any_list(t).await?;
-    let mut stream = t.endpoint.open("u1", Format::Ndjson, &[]).await?;
+    let mut stream = t.endpoint.open("u1", Transport::NDJSON, &[]).await?;
     stream.until_complete(Some(stall)).await.context("initial sync of u1")?;
     let insert = t
         .source
@@ -235,7 +235,7 @@ pub async fn incremental(t: &mut Target, user: &str, rows: i64, stall: Duration)
         thousands(TXN_ROWS as u64)
     );
     let list = any_list(t).await?;
-    let mut stream = t.endpoint.open(user, Format::Ndjson, &[]).await?;
+    let mut stream = t.endpoint.open(user, Transport::NDJSON, &[]).await?;
     let initial = stream.until_complete(Some(stall)).await.context("initial sync of the big user")?;
     // Buckets that had data before this user owned any todos are shared ones (the global
     // bucket); the new rows arrive in the other bucket(s), whatever they are called.
@@ -283,24 +283,26 @@ async fn count_new_ops(mut stream: SyncStream, shared: Vec<String>, expected: us
 }
 
 /// Phase 6: fresh full download for `user`, best and median of three runs.
-pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duration, report: &mut Report) -> Result<Row> {
+pub async fn download(t: &mut Target, user: &str, transport: Transport, stall: Duration, report: &mut Report) -> Result<Row> {
     let cpu0 = t.cpu();
     let mut rates = Vec::new();
     let mut times = Vec::new();
     let (mut ops, mut bytes) = (0, 0);
     for run in 0..DOWNLOAD_RUNS {
         let t0 = Instant::now();
-        let mut stream = t.endpoint.open(user, format, &[]).await?;
-        if stream.format() != format {
-            report.notes.push(format!(
-                "Asked for {} but the service answered {}.",
-                format.name(),
-                stream.format().name()
-            ));
+        let mut stream = t.endpoint.open(user, transport, &[]).await?;
+        if let Transport::Http(format) = transport {
+            if stream.format() != format {
+                report.notes.push(format!(
+                    "Asked for {} but the service answered {}.",
+                    format.name(),
+                    stream.format().name()
+                ));
+            }
         }
         let sync = stream.until_complete(Some(stall)).await.with_context(|| format!("run {run}"))?;
         let secs = t0.elapsed().as_secs_f64();
-        (ops, bytes) = (sync.ops(), stream.body_bytes);
+        (ops, bytes) = (sync.ops(), stream.body_bytes());
         times.push(secs);
         rates.push(ops as f64 / secs);
     }
@@ -310,7 +312,7 @@ pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duratio
     let metric = format!(
         "download to one client, {} ops, {} ({DOWNLOAD_RUNS} runs)",
         thousands(ops as u64),
-        format.name()
+        transport.name()
     );
     let value = format!(
         "best {best_secs:.2} s = {} ops/s, median {} ops/s; {:.0} B/op",
@@ -318,9 +320,5 @@ pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duratio
         rate(report::median(&rates)),
         bytes as f64 / ops.max(1) as f64
     );
-    let spec = match format {
-        Format::Ndjson => &report::DOWNLOAD_NDJSON,
-        Format::Bson => &report::DOWNLOAD_BSON,
-    };
-    Ok(Row::new(metric, value, spec, Some(cpu)))
+    Ok(Row::new(metric, value, report::download_spec(transport), Some(cpu)))
 }
