@@ -5,15 +5,17 @@
 //! then +900, then +9,000) so each size is measured with the streams of the previous step still
 //! held. Streams resume the shared (global) bucket at its current position, learned from a probe
 //! stream, so connecting measures connection setup and checkpoint work, not 1,000-op downloads.
+//! In own mode the service is restarted before each transport's pool, so that both pools'
+//! per-stream RSS is measured from a fresh process.
 //!
 //! Per stream the task keeps only the connection and an unfinished-line buffer; a line is parsed
 //! only if it contains the run's marker prefix, so idle `token_expires_in` lines cost nearly
 //! nothing on the client side.
 
 use crate::client::{self, BucketAfter, Endpoint, Format, Transport};
-use crate::procstat;
 use crate::report::{self, ms, thousands, Report, Row, CONNECT};
 use crate::setup::Target;
+use crate::{phases, procstat};
 use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -271,7 +273,20 @@ pub async fn fanout(t: &mut Target, opts: &FanoutOptions, report: &mut Report) -
             "Open-files limit {limit} is below the largest fan-out {largest}: expect failures."
         ));
     }
+    // Own mode: each pool starts on a fresh process. Memory that an earlier pool (of the other
+    // transport) left in the allocator would otherwise be reused and flatter the per-stream RSS.
+    let restarted = t.service.is_some();
+    if restarted {
+        phases::restart(t).await.context("restarting the service before the pool")?;
+    }
     let rss_before = t.service_pid().and_then(procstat::rss_kib);
+    if let Some(kib) = procstat::rss_kib(std::process::id()) {
+        report.notes.push(format!(
+            "Bench (client) RSS before the {} pool: {:.1} MiB (the allocator keeps what earlier phases freed).",
+            opts.transport.name(),
+            kib as f64 / 1024.0
+        ));
+    }
     let mut pool = Pool {
         endpoint: Arc::new(Endpoint::new(&t.endpoint.url, t.endpoint.auth.clone())?),
         transport: opts.transport,
@@ -299,7 +314,7 @@ pub async fn fanout(t: &mut Target, opts: &FanoutOptions, report: &mut Report) -
     let result = run_sizes(t, opts, report, &mut pool, &mut round_id, rss_before, &mut rss_rows).await;
     pool.tasks.shutdown().await;
     report_streams(&pool, report);
-    if let Some(row) = per_connection_row(opts.transport, rss_before, &rss_rows, report) {
+    if let Some(row) = per_connection_row(opts.transport, restarted, rss_before, &rss_rows, report) {
         report.rows.push(row);
     }
     result
@@ -414,7 +429,13 @@ fn report_streams(pool: &Pool, report: &mut Report) {
 }
 
 /// KiB of service RSS per held stream, from the largest pool measured.
-fn per_connection_row(transport: Transport, before: Option<u64>, after: &[(usize, u64)], report: &mut Report) -> Option<Row> {
+fn per_connection_row(
+    transport: Transport,
+    restarted: bool,
+    before: Option<u64>,
+    after: &[(usize, u64)],
+    report: &mut Report,
+) -> Option<Row> {
     let before = before?;
     let &(n, rss) = after.last()?;
     let per = |n: usize, rss: u64| (rss as f64 - before as f64) / n as f64;
@@ -423,10 +444,15 @@ fn per_connection_row(transport: Transport, before: Option<u64>, after: &[(usize
         .map(|&(n, rss)| format!("{} streams {:.1} KiB", thousands(n as u64), per(n, rss)))
         .collect();
     report.notes.push(format!(
-        "Service RSS per held {} stream: {} (RSS before the pool {:.1} MiB).",
+        "Service RSS per held {} stream: {} (RSS before the pool {:.1} MiB, {}).",
         transport.name(),
         all.join(", "),
-        before as f64 / 1024.0
+        before as f64 / 1024.0,
+        if restarted {
+            "service restarted for the pool"
+        } else {
+            "external service, not restarted: memory kept from earlier phases can make the figure low"
+        }
     ));
     let value = format!(
         "{:.1} KiB/stream at {} streams ({:.1} → {:.1} MiB)",

@@ -78,14 +78,7 @@ pub async fn idle_rss(t: &mut Target, report: &mut Report) -> Result<Row> {
         let value = format!("{} (external service, not restarted)", mib(rss));
         return Ok(Row::new(metric, value, &report::IDLE_RSS, Some(t.cpu().since(&cpu0))));
     }
-    let svc = t.own_service()?;
-    svc.stop().context("stopping the service for the restart")?;
-    let started = Instant::now();
-    svc.start()?;
-    first_complete(t, "u1", SNAPSHOT_LIMIT)
-        .await
-        .context("waiting for the restarted service")?;
-    let restart_secs = started.elapsed().as_secs_f64();
+    let restart_secs = restart(t).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = t.service_pid().context("service pid after restart")?;
     let rss = procstat::rss_kib(pid).context("reading the service RSS")?;
@@ -94,6 +87,19 @@ pub async fn idle_rss(t: &mut Target, report: &mut Report) -> Result<Row> {
         .push(format!("Restart → first checkpoint_complete for u1: {restart_secs:.2} s."));
     let value = format!("{} (after snapshot, before restart: {})", mib(rss), mib(after_snapshot));
     Ok(Row::new(metric, value, &report::IDLE_RSS, Some(t.cpu().since(&cpu0))))
+}
+
+/// Own mode: stop and start the service; seconds from the start until u1's first
+/// `checkpoint_complete`.
+pub async fn restart(t: &mut Target) -> Result<f64> {
+    let svc = t.own_service()?;
+    svc.stop().context("stopping the service for the restart")?;
+    let started = Instant::now();
+    svc.start()?;
+    first_complete(t, "u1", SNAPSHOT_LIMIT)
+        .await
+        .context("waiting for the restarted service")?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn mib(kib: u64) -> String {
