@@ -14,6 +14,7 @@ mod load;
 mod phases;
 mod procstat;
 mod report;
+mod rsocket;
 mod setup;
 mod ws;
 

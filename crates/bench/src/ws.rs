@@ -1,5 +1,5 @@
 //! The WebSocket transport as the PowerSync JS SDK drives it (protocol.md §3): RSocket 1.0 over
-//! WebSocket, one frame per binary message. SETUP carries the token, REQUEST_STREAM on stream 1
+//! WebSocket ([`crate::rsocket`] frames). SETUP carries the token, REQUEST_STREAM on stream 1
 //! carries the same JSON body as `POST /sync/stream`, and every PAYLOAD(NEXT) is one BSON line.
 //!
 //! Flow control is the SDK's: initial credit 10, topped back up to 10 as lines are consumed.
@@ -13,10 +13,9 @@
 //! several calls instead of one large buffer per connection).
 
 use crate::client::MAX_BSON_LINE;
+use crate::rsocket::{self, Received, KEEPALIVE_EVERY};
 use anyhow::{bail, Context, Result};
 use futures::{FutureExt, SinkExt, StreamExt};
-use serde_json::json;
-use std::ops::Range;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -24,29 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const SETUP: u8 = 0x01;
-const KEEPALIVE: u8 = 0x03;
-const REQUEST_STREAM: u8 = 0x06;
-const REQUEST_N: u8 = 0x08;
-const PAYLOAD: u8 = 0x0A;
-const ERROR: u8 = 0x0B;
-
-const FLAG_METADATA: u16 = 0x100;
-const FLAG_FOLLOWS: u16 = 0x80;
-const FLAG_RESPOND: u16 = 0x80;
-const FLAG_COMPLETE: u16 = 0x40;
-const FLAG_NEXT: u16 = 0x20;
-
-/// The stream the SDK requests the sync stream on.
-const STREAM_ID: u32 = 1;
-/// Credit the SDK keeps outstanding ("buffered" fetch strategy, the default).
-const CREDIT: u32 = 10;
 /// Consumed lines after which credit is topped up even while more lines are ready.
 const LOW_WATER: u32 = 5;
-/// The SDK's SETUP values.
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
-const LIFETIME: Duration = Duration::from_secs(90);
-const MIME: &[u8] = b"application/json";
 /// Bytes read from the socket per call.
 const READ_BUFFER: usize = 4096;
 /// Client frames are written once this much is queued (the queue grows only to what is
@@ -97,10 +75,13 @@ pub async fn open(service_url: &str, token: &str, body: &[u8]) -> Result<WsStrea
     };
     stream
         .ws
-        .feed(Message::binary(setup_frame(token)?))
+        .feed(Message::binary(rsocket::setup_frame(token)?))
         .await
         .context("sending SETUP")?;
-    stream.send(request_stream_frame(body)?).await.context("sending REQUEST_STREAM")?;
+    stream
+        .send(rsocket::request_stream_frame(body)?)
+        .await
+        .context("sending REQUEST_STREAM")?;
     Ok(stream)
 }
 
@@ -124,7 +105,7 @@ impl WsStream {
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             };
             self.frame_bytes += data.len() as u64;
-            match parse(&data)? {
+            match rsocket::parse(&data)? {
                 Received::Line(range) => {
                     self.owed += 1;
                     if self.owed >= LOW_WATER {
@@ -154,7 +135,7 @@ impl WsStream {
                 message = self.ws.next() => return Ok(message),
                 () = tokio::time::sleep_until(self.next_keepalive) => {
                     self.next_keepalive = Instant::now() + KEEPALIVE_EVERY;
-                    self.send(keepalive_frame()).await.context("sending KEEPALIVE")?;
+                    self.send(rsocket::keepalive_frame()).await.context("sending KEEPALIVE")?;
                 }
                 () = stalled => bail!("no data from the service for {} s", stall.unwrap_or_default().as_secs()),
             }
@@ -167,7 +148,7 @@ impl WsStream {
             return Ok(());
         }
         let n = std::mem::take(&mut self.owed);
-        self.send(request_n_frame(n)).await.context("sending REQUEST_N")
+        self.send(rsocket::request_n_frame(n)).await.context("sending REQUEST_N")
     }
 
     async fn send(&mut self, frame: Vec<u8>) -> Result<()> {
@@ -176,188 +157,117 @@ impl WsStream {
     }
 }
 
-fn header(out: &mut Vec<u8>, stream_id: u32, frame_type: u8, flags: u16) {
-    out.extend_from_slice(&stream_id.to_be_bytes());
-    out.extend_from_slice(&(u16::from(frame_type) << 10 | flags).to_be_bytes());
-}
-
-/// A payload's metadata: 24-bit length, then the bytes.
-fn metadata(out: &mut Vec<u8>, metadata: &[u8]) -> Result<()> {
-    let len = u32::try_from(metadata.len())
-        .ok()
-        .filter(|&l| l < 1 << 24)
-        .context("RSocket metadata over 16 MiB")?;
-    out.extend_from_slice(&len.to_be_bytes()[1..]);
-    out.extend_from_slice(metadata);
-    Ok(())
-}
-
-fn millis(d: Duration) -> u32 {
-    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
-}
-
-/// SETUP as the SDK sends it: JSON metadata with the whole Authorization value, no data.
-fn setup_frame(token: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(128 + token.len());
-    header(&mut out, 0, SETUP, FLAG_METADATA);
-    out.extend_from_slice(&1u16.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&millis(KEEPALIVE_EVERY).to_be_bytes());
-    out.extend_from_slice(&millis(LIFETIME).to_be_bytes());
-    for mime in [MIME, MIME] {
-        out.push(mime.len() as u8);
-        out.extend_from_slice(mime);
-    }
-    let meta = json!({"token": format!("Token {token}"), "user_agent": "ferrosync-bench"});
-    metadata(&mut out, &serde_json::to_vec(&meta)?)?;
-    Ok(out)
-}
-
-fn request_stream_frame(body: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(64 + body.len());
-    header(&mut out, STREAM_ID, REQUEST_STREAM, FLAG_METADATA);
-    out.extend_from_slice(&CREDIT.to_be_bytes());
-    metadata(&mut out, br#"{"path":"/sync/stream"}"#)?;
-    out.extend_from_slice(body);
-    Ok(out)
-}
-
-fn request_n_frame(n: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10);
-    header(&mut out, STREAM_ID, REQUEST_N, 0);
-    out.extend_from_slice(&n.to_be_bytes());
-    out
-}
-
-fn keepalive_frame() -> Vec<u8> {
-    let mut out = Vec::with_capacity(14);
-    header(&mut out, 0, KEEPALIVE, FLAG_RESPOND);
-    out.extend_from_slice(&0u64.to_be_bytes());
-    out
-}
-
-/// What a server frame means to the client.
-#[derive(Debug, PartialEq, Eq)]
-enum Received {
-    /// A sync line: this range of the frame.
-    Line(Range<usize>),
-    Complete,
-    /// Keepalive echoes and frames for other streams.
-    Other,
-}
-
-/// Parse one server frame; an ERROR frame is an error.
-fn parse(frame: &[u8]) -> Result<Received> {
-    let head = frame.get(..6).context("RSocket frame shorter than its header")?;
-    let stream_id = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-    let type_flags = u16::from_be_bytes([head[4], head[5]]);
-    let (frame_type, flags) = ((type_flags >> 10) as u8, type_flags & 0x3FF);
-    match frame_type {
-        ERROR => {
-            let code = frame.get(6..10).context("truncated RSocket ERROR")?;
-            let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
-            let message = String::from_utf8_lossy(&frame[10..]);
-            bail!("RSocket ERROR {code:#x} on stream {stream_id}: {message}")
-        }
-        PAYLOAD if stream_id == STREAM_ID => {
-            if flags & FLAG_FOLLOWS != 0 {
-                bail!("fragmented RSocket PAYLOAD (the service must send whole lines)");
-            }
-            if flags & FLAG_NEXT != 0 {
-                return Ok(Received::Line(payload_data(frame, flags)?));
-            }
-            if flags & FLAG_COMPLETE != 0 {
-                return Ok(Received::Complete);
-            }
-            Ok(Received::Other)
-        }
-        _ => Ok(Received::Other),
-    }
-}
-
-/// The data of a PAYLOAD frame: after the header and any metadata.
-fn payload_data(frame: &[u8], flags: u16) -> Result<Range<usize>> {
-    let mut start = 6;
-    if flags & FLAG_METADATA != 0 {
-        let len = frame.get(6..9).context("truncated PAYLOAD metadata length")?;
-        start = 9 + (usize::from(len[0]) << 16 | usize::from(len[1]) << 8 | usize::from(len[2]));
-    }
-    if start > frame.len() {
-        bail!("PAYLOAD metadata longer than the frame");
-    }
-    Ok(start..frame.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn client_frames_as_the_sdk_sends_them() {
-        let setup = setup_frame("jwt").expect("setup");
-        assert_eq!(&setup[..6], &[0, 0, 0, 0, 0x05, 0x00], "stream 0, SETUP with METADATA");
-        assert_eq!(&setup[6..10], &[0, 1, 0, 0], "version 1.0");
-        assert_eq!(
-            &setup[10..18],
-            &[0, 0, 0x4E, 0x20, 0, 1, 0x5F, 0x90],
-            "20 s keepalive, 90 s lifetime"
-        );
-        let meta = &setup[18 + 2 * (1 + MIME.len()) + 3..];
-        let meta: serde_json::Value = serde_json::from_slice(meta).expect("JSON metadata");
-        assert_eq!(meta["token"], "Token jwt");
-
-        let request = request_stream_frame(b"{}").expect("request");
-        assert_eq!(&request[..6], &[0, 0, 0, 1, 0x19, 0x00], "stream 1, REQUEST_STREAM with METADATA");
-        assert_eq!(&request[6..10], &10u32.to_be_bytes(), "initial N");
-        let path = br#"{"path":"/sync/stream"}"#;
-        assert_eq!(&request[10..13], &[0, 0, path.len() as u8]);
-        assert_eq!(&request[13..13 + path.len()], path);
-        assert_eq!(&request[13 + path.len()..], b"{}");
-
-        assert_eq!(request_n_frame(3), [0, 0, 0, 1, 0x20, 0, 0, 0, 0, 3]);
-        assert_eq!(&keepalive_frame()[..6], &[0, 0, 0, 0, 0x0C, 0x80], "KEEPALIVE with RESPOND");
-    }
-
-    #[test]
-    fn server_frames() {
-        let mut next = Vec::new();
-        header(&mut next, STREAM_ID, PAYLOAD, FLAG_NEXT);
-        next.extend_from_slice(b"line");
-        assert_eq!(parse(&next).expect("payload"), Received::Line(6..10));
-
-        let mut with_meta = Vec::new();
-        header(&mut with_meta, STREAM_ID, PAYLOAD, FLAG_NEXT | FLAG_METADATA);
-        with_meta.extend_from_slice(&[0, 0, 2, b'{', b'}']);
-        with_meta.extend_from_slice(b"line");
-        assert_eq!(parse(&with_meta).expect("payload"), Received::Line(11..15));
-
-        let mut complete = Vec::new();
-        header(&mut complete, STREAM_ID, PAYLOAD, FLAG_COMPLETE);
-        assert_eq!(parse(&complete).expect("complete"), Received::Complete);
-
-        let mut echo = Vec::new();
-        header(&mut echo, 0, KEEPALIVE, 0);
-        echo.extend_from_slice(&[0; 8]);
-        assert_eq!(parse(&echo).expect("keepalive"), Received::Other);
-
-        let mut error = Vec::new();
-        header(&mut error, 0, ERROR, 0);
-        error.extend_from_slice(&3u32.to_be_bytes());
-        error.extend_from_slice(b"[PSYNC_S2101] bad token");
-        let e = parse(&error).expect_err("an error");
-        assert!(format!("{e}").contains("0x3 on stream 0: [PSYNC_S2101] bad token"), "{e}");
-
-        let mut truncated = Vec::new();
-        header(&mut truncated, STREAM_ID, PAYLOAD, FLAG_NEXT | FLAG_METADATA);
-        truncated.extend_from_slice(&[0, 0, 9]);
-        assert!(parse(&truncated).is_err());
-        assert!(parse(&[0, 0, 0]).is_err());
-    }
+    use tokio::net::TcpListener;
 
     #[test]
     fn websocket_url_from_service_url() {
         assert_eq!(sync_url("http://127.0.0.1:8080").expect("url"), "ws://127.0.0.1:8080/sync/stream");
         assert_eq!(sync_url("https://x.example").expect("url"), "wss://x.example/sync/stream");
         assert!(sync_url("ftp://x").is_err());
+    }
+
+    type ServerWs = WebSocketStream<TcpStream>;
+
+    /// A stand-in service: accept one WebSocket on a free port; its URL and the server side.
+    async fn listen() -> (String, tokio::task::JoinHandle<ServerWs>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            tokio_tungstenite::accept_async(tcp).await.expect("upgrade")
+        });
+        (url, accept)
+    }
+
+    /// The next client frame: (type, body after the 6-byte header).
+    async fn client_frame(ws: &mut ServerWs) -> (u8, Vec<u8>) {
+        loop {
+            match ws.next().await.expect("open").expect("frame") {
+                Message::Binary(b) => return ((b[4] >> 2), b[6..].to_vec()),
+                _ => continue,
+            }
+        }
+    }
+
+    fn u32_at(b: &[u8]) -> u32 {
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    /// A PAYLOAD frame on stream 1 with the given flags (NEXT 0x20, COMPLETE 0x40).
+    fn payload(flags: u8, data: &[u8]) -> Message {
+        let mut frame = vec![0, 0, 0, 1, 0x0A << 2, flags];
+        frame.extend_from_slice(data);
+        Message::binary(frame)
+    }
+
+    /// The SDK's opening frames, then the credit the client gave in REQUEST_STREAM.
+    async fn handshake(ws: &mut ServerWs) -> u32 {
+        let (setup, body) = client_frame(ws).await;
+        assert_eq!(setup, 0x01, "SETUP first");
+        assert!(String::from_utf8_lossy(&body).contains(r#""token":"Token jwt""#));
+        let (request, body) = client_frame(ws).await;
+        assert_eq!(request, 0x06, "then REQUEST_STREAM");
+        assert!(body.ends_with(br#"{"buckets":[]}"#));
+        u32_at(&body)
+    }
+
+    #[tokio::test]
+    async fn lines_flow_within_the_credit_the_client_gives() {
+        const LINES: u32 = 37;
+        let (url, accept) = listen().await;
+        let server = tokio::spawn(async move {
+            let mut ws = accept.await.expect("accepted");
+            let mut credit = handshake(&mut ws).await;
+            assert_eq!(credit, 10, "initial N as in the SDK");
+            let mut sent = 0;
+            while sent < LINES {
+                // Only ever within credit: a client that does not top up stalls this loop.
+                while credit > 0 && sent < LINES {
+                    let doc = bson::doc! {"n": sent};
+                    ws.send(payload(0x20, &doc.to_vec().expect("bson"))).await.expect("send");
+                    (credit, sent) = (credit - 1, sent + 1);
+                }
+                if sent < LINES {
+                    let (frame, body) = client_frame(&mut ws).await;
+                    assert_eq!(frame, 0x08, "only REQUEST_N while lines flow");
+                    credit += u32_at(&body);
+                }
+            }
+            ws.send(payload(0x40, b"")).await.expect("complete");
+        });
+        let mut stream = open(&url, "jwt", br#"{"buckets":[]}"#).await.expect("open");
+        let mut got = Vec::new();
+        while let Some(line) = stream.next_line(Some(Duration::from_secs(10))).await.expect("line") {
+            let doc = bson::RawDocument::from_bytes(line).expect("a BSON line");
+            got.push(doc.get_i32("n").expect("n"));
+        }
+        let expected: Vec<i32> = (0..LINES as i32).collect();
+        assert_eq!(got, expected);
+        server.await.expect("server");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_sends_keepalives() {
+        let (url, accept) = listen().await;
+        let server = tokio::spawn(async move {
+            let mut ws = accept.await.expect("accepted");
+            handshake(&mut ws).await;
+            let started = Instant::now();
+            let (frame, body) = client_frame(&mut ws).await;
+            let waited = started.elapsed();
+            ws.send(payload(0x40, b"")).await.expect("complete");
+            (frame, body, waited)
+        });
+        let mut stream = open(&url, "jwt", br#"{"buckets":[]}"#).await.expect("open");
+        // Paused time: without a keepalive this would wait for ever, so bound it.
+        let next = tokio::time::timeout(Duration::from_secs(60), stream.next_line(None)).await;
+        assert!(next.expect("a keepalive within 60 s").expect("no error").is_none(), "completed");
+        let (frame, body, waited) = server.await.expect("server");
+        assert_eq!(frame, 0x03, "KEEPALIVE");
+        assert_eq!(body.len(), 8, "last received position, no data");
+        assert!(waited >= KEEPALIVE_EVERY, "not before 20 s: {waited:?}");
     }
 }
