@@ -6,8 +6,9 @@
 //! The SDK asks for one more line after every line; this client asks for all lines consumed so
 //! far just before it would wait for more (or at the SDK's low-water mark of 5 while lines keep
 //! coming), so the server sees as much credit as with the SDK but a burst costs one REQUEST_N.
-//! A KEEPALIVE with RESPOND goes out every 20 s, as from the SDK. Nothing the server sends is
-//! answered.
+//! A KEEPALIVE with RESPOND goes out every 20 s, as from the SDK (sent when the client next
+//! waits: while lines flow, the REQUEST_N frames already show that it is alive). Nothing the
+//! server sends is answered.
 //!
 //! Fan-out holds thousands of these, so the socket's read buffer is small (a big line is read in
 //! several calls instead of one large buffer per connection).
@@ -90,6 +91,8 @@ impl WsStream {
     /// `stall` bounds the wait for a message (None = wait forever, for idle held streams).
     pub async fn next_line(&mut self, stall: Option<Duration>) -> Result<Option<&[u8]>> {
         loop {
+            // A message that is already here is taken without waiting; only before a real wait
+            // is the credit topped up, so a burst of lines costs one REQUEST_N.
             let message = match self.ws.next().now_or_never() {
                 Some(m) => m,
                 None => self.wait(stall).await?,
