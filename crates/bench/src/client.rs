@@ -1,4 +1,5 @@
-//! A light sync-protocol client: JWTs, `POST /sync/stream`, framing and line parsing.
+//! A light sync-protocol client: JWTs, `POST /sync/stream` (or the WebSocket transport in
+//! [`crate::ws`]), framing and line parsing.
 //!
 //! The client must never be the bottleneck of a download measurement, so it does not build
 //! generic JSON/BSON values: NDJSON lines are parsed into small borrowed structs that count the
@@ -6,6 +7,7 @@
 //! `bson::RawDocument`. Marker detection (latency, fan-out) is a byte search in the raw line,
 //! which works for both encodings because row data is plain text in both.
 
+use crate::ws;
 use anyhow::{Context, Result};
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -17,7 +19,7 @@ use std::time::Duration;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Largest BSON line we accept; a bigger length prefix means the framing is broken.
-const MAX_BSON_LINE: usize = 256 << 20;
+pub const MAX_BSON_LINE: usize = 256 << 20;
 
 /// Response encoding of a sync stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,27 @@ impl Format {
         match self {
             Format::Ndjson => "NDJSON",
             Format::Bson => "BSON",
+        }
+    }
+}
+
+/// How a sync stream is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `POST /sync/stream`, asking for this encoding.
+    Http(Format),
+    /// RSocket over WebSocket, as the JS SDKs use it: always BSON lines.
+    WebSocket,
+}
+
+impl Transport {
+    pub const NDJSON: Transport = Transport::Http(Format::Ndjson);
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Http(Format::Ndjson) => "HTTP NDJSON",
+            Transport::Http(Format::Bson) => "HTTP BSON",
+            Transport::WebSocket => "WebSocket",
         }
     }
 }
@@ -88,29 +111,34 @@ impl Endpoint {
 
     /// Build (but do not send) a sync stream request.
     pub fn request(&self, user: &str, format: Format, buckets: &[BucketAfter]) -> Result<reqwest::RequestBuilder> {
-        let buckets: Vec<_> = buckets.iter().map(|b| json!({"name": b.name, "after": b.after})).collect();
-        let body = json!({
-            "buckets": buckets,
-            "include_checksum": true,
-            "raw_data": true,
-            "client_id": format!("bench-{user}"),
-            "parameters": {},
-        });
         Ok(self
             .http
             .post(format!("{}/sync/stream", self.url))
             .header("Authorization", format!("Token {}", self.auth.token(user)?))
             .header("Accept", format.accept())
-            .json(&body))
+            .json(&request_body(user, buckets)))
     }
 
     /// Open a stream and check the status, waiting at most [`HEADER_TIMEOUT`] for the answer.
-    pub async fn open(&self, user: &str, format: Format, buckets: &[BucketAfter]) -> Result<SyncStream> {
-        self.open_within(user, format, buckets, HEADER_TIMEOUT).await
+    pub async fn open(&self, user: &str, transport: Transport, buckets: &[BucketAfter]) -> Result<SyncStream> {
+        self.open_within(user, transport, buckets, HEADER_TIMEOUT).await
     }
 
-    /// Open a stream, waiting at most `limit` for the response headers.
-    pub async fn open_within(&self, user: &str, format: Format, buckets: &[BucketAfter], limit: Duration) -> Result<SyncStream> {
+    /// Open a stream, waiting at most `limit` for the response headers (HTTP) or for the
+    /// WebSocket upgrade, SETUP and REQUEST_STREAM to go out.
+    pub async fn open_within(&self, user: &str, transport: Transport, buckets: &[BucketAfter], limit: Duration) -> Result<SyncStream> {
+        let format = match transport {
+            Transport::Http(format) => format,
+            Transport::WebSocket => {
+                let body = serde_json::to_vec(&request_body(user, buckets))?;
+                let token = self.auth.token(user)?;
+                let open = ws::open(&self.url, &token, &body);
+                let ws = tokio::time::timeout(limit, open)
+                    .await
+                    .with_context(|| format!("WebSocket sync stream not open within {} s", limit.as_secs()))??;
+                return Ok(SyncStream::websocket(ws));
+            }
+        };
         let send = self.request(user, format, buckets)?.send();
         let resp = tokio::time::timeout(limit, send)
             .await
@@ -118,6 +146,18 @@ impl Endpoint {
             .context("POST /sync/stream")?;
         SyncStream::from_response(resp).await
     }
+}
+
+/// The sync request, the same on both transports.
+fn request_body(user: &str, buckets: &[BucketAfter]) -> serde_json::Value {
+    let buckets: Vec<_> = buckets.iter().map(|b| json!({"name": b.name, "after": b.after})).collect();
+    json!({
+        "buckets": buckets,
+        "include_checksum": true,
+        "raw_data": true,
+        "client_id": format!("bench-{user}"),
+        "parameters": {},
+    })
 }
 
 /// One HTTP/1.1 client; connections are never shared between streams, so each held stream is
@@ -361,13 +401,21 @@ pub fn parse(format: Format, line: &[u8]) -> Result<Event> {
     }
 }
 
-/// An open `/sync/stream` response being read line by line.
+/// An open sync stream being read line by line.
 pub struct SyncStream {
-    resp: reqwest::Response,
-    framer: Framer,
+    body: Body,
     format: Format,
-    /// Body bytes received so far (after HTTP framing).
-    pub body_bytes: u64,
+}
+
+enum Body {
+    Http {
+        resp: reqwest::Response,
+        framer: Framer,
+        /// Body bytes received so far (after HTTP framing).
+        bytes: u64,
+    },
+    /// Boxed: the WebSocket state is several times the size of an HTTP response.
+    WebSocket(Box<ws::WsStream>),
 }
 
 impl SyncStream {
@@ -393,36 +441,57 @@ impl SyncStream {
             Format::Ndjson
         };
         Ok(SyncStream {
-            resp,
-            framer: Framer::new(format),
+            body: Body::Http {
+                resp,
+                framer: Framer::new(format),
+                bytes: 0,
+            },
             format,
-            body_bytes: 0,
         })
+    }
+
+    fn websocket(ws: ws::WsStream) -> SyncStream {
+        SyncStream {
+            body: Body::WebSocket(Box::new(ws)),
+            format: Format::Bson,
+        }
     }
 
     pub fn format(&self) -> Format {
         self.format
     }
 
+    /// Bytes received so far after transport framing (HTTP chunking, WebSocket frames).
+    pub fn body_bytes(&self) -> u64 {
+        match &self.body {
+            Body::Http { bytes, .. } => *bytes,
+            Body::WebSocket(ws) => ws.frame_bytes,
+        }
+    }
+
     /// Apply `f` to the next line; `Ok(None)` when the server ended the stream. `stall` bounds
-    /// the wait for each chunk (None = wait forever, for idle held streams).
+    /// the wait for each chunk or message (None = wait forever, for idle held streams).
     pub async fn next_with<T>(&mut self, stall: Option<Duration>, f: impl FnOnce(Format, &[u8]) -> Result<T>) -> Result<Option<T>> {
+        let format = self.format;
+        let (resp, framer, bytes) = match &mut self.body {
+            Body::Http { resp, framer, bytes } => (resp, framer, bytes),
+            Body::WebSocket(ws) => return ws.next_line(stall).await?.map(|line| f(format, line)).transpose(),
+        };
         loop {
-            let format = self.format;
-            if let Some(frame) = self.framer.next_frame()? {
+            if let Some(frame) = framer.next_frame()? {
                 return f(format, frame).map(Some);
             }
             let chunk = match stall {
-                Some(limit) => tokio::time::timeout(limit, self.resp.chunk())
+                Some(limit) => tokio::time::timeout(limit, resp.chunk())
                     .await
                     .with_context(|| format!("no data from the service for {} s", limit.as_secs()))?,
-                None => self.resp.chunk().await,
+                None => resp.chunk().await,
             };
             let Some(chunk) = chunk.context("reading sync stream")? else {
                 return Ok(None);
             };
-            self.body_bytes += chunk.len() as u64;
-            self.framer.push(&chunk);
+            *bytes += chunk.len() as u64;
+            framer.push(&chunk);
         }
     }
 

@@ -15,7 +15,7 @@
 //! `streaming` or `standby`). Every wait is bounded by the stall limit; the extra process is
 //! killed when dropped, so it never outlives the phase.
 
-use crate::client::{self, BucketAfter, Endpoint, Format, SyncStream};
+use crate::client::{self, BucketAfter, Endpoint, SyncStream, Transport};
 use crate::phases::{any_list, wait_marker};
 use crate::report::{self, ms, Row};
 use crate::setup::{Service, Target};
@@ -125,7 +125,7 @@ fn retryable(e: &anyhow::Error) -> bool {
 async fn open_retrying(endpoint: &Endpoint, user: &str, buckets: &[BucketAfter], deadline: Instant) -> Result<SyncStream> {
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-        match endpoint.open_within(user, Format::Ndjson, buckets, remaining).await {
+        match endpoint.open_within(user, Transport::NDJSON, buckets, remaining).await {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() < deadline && retryable(&e) => tokio::time::sleep(RETRY).await,
             Err(e) => return Err(e),

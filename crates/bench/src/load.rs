@@ -1,18 +1,21 @@
 //! Fan-out: many held streams from one process, and one INSERT delivered to all of them.
 //!
-//! Each stream is one tokio task on one HTTP/1.1 connection. The pool grows in steps (e.g. 100,
+//! Each stream is one tokio task on one connection: an HTTP/1.1 `POST /sync/stream` (NDJSON) or a
+//! WebSocket (RSocket, BSON lines), the transport being a parameter of the phase. The pool grows in steps (e.g. 100,
 //! then +900, then +9,000) so each size is measured with the streams of the previous step still
 //! held. Streams resume the shared (global) bucket at its current position, learned from a probe
 //! stream, so connecting measures connection setup and checkpoint work, not 1,000-op downloads.
+//! In own mode the service is restarted before each transport's pool, so that both pools'
+//! per-stream RSS is measured from a fresh process.
 //!
-//! Per stream the task keeps only the response and an unfinished-line buffer; a line is parsed
+//! Per stream the task keeps only the connection and an unfinished-line buffer; a line is parsed
 //! only if it contains the run's marker prefix, so idle `token_expires_in` lines cost nearly
 //! nothing on the client side.
 
-use crate::client::{self, BucketAfter, Endpoint, Format};
-use crate::procstat;
-use crate::report::{self, ms, thousands, Report, Row, CONNECT, PER_CONNECTION};
+use crate::client::{self, BucketAfter, Endpoint, Format, Transport};
+use crate::report::{self, ms, thousands, Report, Row, CONNECT};
 use crate::setup::Target;
+use crate::{phases, procstat};
 use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +29,7 @@ const CONNECT_IN_FLIGHT: usize = 256;
 const KEEP_ERRORS: usize = 5;
 
 pub struct FanoutOptions {
+    pub transport: Transport,
     pub sizes: Vec<usize>,
     pub rounds: usize,
     pub run_id: String,
@@ -115,6 +119,7 @@ impl Shared {
 /// The pool of held streams.
 struct Pool {
     endpoint: Arc<Endpoint>,
+    transport: Transport,
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
     gate: Arc<Semaphore>,
@@ -141,6 +146,7 @@ impl Pool {
                 .context("connect gate closed")?;
             let task = hold(
                 self.endpoint.clone(),
+                self.transport,
                 format!("f{i}"),
                 resume.clone(),
                 self.shared.clone(),
@@ -191,13 +197,14 @@ impl Pool {
 /// One held stream: connect, initial sync, then watch for round markers until aborted.
 async fn hold(
     ep: Arc<Endpoint>,
+    transport: Transport,
     user: String,
     resume: Arc<Vec<BucketAfter>>,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
     stall: Duration,
 ) {
-    let err = match hold_inner(&ep, &user, &resume, &shared, permit, stall).await {
+    let err = match hold_inner(&ep, transport, &user, &resume, &shared, permit, stall).await {
         Ok(()) => anyhow::anyhow!("stream ended"),
         Err(e) => e,
     };
@@ -206,6 +213,7 @@ async fn hold(
 
 async fn hold_inner(
     ep: &Endpoint,
+    transport: Transport,
     user: &str,
     resume: &[BucketAfter],
     shared: &Shared,
@@ -213,7 +221,7 @@ async fn hold_inner(
     stall: Duration,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let mut stream = ep.open_within(user, Format::Ndjson, resume, stall).await?;
+    let mut stream = ep.open_within(user, transport, resume, stall).await?;
     stream.until_complete(Some(stall)).await.context("initial checkpoint")?;
     drop(permit);
     shared.connected(t0.elapsed());
@@ -251,7 +259,7 @@ fn marker_round(format: Format, line: &[u8], prefix: &[u8]) -> Result<Option<u64
 
 /// Learn the shared buckets and their current positions from one fresh stream.
 async fn probe(ep: &Endpoint, run_id: &str, stall: Duration) -> Result<Vec<BucketAfter>> {
-    let mut stream = ep.open(&format!("fprobe-{run_id}"), Format::Ndjson, &[]).await?;
+    let mut stream = ep.open(&format!("fprobe-{run_id}"), Transport::NDJSON, &[]).await?;
     let sync = stream.until_complete(Some(stall)).await.context("probe stream")?;
     Ok(sync.positions())
 }
@@ -265,9 +273,23 @@ pub async fn fanout(t: &mut Target, opts: &FanoutOptions, report: &mut Report) -
             "Open-files limit {limit} is below the largest fan-out {largest}: expect failures."
         ));
     }
+    // Own mode: each pool starts on a fresh process. Memory that an earlier pool (of the other
+    // transport) left in the allocator would otherwise be reused and flatter the per-stream RSS.
+    let restarted = t.service.is_some();
+    if restarted {
+        phases::restart(t).await.context("restarting the service before the pool")?;
+    }
     let rss_before = t.service_pid().and_then(procstat::rss_kib);
+    if let Some(kib) = procstat::rss_kib(std::process::id()) {
+        report.notes.push(format!(
+            "Bench (client) RSS before the {} pool: {:.1} MiB (the allocator keeps what earlier phases freed).",
+            opts.transport.name(),
+            kib as f64 / 1024.0
+        ));
+    }
     let mut pool = Pool {
         endpoint: Arc::new(Endpoint::new(&t.endpoint.url, t.endpoint.auth.clone())?),
+        transport: opts.transport,
         shared: Arc::new(Shared {
             prefix: format!("fan-{}-", opts.run_id).into_bytes(),
             expected: AtomicUsize::new(0),
@@ -292,7 +314,7 @@ pub async fn fanout(t: &mut Target, opts: &FanoutOptions, report: &mut Report) -
     let result = run_sizes(t, opts, report, &mut pool, &mut round_id, rss_before, &mut rss_rows).await;
     pool.tasks.shutdown().await;
     report_streams(&pool, report);
-    if let Some(row) = per_connection_row(rss_before, &rss_rows, report) {
+    if let Some(row) = per_connection_row(opts.transport, restarted, rss_before, &rss_rows, report) {
         report.rows.push(row);
     }
     result
@@ -316,8 +338,9 @@ async fn run_sizes(
         let resume = Arc::new(probe(&pool.endpoint, &opts.run_id, opts.timeout).await?);
         let cpu0 = t.cpu();
         let metric = format!(
-            "connect {} held streams (+{}, {CONNECT_IN_FLIGHT} in flight)",
+            "connect {} held {} streams (+{}, {CONNECT_IN_FLIGHT} in flight)",
             thousands(n as u64),
+            opts.transport.name(),
             thousands(added as u64)
         );
         let secs = match pool.grow(n, resume).await {
@@ -337,8 +360,9 @@ async fn run_sizes(
         // The client side must stay light too; its RSS shows whether it does.
         if let Some(own) = procstat::rss_kib(std::process::id()) {
             report.notes.push(format!(
-                "Bench (client) RSS with {} held streams: {:.1} MiB.",
+                "Bench (client) RSS with {} held {} streams: {:.1} MiB.",
                 thousands(n as u64),
+                opts.transport.name(),
                 own as f64 / 1024.0
             ));
         }
@@ -350,11 +374,12 @@ async fn run_sizes(
 /// `opts.rounds` rounds at pool size `n`; pushes one row.
 async fn rounds(t: &mut Target, opts: &FanoutOptions, report: &mut Report, pool: &Pool, round_id: &mut u64, n: usize) -> Result<()> {
     let metric = format!(
-        "fan-out: 1 list INSERT → all {} clients ({} rounds)",
+        "fan-out: 1 list INSERT → all {} {} clients ({} rounds)",
         thousands(n as u64),
+        opts.transport.name(),
         opts.rounds
     );
-    let spec = report::fanout_spec(n);
+    let spec = report::fanout_spec(opts.transport, n);
     let failed_before = pool.shared.failed.load(Ordering::SeqCst);
     let cpu0 = t.cpu();
     let (mut lasts, mut p50s, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
@@ -395,7 +420,8 @@ fn report_streams(pool: &Pool, report: &mut Report) {
     if failed > 0 {
         let errors = pool.shared.errors.lock().unwrap_or_else(|p| p.into_inner());
         report.notes.push(format!(
-            "Fan-out: {failed} of {} streams failed or ended early; first errors: {}",
+            "Fan-out ({}): {failed} of {} streams failed or ended early; first errors: {}",
+            pool.transport.name(),
             pool.size,
             errors.join(" / ")
         ));
@@ -403,7 +429,13 @@ fn report_streams(pool: &Pool, report: &mut Report) {
 }
 
 /// KiB of service RSS per held stream, from the largest pool measured.
-fn per_connection_row(before: Option<u64>, after: &[(usize, u64)], report: &mut Report) -> Option<Row> {
+fn per_connection_row(
+    transport: Transport,
+    restarted: bool,
+    before: Option<u64>,
+    after: &[(usize, u64)],
+    report: &mut Report,
+) -> Option<Row> {
     let before = before?;
     let &(n, rss) = after.last()?;
     let per = |n: usize, rss: u64| (rss as f64 - before as f64) / n as f64;
@@ -412,9 +444,15 @@ fn per_connection_row(before: Option<u64>, after: &[(usize, u64)], report: &mut 
         .map(|&(n, rss)| format!("{} streams {:.1} KiB", thousands(n as u64), per(n, rss)))
         .collect();
     report.notes.push(format!(
-        "Service RSS per held stream: {} (idle RSS before the pool {:.1} MiB).",
+        "Service RSS per held {} stream: {} (RSS before the pool {:.1} MiB, {}).",
+        transport.name(),
         all.join(", "),
-        before as f64 / 1024.0
+        before as f64 / 1024.0,
+        if restarted {
+            "service restarted for the pool"
+        } else {
+            "external service, not restarted: memory kept from earlier phases can make the figure low"
+        }
     ));
     let value = format!(
         "{:.1} KiB/stream at {} streams ({:.1} → {:.1} MiB)",
@@ -423,7 +461,8 @@ fn per_connection_row(before: Option<u64>, after: &[(usize, u64)], report: &mut 
         before as f64 / 1024.0,
         rss as f64 / 1024.0
     );
-    Some(Row::new("service RSS per held stream", value, &PER_CONNECTION, None))
+    let metric = format!("service RSS per held {} stream", transport.name());
+    Some(Row::new(metric, value, report::per_connection_spec(transport), None))
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //!
 //! By default it sets up its own Postgres (fsync on) with the sample todo schema and data,
 //! starts a service binary, and measures: initial snapshot, idle RSS, storage size, commit →
-//! client latency, incremental replication, one-client downloads (NDJSON and BSON), fan-out
-//! to many held streams and `kill -9` failover (with a standby process, and with a restart). With `--url` and `--source-uri` it measures an already running
+//! client latency, incremental replication, one-client downloads (NDJSON and BSON over HTTP,
+//! BSON over WebSocket), fan-out to many held streams (per transport) and `kill -9` failover (with a standby process, and with a restart). With `--url` and `--source-uri` it measures an already running
 //! PowerSync-compatible service instead. Results are printed as a markdown table (with the
 //! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
@@ -14,7 +14,9 @@ mod load;
 mod phases;
 mod procstat;
 mod report;
+mod rsocket;
 mod setup;
+mod ws;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
@@ -23,7 +25,7 @@ use clap::{Parser, ValueEnum};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use client::{Auth, Format};
+use client::{Auth, Format, Transport};
 use report::{Report, Row};
 use setup::{Target, TargetOptions};
 use std::path::PathBuf;
@@ -59,6 +61,9 @@ struct Args {
     /// Results file to append to.
     #[arg(long, default_value = "bench/RESULTS.md")]
     results: PathBuf,
+    /// Transports the download and fan-out phases use (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "http,websocket")]
+    transports: Vec<TransportChoice>,
     /// Phases to skip (comma-separated).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<Phase>,
@@ -97,6 +102,14 @@ enum RulesChoice {
     Streams,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TransportChoice {
+    /// `POST /sync/stream`: NDJSON and BSON downloads, NDJSON held streams.
+    Http,
+    /// RSocket over WebSocket (BSON lines).
+    Websocket,
+}
+
 /// Phases that `--skip` accepts (the snapshot starts the service, so it always runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Phase {
@@ -113,6 +126,26 @@ enum Phase {
 impl Args {
     fn runs(&self, phase: Phase) -> bool {
         !self.skip.contains(&phase)
+    }
+
+    /// The transports of the download phase, in table order.
+    fn downloads(&self) -> Vec<Transport> {
+        let mut out = Vec::new();
+        if self.transports.contains(&TransportChoice::Http) {
+            out.extend([Transport::NDJSON, Transport::Http(Format::Bson)]);
+        }
+        if self.transports.contains(&TransportChoice::Websocket) {
+            out.push(Transport::WebSocket);
+        }
+        out
+    }
+
+    /// The transports of the fan-out phase, in table order.
+    fn held(&self) -> Vec<Transport> {
+        self.downloads()
+            .into_iter()
+            .filter(|&t| t != Transport::Http(Format::Bson))
+            .collect()
     }
 
     fn stall(&self) -> Duration {
@@ -141,8 +174,15 @@ impl Args {
     /// Describes the setup for the results heading.
     fn mode(&self) -> String {
         let scale = format!(
-            "rules {:?}, rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds",
-            self.rules, self.rows, self.incremental_rows, self.latency_samples, self.fanout, self.fanout_rounds, self.failover_rounds
+            "rules {:?}, rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds, transports {:?}",
+            self.rules,
+            self.rows,
+            self.incremental_rows,
+            self.latency_samples,
+            self.fanout,
+            self.fanout_rounds,
+            self.failover_rounds,
+            self.transports
         );
         match &self.url {
             Some(url) => format!("external service {url}; {scale}"),
@@ -238,21 +278,25 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
         record(report, "incremental replication", &report::INCREMENTAL, r);
     }
     if args.runs(Phase::Download) {
-        for (format, spec) in [(Format::Ndjson, &report::DOWNLOAD_NDJSON), (Format::Bson, &report::DOWNLOAD_BSON)] {
-            let r = phases::download(t, &big, format, args.stall(), report).await;
-            record(report, &format!("download to one client ({})", format.name()), spec, r);
+        for transport in args.downloads() {
+            let r = phases::download(t, &big, transport, args.stall(), report).await;
+            let metric = format!("download to one client ({})", transport.name());
+            record(report, &metric, report::download_spec(transport), r);
         }
     }
     if args.runs(Phase::Fanout) {
-        let opts = load::FanoutOptions {
-            sizes: args.fanout.clone(),
-            rounds: args.fanout_rounds,
-            run_id: run_id.to_string(),
-            timeout: args.stall(),
-        };
-        // Failures are already in the table; the run goes on to shut down cleanly.
-        if let Err(e) = load::fanout(t, &opts, report).await {
-            eprintln!("fan-out stopped: {e:#}");
+        for transport in args.held() {
+            let opts = load::FanoutOptions {
+                transport,
+                sizes: args.fanout.clone(),
+                rounds: args.fanout_rounds,
+                run_id: run_id.to_string(),
+                timeout: args.stall(),
+            };
+            // Failures are already in the table; the run goes on to shut down cleanly.
+            if let Err(e) = load::fanout(t, &opts, report).await {
+                eprintln!("fan-out ({}) stopped: {e:#}", transport.name());
+            }
         }
     }
     // Last: it kills and restarts service processes.
@@ -284,7 +328,7 @@ async fn start(t: &mut Target, args: &Args, report: &mut Report) -> Result<()> {
     report
         .rows
         .push(Row::new("initial snapshot", "n/a (external service)", &report::SNAPSHOT, None));
-    let mut stream = t.endpoint.open("u1", Format::Ndjson, &[]).await?;
+    let mut stream = t.endpoint.open("u1", Transport::NDJSON, &[]).await?;
     stream
         .until_complete(Some(args.stall()))
         .await

@@ -4,7 +4,7 @@
 //! Everything is observed through the protocol (HTTP streams) and the source database; the
 //! storage database is only read for sizes, never for the service's progress.
 
-use crate::client::{self, Event, Format, SyncStream, SyncSummary};
+use crate::client::{self, Event, SyncStream, SyncSummary, Transport};
 use crate::procstat;
 use crate::report::{self, ms, rate, thousands, Report, Row};
 use crate::setup::{Target, LISTS};
@@ -25,7 +25,7 @@ async fn first_complete(t: &mut Target, user: &str, limit: Duration) -> Result<S
     let mut stream = loop {
         t.check_service()?;
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-        match t.endpoint.open_within(user, Format::Ndjson, &[], remaining).await {
+        match t.endpoint.open_within(user, Transport::NDJSON, &[], remaining).await {
             Ok(s) => break s,
             Err(e) if Instant::now() < deadline && client::is_transient(&e) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -78,14 +78,7 @@ pub async fn idle_rss(t: &mut Target, report: &mut Report) -> Result<Row> {
         let value = format!("{} (external service, not restarted)", mib(rss));
         return Ok(Row::new(metric, value, &report::IDLE_RSS, Some(t.cpu().since(&cpu0))));
     }
-    let svc = t.own_service()?;
-    svc.stop().context("stopping the service for the restart")?;
-    let started = Instant::now();
-    svc.start()?;
-    first_complete(t, "u1", SNAPSHOT_LIMIT)
-        .await
-        .context("waiting for the restarted service")?;
-    let restart_secs = started.elapsed().as_secs_f64();
+    let restart_secs = restart(t).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = t.service_pid().context("service pid after restart")?;
     let rss = procstat::rss_kib(pid).context("reading the service RSS")?;
@@ -94,6 +87,19 @@ pub async fn idle_rss(t: &mut Target, report: &mut Report) -> Result<Row> {
         .push(format!("Restart → first checkpoint_complete for u1: {restart_secs:.2} s."));
     let value = format!("{} (after snapshot, before restart: {})", mib(rss), mib(after_snapshot));
     Ok(Row::new(metric, value, &report::IDLE_RSS, Some(t.cpu().since(&cpu0))))
+}
+
+/// Own mode: stop and start the service; seconds from the start until u1's first
+/// `checkpoint_complete`.
+pub async fn restart(t: &mut Target) -> Result<f64> {
+    let svc = t.own_service()?;
+    svc.stop().context("stopping the service for the restart")?;
+    let started = Instant::now();
+    svc.start()?;
+    first_complete(t, "u1", SNAPSHOT_LIMIT)
+        .await
+        .context("waiting for the restarted service")?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn mib(kib: u64) -> String {
@@ -171,7 +177,7 @@ async fn storage_breakdown(storage: &tokio_postgres::Client) -> Result<String> {
 pub async fn latency(t: &mut Target, samples: usize, run_id: &str, stall: Duration, report: &mut Report) -> Result<Row> {
     let metric = format!("commit → client latency, {samples} single-row inserts, one held stream");
     let list = any_list(t).await?;
-    let mut stream = t.endpoint.open("u1", Format::Ndjson, &[]).await?;
+    let mut stream = t.endpoint.open("u1", Transport::NDJSON, &[]).await?;
     stream.until_complete(Some(stall)).await.context("initial sync of u1")?;
     let insert = t
         .source
@@ -235,7 +241,7 @@ pub async fn incremental(t: &mut Target, user: &str, rows: i64, stall: Duration)
         thousands(TXN_ROWS as u64)
     );
     let list = any_list(t).await?;
-    let mut stream = t.endpoint.open(user, Format::Ndjson, &[]).await?;
+    let mut stream = t.endpoint.open(user, Transport::NDJSON, &[]).await?;
     let initial = stream.until_complete(Some(stall)).await.context("initial sync of the big user")?;
     // Buckets that had data before this user owned any todos are shared ones (the global
     // bucket); the new rows arrive in the other bucket(s), whatever they are called.
@@ -283,24 +289,26 @@ async fn count_new_ops(mut stream: SyncStream, shared: Vec<String>, expected: us
 }
 
 /// Phase 6: fresh full download for `user`, best and median of three runs.
-pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duration, report: &mut Report) -> Result<Row> {
+pub async fn download(t: &mut Target, user: &str, transport: Transport, stall: Duration, report: &mut Report) -> Result<Row> {
     let cpu0 = t.cpu();
     let mut rates = Vec::new();
     let mut times = Vec::new();
     let (mut ops, mut bytes) = (0, 0);
     for run in 0..DOWNLOAD_RUNS {
         let t0 = Instant::now();
-        let mut stream = t.endpoint.open(user, format, &[]).await?;
-        if stream.format() != format {
-            report.notes.push(format!(
-                "Asked for {} but the service answered {}.",
-                format.name(),
-                stream.format().name()
-            ));
+        let mut stream = t.endpoint.open(user, transport, &[]).await?;
+        if let Transport::Http(format) = transport {
+            if stream.format() != format {
+                report.notes.push(format!(
+                    "Asked for {} but the service answered {}.",
+                    format.name(),
+                    stream.format().name()
+                ));
+            }
         }
         let sync = stream.until_complete(Some(stall)).await.with_context(|| format!("run {run}"))?;
         let secs = t0.elapsed().as_secs_f64();
-        (ops, bytes) = (sync.ops(), stream.body_bytes);
+        (ops, bytes) = (sync.ops(), stream.body_bytes());
         times.push(secs);
         rates.push(ops as f64 / secs);
     }
@@ -310,7 +318,7 @@ pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duratio
     let metric = format!(
         "download to one client, {} ops, {} ({DOWNLOAD_RUNS} runs)",
         thousands(ops as u64),
-        format.name()
+        transport.name()
     );
     let value = format!(
         "best {best_secs:.2} s = {} ops/s, median {} ops/s; {:.0} B/op",
@@ -318,9 +326,5 @@ pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duratio
         rate(report::median(&rates)),
         bytes as f64 / ops.max(1) as f64
     );
-    let spec = match format {
-        Format::Ndjson => &report::DOWNLOAD_NDJSON,
-        Format::Bson => &report::DOWNLOAD_BSON,
-    };
-    Ok(Row::new(metric, value, spec, Some(cpu)))
+    Ok(Row::new(metric, value, report::download_spec(transport), Some(cpu)))
 }

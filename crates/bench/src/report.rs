@@ -1,6 +1,7 @@
 //! The results table: rows with reference and target values, formatting, and the append to
 //! bench/RESULTS.md.
 
+use crate::client::{Format, Transport};
 use crate::procstat::CpuSample;
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -44,6 +45,11 @@ pub const DOWNLOAD_BSON: Spec = Spec {
     reference: "—",
     target: "≥ 300k ops/s",
 };
+/// The reference was measured over HTTP only (baseline.md): WebSocket rows have targets alone.
+pub const DOWNLOAD_WS: Spec = Spec {
+    reference: "—",
+    target: "≥ 300k ops/s",
+};
 pub const CONNECT: Spec = Spec {
     reference: "—",
     target: "—",
@@ -60,8 +66,24 @@ pub const FANOUT_10000: Spec = Spec {
     reference: "500 clients: 0.8 s",
     target: "≤ 1 s",
 };
+pub const FANOUT_WS_100: Spec = Spec {
+    reference: "—",
+    target: "—",
+};
+pub const FANOUT_WS_1000: Spec = Spec {
+    reference: "—",
+    target: "≤ 100 ms",
+};
+pub const FANOUT_WS_10000: Spec = Spec {
+    reference: "—",
+    target: "≤ 1 s",
+};
 pub const PER_CONNECTION: Spec = Spec {
     reference: "620 KiB",
+    target: "≤ 16 KiB",
+};
+pub const PER_CONNECTION_WS: Spec = Spec {
+    reference: "—",
     target: "≤ 16 KiB",
 };
 /// The reference's failover figure comes from the issue, not from baseline.md (which has no
@@ -76,12 +98,30 @@ pub const FAILOVER_RESTART: Spec = Spec {
     target: "≤ 5 s + start",
 };
 
+pub fn download_spec(transport: Transport) -> &'static Spec {
+    match transport {
+        Transport::Http(Format::Ndjson) => &DOWNLOAD_NDJSON,
+        Transport::Http(Format::Bson) => &DOWNLOAD_BSON,
+        Transport::WebSocket => &DOWNLOAD_WS,
+    }
+}
+
 /// Reference/target for a fan-out of `n` clients.
-pub fn fanout_spec(n: usize) -> &'static Spec {
-    match n {
-        0..=500 => &FANOUT_100,
-        501..=5000 => &FANOUT_1000,
-        _ => &FANOUT_10000,
+pub fn fanout_spec(transport: Transport, n: usize) -> &'static Spec {
+    match (transport, n) {
+        (Transport::Http(_), 0..=500) => &FANOUT_100,
+        (Transport::Http(_), 501..=5000) => &FANOUT_1000,
+        (Transport::Http(_), _) => &FANOUT_10000,
+        (Transport::WebSocket, 0..=500) => &FANOUT_WS_100,
+        (Transport::WebSocket, 501..=5000) => &FANOUT_WS_1000,
+        (Transport::WebSocket, _) => &FANOUT_WS_10000,
+    }
+}
+
+pub fn per_connection_spec(transport: Transport) -> &'static Spec {
+    match transport {
+        Transport::Http(_) => &PER_CONNECTION,
+        Transport::WebSocket => &PER_CONNECTION_WS,
     }
 }
 
