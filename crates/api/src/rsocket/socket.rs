@@ -282,21 +282,30 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
         let silent_until = self.last_read + self.lifetime;
         let stalled_until = (!self.out.is_empty()).then(|| self.last_write + WRITE_TIMEOUT);
         let deadline = stalled_until.map_or(silent_until, |s| s.min(silent_until));
-        if self.deadline.deadline() != deadline {
+        // Re-armed early only when the deadline moves closer; a later one is picked up when the
+        // timer fires, so a steady flow of client frames does not reset the timer each time.
+        if deadline < self.deadline.deadline() {
             self.deadline.as_mut().reset(deadline);
         }
-        if self.deadline.as_mut().poll(cx).is_pending() {
-            return Ok(());
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            if deadline <= Instant::now() {
+                return Err(self.expired(stalled_until));
+            }
+            self.deadline.as_mut().reset(deadline);
         }
+        Ok(())
+    }
+
+    fn expired(&self, stalled_until: Option<Instant>) -> Closing {
         if stalled_until.is_some_and(|s| s <= Instant::now()) {
             tracing::info!("closing a WebSocket whose client stopped reading");
-            return Err(Closing::Gone);
+            return Closing::Gone;
         }
-        Err(Closing::error(
+        Closing::error(
             0,
             error_code::CONNECTION_ERROR,
             &format!("No keep-alive for {} ms", self.lifetime.as_millis()),
-        ))
+        )
     }
 
     /// Tell the client why (if it can still hear it), close the WebSocket and the socket.
@@ -321,5 +330,97 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
             let _ = self.io.shutdown().await;
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, flushed).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    /// Longer than any test runs: only the write timeout can end it.
+    const MAX_LIFETIME_FOR_TEST: Duration = Duration::from_secs(3600);
+
+    /// A masked client WebSocket message carrying `frame`.
+    fn client_message(frame: &[u8]) -> Vec<u8> {
+        assert!(frame.len() < 126);
+        let mut out = vec![0x82, 0x80 | frame.len() as u8, 0, 0, 0, 0];
+        out.extend_from_slice(frame);
+        out
+    }
+
+    fn keepalive() -> Vec<u8> {
+        // Stream 0, KEEPALIVE (0x03 << 10) with RESPOND (0x80), position 0.
+        let mut frame = vec![0, 0, 0, 0, 0x03 << 2, 0x80];
+        frame.extend_from_slice(&[0; 8]);
+        frame
+    }
+
+    fn socket() -> (Socket<DuplexStream>, DuplexStream) {
+        let (server, client) = tokio::io::duplex(1024);
+        let mut socket = Socket::new(server);
+        socket.set_lifetime(Duration::from_secs(10));
+        (socket, client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_after_its_lifetime() {
+        let (mut socket, mut client) = socket();
+        let started = Instant::now();
+        // A keepalive at 8 s moves the deadline to 18 s.
+        let keepalive_later = async {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            client.write_all(&client_message(&keepalive())).await.expect("write");
+            client
+        };
+        let (result, _client) = tokio::join!(
+            async {
+                loop {
+                    // Keepalives are served inside; only the deadline ends the wait.
+                    match socket.next_frame().await {
+                        Ok(frame) => {
+                            let parsed = frame::parse(&frame).expect("frame");
+                            socket.on_control(&parsed).expect("control");
+                        }
+                        Err(e) => return e,
+                    }
+                }
+            },
+            keepalive_later
+        );
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(18) && waited < Duration::from_secs(19), "{waited:?}");
+        assert!(
+            matches!(
+                result,
+                Closing::Error {
+                    code: error_code::CONNECTION_ERROR,
+                    ..
+                }
+            ),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped() {
+        let (mut socket, mut client) = socket();
+        socket.set_lifetime(MAX_LIFETIME_FOR_TEST);
+        socket.queue_line(1, &vec![7u8; 64 * 1024]);
+        let started = Instant::now();
+        let result = poll_fn(|cx| match socket.poll_write(cx) {
+            Ok((_, true)) => Poll::Ready(None),
+            Ok(_) => match socket.poll_deadline(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Some(e)),
+            },
+            Err(e) => Poll::Ready(Some(e)),
+        })
+        .await;
+        assert!(matches!(result, Some(Closing::Gone)), "{result:?}");
+        assert!(started.elapsed() >= WRITE_TIMEOUT, "{:?}", started.elapsed());
+        // What was written before the stall arrived.
+        let mut got = vec![0u8; 1024];
+        assert_eq!(client.read(&mut got).await.expect("read"), 1024);
     }
 }
