@@ -3,6 +3,7 @@
 # real PowerSync Node client (installed here from the npm registry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/node-env.sh
 (cd clients/node-agent && npm ci --no-audit --no-fund)
 cargo test --workspace -- --test-threads=2
 # The benchmark tool, end to end at a tiny scale (numbers are meaningless here; it must run).
