@@ -9,6 +9,7 @@ mod demo;
 mod explain;
 mod replicator;
 mod serve;
+mod token;
 mod validate;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +60,20 @@ enum Command {
         /// The request's `streams` object: `{"include_defaults":true,"subscriptions":[...]}`.
         #[arg(long)]
         streams: Option<String>,
+    },
+    /// Print a development token for a user, signed with the config's shared-secret key.
+    Token {
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
+        /// The token's subject (`sub`): the user id rules see as `request.user_id()`.
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds (at most one day).
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+        /// Extra claims, a JSON object (e.g. `{"team_id":"t1"}` for `auth.parameter('team_id')`).
+        #[arg(long)]
+        claims: Option<String>,
     },
     /// Apply storage schema migrations and exit.
     Migrate {
@@ -128,6 +143,12 @@ fn main() -> ExitCode {
                 };
                 explain::explain(&config, args).await
             }
+            Command::Token {
+                config,
+                user,
+                expires_in,
+                claims,
+            } => token::run(&config, &user, expires_in, claims.as_deref()),
             Command::Migrate { config } => serve::migrate(&config).await,
             Command::Demo { dir, port } => demo::run(&dir, port).await,
         }
