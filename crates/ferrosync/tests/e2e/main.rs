@@ -5,6 +5,7 @@ mod chaos;
 mod failover;
 mod harness;
 mod kill;
+mod large_download;
 mod live;
 mod network_cut;
 mod node_client;
