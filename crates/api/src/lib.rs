@@ -1,6 +1,7 @@
 //! HTTP API: sync stream, write checkpoints, probes, auth.
 pub mod auth;
 pub mod checkpoint;
+mod compression;
 pub mod error;
 pub mod http_server;
 pub mod probes;
