@@ -2,6 +2,7 @@
 //! the protocol (a raw HTTP client that checks every checksum, and the real PowerSync Node SDK).
 
 mod chaos;
+mod compression;
 mod failover;
 mod harness;
 mod kill;
