@@ -6,6 +6,7 @@
 //! `bson::RawDocument`. Marker detection (latency, fan-out) is a byte search in the raw line,
 //! which works for both encodings because row data is plain text in both.
 
+use crate::encoding::{BodyDecoder, Compression};
 use anyhow::{Context, Result};
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -75,6 +76,8 @@ pub struct Endpoint {
     pub http: reqwest::Client,
     pub url: String,
     pub auth: Auth,
+    /// What streams ask for in `Accept-Encoding` (nothing by default).
+    pub compression: Compression,
 }
 
 impl Endpoint {
@@ -83,6 +86,7 @@ impl Endpoint {
             http: http_client()?,
             url: url.trim_end_matches('/').to_string(),
             auth,
+            compression: Compression::Identity,
         })
     }
 
@@ -96,12 +100,16 @@ impl Endpoint {
             "client_id": format!("bench-{user}"),
             "parameters": {},
         });
-        Ok(self
+        let request = self
             .http
             .post(format!("{}/sync/stream", self.url))
             .header("Authorization", format!("Token {}", self.auth.token(user)?))
             .header("Accept", format.accept())
-            .json(&body))
+            .json(&body);
+        Ok(match self.compression.accept_encoding() {
+            Some(encoding) => request.header("Accept-Encoding", encoding),
+            None => request,
+        })
     }
 
     /// Open a stream and check the status, waiting at most [`HEADER_TIMEOUT`] for the answer.
@@ -366,8 +374,12 @@ pub struct SyncStream {
     resp: reqwest::Response,
     framer: Framer,
     format: Format,
-    /// Body bytes received so far (after HTTP framing).
+    /// Set when the body has a `Content-Encoding`.
+    decoder: Option<BodyDecoder>,
+    /// Body bytes received so far (after HTTP framing, before decoding).
     pub body_bytes: u64,
+    /// The same after decoding.
+    pub decoded_bytes: u64,
 }
 
 impl SyncStream {
@@ -392,12 +404,21 @@ impl SyncStream {
         } else {
             Format::Ndjson
         };
+        let encoding = resp.headers().get(reqwest::header::CONTENT_ENCODING);
+        let decoder = BodyDecoder::for_content_encoding(encoding.and_then(|v| v.to_str().ok()))?;
         Ok(SyncStream {
             resp,
             framer: Framer::new(format),
             format,
+            decoder,
             body_bytes: 0,
+            decoded_bytes: 0,
         })
+    }
+
+    /// Whether the body arrives compressed.
+    pub fn compressed(&self) -> bool {
+        self.decoder.is_some()
     }
 
     pub fn format(&self) -> Format {
@@ -422,7 +443,17 @@ impl SyncStream {
                 return Ok(None);
             };
             self.body_bytes += chunk.len() as u64;
-            self.framer.push(&chunk);
+            match &mut self.decoder {
+                Some(decoder) => {
+                    let decoded = decoder.decode(&chunk)?;
+                    self.decoded_bytes += decoded.len() as u64;
+                    self.framer.push(&decoded);
+                }
+                None => {
+                    self.decoded_bytes += chunk.len() as u64;
+                    self.framer.push(&chunk);
+                }
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
 mod client;
+mod encoding;
 mod eval;
 mod failover;
 mod load;
@@ -24,6 +25,7 @@ use clap::{Parser, ValueEnum};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use client::{Auth, Format};
+use encoding::Compression;
 use report::{Report, Row};
 use setup::{Target, TargetOptions};
 use std::path::PathBuf;
@@ -86,6 +88,10 @@ struct Args {
     /// External mode: Postgres URI of the service's storage database, for its size.
     #[arg(long)]
     storage_uri: Option<String>,
+    /// What the download phase asks for in `Accept-Encoding` (comma-separated; each with
+    /// NDJSON and BSON).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "identity")]
+    download_encodings: Vec<Compression>,
     /// Sync config the service runs: the legacy todo rules, or ten edition-3 streams.
     #[arg(long, value_enum, default_value_t = RulesChoice::Legacy)]
     rules: RulesChoice,
@@ -238,9 +244,13 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
         record(report, "incremental replication", &report::INCREMENTAL, r);
     }
     if args.runs(Phase::Download) {
-        for (format, spec) in [(Format::Ndjson, &report::DOWNLOAD_NDJSON), (Format::Bson, &report::DOWNLOAD_BSON)] {
-            let r = phases::download(t, &big, format, args.stall(), report).await;
-            record(report, &format!("download to one client ({})", format.name()), spec, r);
+        for &compression in &args.download_encodings {
+            for (format, spec) in [(Format::Ndjson, &report::DOWNLOAD_NDJSON), (Format::Bson, &report::DOWNLOAD_BSON)] {
+                let r = phases::download(t, &big, format, compression, args.stall(), report).await;
+                let encoding = compression.accept_encoding().map(|e| format!(" + {e}")).unwrap_or_default();
+                let metric = format!("download to one client ({}{encoding})", format.name());
+                record(report, &metric, spec, r);
+            }
         }
     }
     if args.runs(Phase::Fanout) {

@@ -4,7 +4,8 @@
 //! Everything is observed through the protocol (HTTP streams) and the source database; the
 //! storage database is only read for sizes, never for the service's progress.
 
-use crate::client::{self, Event, Format, SyncStream, SyncSummary};
+use crate::client::{self, Endpoint, Event, Format, SyncStream, SyncSummary};
+use crate::encoding::Compression;
 use crate::procstat;
 use crate::report::{self, ms, rate, thousands, Report, Row};
 use crate::setup::{Target, LISTS};
@@ -282,15 +283,27 @@ async fn count_new_ops(mut stream: SyncStream, shared: Vec<String>, expected: us
     Ok(Instant::now())
 }
 
-/// Phase 6: fresh full download for `user`, best and median of three runs.
-pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duration, report: &mut Report) -> Result<Row> {
+/// Phase 6: fresh full download for `user`, best and median of three runs, asking for
+/// `compression` (bytes per op are then counted on the wire, and decoded).
+pub async fn download(
+    t: &mut Target,
+    user: &str,
+    format: Format,
+    compression: Compression,
+    stall: Duration,
+    report: &mut Report,
+) -> Result<Row> {
+    let endpoint = Endpoint {
+        compression,
+        ..t.endpoint.clone()
+    };
     let cpu0 = t.cpu();
     let mut rates = Vec::new();
     let mut times = Vec::new();
-    let (mut ops, mut bytes) = (0, 0);
+    let (mut ops, mut bytes, mut decoded) = (0, 0, 0);
     for run in 0..DOWNLOAD_RUNS {
         let t0 = Instant::now();
-        let mut stream = t.endpoint.open(user, format, &[]).await?;
+        let mut stream = endpoint.open(user, format, &[]).await?;
         if stream.format() != format {
             report.notes.push(format!(
                 "Asked for {} but the service answered {}.",
@@ -298,26 +311,39 @@ pub async fn download(t: &mut Target, user: &str, format: Format, stall: Duratio
                 stream.format().name()
             ));
         }
+        if compression != Compression::Identity && !stream.compressed() {
+            report
+                .notes
+                .push(format!("Asked for {compression:?} but the service answered uncompressed."));
+        }
         let sync = stream.until_complete(Some(stall)).await.with_context(|| format!("run {run}"))?;
         let secs = t0.elapsed().as_secs_f64();
-        (ops, bytes) = (sync.ops(), stream.body_bytes);
+        (ops, bytes, decoded) = (sync.ops(), stream.body_bytes, stream.decoded_bytes);
         times.push(secs);
         rates.push(ops as f64 / secs);
     }
     let cpu = t.cpu().since(&cpu0);
     let best = rates.iter().copied().fold(0.0, f64::max);
     let best_secs = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let encoding = match compression.accept_encoding() {
+        Some(e) => format!(" + {e}"),
+        None => String::new(),
+    };
     let metric = format!(
-        "download to one client, {} ops, {} ({DOWNLOAD_RUNS} runs)",
+        "download to one client, {} ops, {}{encoding} ({DOWNLOAD_RUNS} runs)",
         thousands(ops as u64),
         format.name()
     );
-    let value = format!(
+    let per_op = |b: u64| b as f64 / ops.max(1) as f64;
+    let mut value = format!(
         "best {best_secs:.2} s = {} ops/s, median {} ops/s; {:.0} B/op",
         rate(best),
         rate(report::median(&rates)),
-        bytes as f64 / ops.max(1) as f64
+        per_op(bytes)
     );
+    if bytes != decoded {
+        value.push_str(&format!(" on the wire, {:.0} B/op decoded", per_op(decoded)));
+    }
     let spec = match format {
         Format::Ndjson => &report::DOWNLOAD_NDJSON,
         Format::Bson => &report::DOWNLOAD_BSON,
