@@ -3,6 +3,7 @@ pub mod auth;
 pub mod body;
 pub mod checkpoint;
 pub mod checkpoint_request;
+mod compression;
 pub mod error;
 pub mod http_server;
 pub mod probes;

@@ -1,9 +1,11 @@
-//! `POST /sync/stream`: validate, authenticate, negotiate NDJSON vs BSON, then stream lines
-//! produced by the sync layer. Validation and admission are shared with the WebSocket transport.
+//! `POST /sync/stream`: validate, authenticate, negotiate NDJSON vs BSON (and the content
+//! encoding), then stream lines produced by the sync layer. Validation and admission are shared
+//! with the WebSocket transport.
 
 use crate::auth::AuthContext;
 use crate::body::{LimitedBody, SYNC_STREAM_LIMIT};
 use crate::checkpoint::user_key;
+use crate::compression::{Encoded, Encoding};
 use crate::error::ServiceError;
 use crate::server::AppState;
 use axum::body::{Body, Bytes};
@@ -199,12 +201,20 @@ pub async fn sync_stream(
     let (lines, ended_with) = connection_stream(state.hub.clone(), req, state.limits);
     let lines = opening(lines, ended_with, opening_wait).await?;
     // The permit lives as long as the response body, which drives the connection.
-    let stream = lines.map(move |chunk| {
+    let chunks = lines.map(move |chunk| {
         let _permit = &permit;
-        Ok::<_, std::convert::Infallible>(chunk)
+        chunk
     });
-    let mut response = Body::from_stream(stream).into_response();
+    let encoding = Encoding::negotiate(headers.get(header::ACCEPT_ENCODING).and_then(|h| h.to_str().ok()));
+    let body = match encoding {
+        Some(encoding) => Body::from_stream(Encoded::new(chunks, encoding)),
+        None => Body::from_stream(chunks.map(Ok::<_, std::convert::Infallible>)),
+    };
+    let mut response = body.into_response();
     let h = response.headers_mut();
+    if let Some(encoding) = encoding {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding.name()));
+    }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -7,6 +7,7 @@
 //! `bson::RawDocument`. Marker detection (latency, fan-out) is a byte search in the raw line,
 //! which works for both encodings because row data is plain text in both.
 
+use crate::encoding::{BodyDecoder, Compression};
 use crate::ws;
 use anyhow::{Context, Result};
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
@@ -98,6 +99,8 @@ pub struct Endpoint {
     pub http: reqwest::Client,
     pub url: String,
     pub auth: Auth,
+    /// What HTTP streams ask for in `Accept-Encoding` (nothing by default).
+    pub compression: Compression,
 }
 
 impl Endpoint {
@@ -106,17 +109,22 @@ impl Endpoint {
             http: http_client()?,
             url: url.trim_end_matches('/').to_string(),
             auth,
+            compression: Compression::Identity,
         })
     }
 
     /// Build (but do not send) a sync stream request.
     pub fn request(&self, user: &str, format: Format, buckets: &[BucketAfter]) -> Result<reqwest::RequestBuilder> {
-        Ok(self
+        let request = self
             .http
             .post(format!("{}/sync/stream", self.url))
             .header("Authorization", format!("Token {}", self.auth.token(user)?))
             .header("Accept", format.accept())
-            .json(&request_body(user, buckets)))
+            .json(&request_body(user, buckets));
+        Ok(match self.compression.accept_encoding() {
+            Some(encoding) => request.header("Accept-Encoding", encoding),
+            None => request,
+        })
     }
 
     /// Open a stream and check the status, waiting at most [`HEADER_TIMEOUT`] for the answer.
@@ -411,8 +419,12 @@ enum Body {
     Http {
         resp: reqwest::Response,
         framer: Framer,
-        /// Body bytes received so far (after HTTP framing).
+        /// Set when the body has a `Content-Encoding` (boxed: decoder state is large).
+        decoder: Option<Box<BodyDecoder>>,
+        /// Body bytes received so far (after HTTP framing, before decoding).
         bytes: u64,
+        /// The same after decoding.
+        decoded: u64,
     },
     /// Boxed: the WebSocket state is several times the size of an HTTP response.
     WebSocket(Box<ws::WsStream>),
@@ -440,11 +452,15 @@ impl SyncStream {
         } else {
             Format::Ndjson
         };
+        let encoding = resp.headers().get(reqwest::header::CONTENT_ENCODING);
+        let decoder = BodyDecoder::for_content_encoding(encoding.and_then(|v| v.to_str().ok()))?.map(Box::new);
         Ok(SyncStream {
             body: Body::Http {
                 resp,
                 framer: Framer::new(format),
+                decoder,
                 bytes: 0,
+                decoded: 0,
             },
             format,
         })
@@ -461,7 +477,8 @@ impl SyncStream {
         self.format
     }
 
-    /// Bytes received so far after transport framing (HTTP chunking, WebSocket frames).
+    /// Bytes received so far after transport framing (HTTP chunking, WebSocket frames), before
+    /// any content decoding.
     pub fn body_bytes(&self) -> u64 {
         match &self.body {
             Body::Http { bytes, .. } => *bytes,
@@ -469,12 +486,31 @@ impl SyncStream {
         }
     }
 
+    /// [`SyncStream::body_bytes`] after content decoding.
+    pub fn decoded_bytes(&self) -> u64 {
+        match &self.body {
+            Body::Http { decoded, .. } => *decoded,
+            Body::WebSocket(ws) => ws.frame_bytes,
+        }
+    }
+
+    /// Whether the body arrives compressed.
+    pub fn compressed(&self) -> bool {
+        matches!(&self.body, Body::Http { decoder: Some(_), .. })
+    }
+
     /// Apply `f` to the next line; `Ok(None)` when the server ended the stream. `stall` bounds
     /// the wait for each chunk or message (None = wait forever, for idle held streams).
     pub async fn next_with<T>(&mut self, stall: Option<Duration>, f: impl FnOnce(Format, &[u8]) -> Result<T>) -> Result<Option<T>> {
         let format = self.format;
-        let (resp, framer, bytes) = match &mut self.body {
-            Body::Http { resp, framer, bytes } => (resp, framer, bytes),
+        let (resp, framer, decoder, bytes, decoded) = match &mut self.body {
+            Body::Http {
+                resp,
+                framer,
+                decoder,
+                bytes,
+                decoded,
+            } => (resp, framer, decoder, bytes, decoded),
             Body::WebSocket(ws) => return ws.next_line(stall).await?.map(|line| f(format, line)).transpose(),
         };
         loop {
@@ -491,7 +527,17 @@ impl SyncStream {
                 return Ok(None);
             };
             *bytes += chunk.len() as u64;
-            framer.push(&chunk);
+            match decoder {
+                Some(decoder) => {
+                    let plain = decoder.decode(&chunk)?;
+                    *decoded += plain.len() as u64;
+                    framer.push(&plain);
+                }
+                None => {
+                    *decoded += chunk.len() as u64;
+                    framer.push(&chunk);
+                }
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
 mod client;
+mod encoding;
 mod eval;
 mod failover;
 mod load;
@@ -26,6 +27,7 @@ use clap::{Parser, ValueEnum};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use client::{Auth, Format, Transport};
+use encoding::Compression;
 use report::{Report, Row};
 use setup::{Target, TargetOptions};
 use std::path::PathBuf;
@@ -91,6 +93,10 @@ struct Args {
     /// External mode: Postgres URI of the service's storage database, for its size.
     #[arg(long)]
     storage_uri: Option<String>,
+    /// What the download phase asks for in `Accept-Encoding` (comma-separated; each with
+    /// NDJSON and BSON).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "identity")]
+    download_encodings: Vec<Compression>,
     /// Sync config the service runs: the legacy todo rules, or ten edition-3 streams.
     #[arg(long, value_enum, default_value_t = RulesChoice::Legacy)]
     rules: RulesChoice,
@@ -278,10 +284,16 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
         record(report, "incremental replication", &report::INCREMENTAL, r);
     }
     if args.runs(Phase::Download) {
-        for transport in args.downloads() {
-            let r = phases::download(t, &big, transport, args.stall(), report).await;
-            let metric = format!("download to one client ({})", transport.name());
-            record(report, &metric, report::download_spec(transport), r);
+        for &compression in &args.download_encodings {
+            for transport in args.downloads() {
+                if compression != Compression::Identity && transport == Transport::WebSocket {
+                    continue; // WebSocket frames are never compressed
+                }
+                let r = phases::download(t, &big, transport, compression, args.stall(), report).await;
+                let encoding = compression.accept_encoding().map(|e| format!(" + {e}")).unwrap_or_default();
+                let metric = format!("download to one client ({}{encoding})", transport.name());
+                record(report, &metric, report::download_spec(transport), r);
+            }
         }
     }
     if args.runs(Phase::Fanout) {

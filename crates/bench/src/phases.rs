@@ -4,7 +4,8 @@
 //! Everything is observed through the protocol (HTTP streams) and the source database; the
 //! storage database is only read for sizes, never for the service's progress.
 
-use crate::client::{self, Event, SyncStream, SyncSummary, Transport};
+use crate::client::{self, Endpoint, Event, SyncStream, SyncSummary, Transport};
+use crate::encoding::Compression;
 use crate::procstat;
 use crate::report::{self, ms, rate, thousands, Report, Row};
 use crate::setup::{Target, LISTS};
@@ -288,15 +289,27 @@ async fn count_new_ops(mut stream: SyncStream, shared: Vec<String>, expected: us
     Ok(Instant::now())
 }
 
-/// Phase 6: fresh full download for `user`, best and median of three runs.
-pub async fn download(t: &mut Target, user: &str, transport: Transport, stall: Duration, report: &mut Report) -> Result<Row> {
+/// Phase 6: fresh full download for `user`, best and median of three runs, asking for
+/// `compression` on HTTP (bytes per op are then counted on the wire, and decoded).
+pub async fn download(
+    t: &mut Target,
+    user: &str,
+    transport: Transport,
+    compression: Compression,
+    stall: Duration,
+    report: &mut Report,
+) -> Result<Row> {
+    let endpoint = Endpoint {
+        compression,
+        ..t.endpoint.clone()
+    };
     let cpu0 = t.cpu();
     let mut rates = Vec::new();
     let mut times = Vec::new();
-    let (mut ops, mut bytes) = (0, 0);
+    let (mut ops, mut bytes, mut decoded) = (0, 0, 0);
     for run in 0..DOWNLOAD_RUNS {
         let t0 = Instant::now();
-        let mut stream = t.endpoint.open(user, transport, &[]).await?;
+        let mut stream = endpoint.open(user, transport, &[]).await?;
         if let Transport::Http(format) = transport {
             if stream.format() != format {
                 report.notes.push(format!(
@@ -306,25 +319,38 @@ pub async fn download(t: &mut Target, user: &str, transport: Transport, stall: D
                 ));
             }
         }
+        if compression != Compression::Identity && !stream.compressed() {
+            report
+                .notes
+                .push(format!("Asked for {compression:?} but the service answered uncompressed."));
+        }
         let sync = stream.until_complete(Some(stall)).await.with_context(|| format!("run {run}"))?;
         let secs = t0.elapsed().as_secs_f64();
-        (ops, bytes) = (sync.ops(), stream.body_bytes());
+        (ops, bytes, decoded) = (sync.ops(), stream.body_bytes(), stream.decoded_bytes());
         times.push(secs);
         rates.push(ops as f64 / secs);
     }
     let cpu = t.cpu().since(&cpu0);
     let best = rates.iter().copied().fold(0.0, f64::max);
     let best_secs = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let encoding = match compression.accept_encoding() {
+        Some(e) => format!(" + {e}"),
+        None => String::new(),
+    };
     let metric = format!(
-        "download to one client, {} ops, {} ({DOWNLOAD_RUNS} runs)",
+        "download to one client, {} ops, {}{encoding} ({DOWNLOAD_RUNS} runs)",
         thousands(ops as u64),
         transport.name()
     );
-    let value = format!(
+    let per_op = |b: u64| b as f64 / ops.max(1) as f64;
+    let mut value = format!(
         "best {best_secs:.2} s = {} ops/s, median {} ops/s; {:.0} B/op",
         rate(best),
         rate(report::median(&rates)),
-        bytes as f64 / ops.max(1) as f64
+        per_op(bytes)
     );
+    if bytes != decoded {
+        value.push_str(&format!(" on the wire, {:.0} B/op decoded", per_op(decoded)));
+    }
     Ok(Row::new(metric, value, report::download_spec(transport), Some(cpu)))
 }

@@ -1,6 +1,7 @@
 //! One client connection: resolve its buckets at each new checkpoint, send `checkpoint` /
 //! `checkpoint_diff`, the ops it lacks (strictly after its position, never twice), and
-//! `checkpoint_complete`; plus `token_expires_in` keepalives on HTTP.
+//! `checkpoint_complete`; plus `token_expires_in` keepalives on HTTP. A newer checkpoint that
+//! changes the client's buckets interrupts a long download (see [`Interrupts`]).
 
 use crate::hub::{CheckpointHub, HubState};
 use crate::lines::{
@@ -12,15 +13,20 @@ use bytes::Bytes;
 use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest};
 use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
 use futures::Stream;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Ops per storage read. The next read is issued while this one is being sent.
 const FETCH_LIMIT: usize = 2000;
 /// Most ops in one `data` line.
 const LINE_OPS: usize = 1000;
+/// Ops sent for a checkpoint before a newer one may interrupt its download (the reference's
+/// rule); see [`Interrupts`].
+const INTERRUPT_AFTER_OPS: usize = 1000;
+/// Interruptions in a row after which a download finishes whatever arrives meanwhile.
+const MAX_INTERRUPTIONS: u32 = 8;
 /// Interval of `token_expires_in` keepalive lines (protocol spec §2.4).
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -62,18 +68,86 @@ struct Sent {
     reasons: Vec<BucketReason>,
 }
 
+/// When a newer checkpoint may interrupt a download (protocol spec §7.3 "Interruption").
+///
+/// As in the reference, only after enough ops were sent for the current checkpoint, so every
+/// interruption makes progress. On top of that, each interruption in a row needs twice the ops
+/// of the one before, and after [`MAX_INTERRUPTIONS`] the download finishes whatever arrives:
+/// a client whose buckets change nearly as fast as it downloads still reaches a
+/// `checkpoint_complete` (with a fixed threshold it would only if they changed slower).
+#[derive(Default)]
+struct Interrupts {
+    /// Ops sent since the last checkpoint line.
+    sent: usize,
+    /// Interruptions since the last `checkpoint_complete`.
+    in_a_row: u32,
+}
+
+impl Interrupts {
+    fn due(&self) -> bool {
+        self.in_a_row < MAX_INTERRUPTIONS && self.sent >= INTERRUPT_AFTER_OPS << self.in_a_row
+    }
+
+    fn interrupted(&mut self) {
+        self.in_a_row += 1;
+        self.sent = 0;
+    }
+}
+
+/// What a checkpoint means for this connection.
+enum Next {
+    /// The hub moved past it meanwhile; it announces the newer one.
+    Gone,
+    /// Nothing the client holds changed: no line (the new bucket states).
+    Unchanged(HashMap<String, Sent>),
+    Line(Box<Plan>),
+}
+
+/// A `checkpoint` (the connection's first) or `checkpoint_diff` line to send, and the bucket
+/// states the client tracks after it.
+struct Plan {
+    state: HubState,
+    full: bool,
+    /// Every bucket (full), or the new and changed ones (diff): all of them are downloaded.
+    announced: Vec<BucketDescription>,
+    removed: Vec<String>,
+    next: HashMap<String, Sent>,
+    write_checkpoint: Option<i64>,
+}
+
+/// Why a download stopped before its `checkpoint_complete`.
+enum Halt {
+    Failed(SyncError),
+    /// A newer checkpoint changed the client's buckets: announce it and continue from there.
+    Newer(Box<Plan>),
+    /// A new sync config became active: the client reconnects for its buckets.
+    ConfigChanged,
+}
+
+impl From<SyncError> for Halt {
+    fn from(e: SyncError) -> Self {
+        Halt::Failed(e)
+    }
+}
+
 struct Connection<S> {
     hub: Arc<CheckpointHub<S>>,
+    states: watch::Receiver<Option<HubState>>,
     req: ConnectionRequest,
     limits: Limits,
     out: Output,
     positions: HashMap<String, i64>,
     sent: Option<HashMap<String, Sent>>,
+    /// Announced buckets not yet sent up to the announced checkpoint; a newer checkpoint's
+    /// download carries them over.
+    pending: HashSet<String>,
+    interrupts: Interrupts,
     querier: Option<Querier>,
     dynamic: Option<Vec<BucketDescription>>,
     /// Every lookup the last bucket resolution read: a change to any of them re-resolves.
     fetched: Vec<LookupKey>,
-    last_checkpoint: i64,
+    /// The checkpoint `dynamic` is valid at.
+    resolved_at: i64,
     write_checkpoint: Option<i64>,
 }
 
@@ -94,16 +168,19 @@ pub fn connection_stream<S: SyncStorage>(
     let positions = req.buckets.iter().cloned().collect();
     let (out, slot) = Output::new(req.format);
     let mut conn = Connection {
+        states: hub.subscribe(),
         hub,
         req,
         limits,
         out,
         positions,
         sent: None,
+        pending: HashSet::new(),
+        interrupts: Interrupts::default(),
         querier: None,
         dynamic: None,
         fetched: Vec::new(),
-        last_checkpoint: 0,
+        resolved_at: 0,
         write_checkpoint: None,
     };
     let chunks = ChunkStream::new(
@@ -119,6 +196,7 @@ pub fn connection_stream<S: SyncStorage>(
 }
 
 type Step<T> = Result<T, SyncError>;
+type Flow<T> = Result<T, Halt>;
 
 fn storage<T>(r: Result<T, StorageError>) -> Step<T> {
     r.map_err(SyncError::Storage)
@@ -154,7 +232,6 @@ impl<S: SyncStorage> Connection<S> {
         if self.seconds_left() <= 0 {
             return self.send_now(&Line::TokenExpiresIn(0)).await;
         }
-        let mut states = self.hub.subscribe();
         let mut group = None;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         let warn_at = tokio::time::Instant::now() + Duration::from_secs((self.seconds_left() - 20).max(0) as u64);
@@ -164,7 +241,7 @@ impl<S: SyncStorage> Connection<S> {
         loop {
             if !fresh {
                 tokio::select! {
-                    changed = states.changed() => if changed.is_err() { return Ok(()) },
+                    changed = self.states.changed() => if changed.is_err() { return Ok(()) },
                     _ = keepalive.tick(), if self.req.keepalive_lines => {
                         self.send_now(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
                         continue;
@@ -180,17 +257,23 @@ impl<S: SyncStorage> Connection<S> {
                 }
             }
             fresh = false;
-            let Some(state) = states.borrow_and_update().clone() else {
+            let Some(state) = self.states.borrow_and_update().clone() else {
                 continue;
             };
             if *group.get_or_insert(state.group) != state.group {
-                tracing::info!(user = %self.req.user_key, "sync config changed; closing stream so the client reconnects");
-                return Ok(());
+                return self.config_changed();
             }
             // Boxed: the checkpoint path (storage reads, prefetch) is several KiB of future
             // state that an idle stream, waiting in the `select!` above, should not carry.
-            Box::pin(self.on_checkpoint(&state)).await?;
+            if !Box::pin(self.on_checkpoint(state)).await? {
+                return self.config_changed();
+            }
         }
+    }
+
+    fn config_changed(&self) -> Step<()> {
+        tracing::info!(user = %self.req.user_key, "sync config changed; closing stream so the client reconnects");
+        Ok(())
     }
 
     /// The connection's buckets at this checkpoint. Lookups are fetched in rounds (nested
@@ -200,8 +283,9 @@ impl<S: SyncStorage> Connection<S> {
         let querier = self
             .querier
             .get_or_insert_with(|| state.rules.querier(&self.req.parameters, &self.req.streams));
-        let stale = self.dynamic.is_none() || (!self.fetched.is_empty() && self.hub.lookups_changed(self.last_checkpoint, &self.fetched));
+        let stale = self.dynamic.is_none() || (!self.fetched.is_empty() && self.hub.lookups_changed(self.resolved_at, &self.fetched));
         if !stale {
+            self.resolved_at = state.checkpoint.op_id;
             return Ok(self.dynamic.clone().unwrap_or_default());
         }
         let mut known: HashMap<LookupKey, Vec<String>> = HashMap::new();
@@ -229,11 +313,38 @@ impl<S: SyncStorage> Connection<S> {
         self.fetched = known.keys().cloned().collect();
         let buckets = querier.resolve(&known);
         self.dynamic = Some(buckets.clone());
+        self.resolved_at = state.checkpoint.op_id;
         Ok(buckets)
     }
 
-    async fn on_checkpoint(&mut self, state: &HubState) -> Step<()> {
-        let buckets = self.resolve_buckets(state).await?;
+    /// Announce a new checkpoint and send its data; a newer checkpoint that arrives during a
+    /// long download is announced as soon as [`Interrupts`] allows, and the download goes on
+    /// from where it was, up to the newer checkpoint. `false`: a new sync config is active.
+    async fn on_checkpoint(&mut self, state: HubState) -> Step<bool> {
+        let mut plan = match self.plan(state.clone()).await? {
+            Next::Gone => return Ok(true),
+            Next::Unchanged(next) => {
+                self.sent = Some(next);
+                self.advance_positions(state.checkpoint.op_id);
+                return Ok(true);
+            }
+            Next::Line(plan) => plan,
+        };
+        loop {
+            let state = self.announce(*plan).await?;
+            match self.download(&state).await {
+                Ok(()) => return Ok(true),
+                Err(Halt::Newer(newer)) => plan = newer,
+                Err(Halt::ConfigChanged) => return Ok(false),
+                Err(Halt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// What `state` means for the client, compared with what it was last told. Changes
+    /// nothing but the bucket resolution.
+    async fn plan(&mut self, state: HubState) -> Step<Next> {
+        let buckets = self.resolve_buckets(&state).await?;
         if buckets.len() > self.limits.max_buckets {
             let rules = &state.rules;
             return Err(SyncError::TooMany(format!(
@@ -249,9 +360,8 @@ impl<S: SyncStorage> Connection<S> {
         }
         let names: Vec<&str> = buckets.iter().map(|b| b.bucket.as_str()).collect();
         let cp = state.checkpoint;
-        // `None`: the hub already moved to a newer checkpoint; we will be woken for it.
         let Some(checksums) = storage(self.hub.checksums(state.group, cp.op_id, &names).await)? else {
-            return Ok(());
+            return Ok(Next::Gone);
         };
         let visible = self.hub.write_checkpoint(&self.req.user_key, cp.lsn);
         let write_checkpoint = visible.max(self.write_checkpoint);
@@ -266,68 +376,82 @@ impl<S: SyncStorage> Connection<S> {
                 (b.bucket.clone(), sent)
             })
             .collect();
-        let previous = self.sent.take();
-        let to_fetch: Vec<&BucketDescription> = match &previous {
-            None => {
-                let streams = self.querier.as_ref().map(|q| q.streams().to_vec()).unwrap_or_default();
-                let line = Checkpoint {
-                    last_op_id: cp.op_id.to_string(),
-                    write_checkpoint: write_checkpoint.map(|w| w.to_string()),
-                    buckets: buckets.iter().map(|b| checksum_line(b, &next)).collect(),
-                    streams: streams.iter().map(StreamDescription::new).collect(),
-                };
-                self.send(&Line::Checkpoint(line)).await?;
-                self.positions.retain(|b, _| next.contains_key(b));
-                buckets.iter().collect()
-            }
-            Some(previous) => {
-                let updated: Vec<&BucketDescription> = buckets
-                    .iter()
-                    .filter(|b| {
-                        previous
-                            .get(&b.bucket)
-                            .is_none_or(|p| p.checksum != next[&b.bucket].checksum || p.priority != b.priority)
-                    })
-                    .collect();
-                let removed: Vec<&str> = previous.keys().filter(|b| !next.contains_key(*b)).map(String::as_str).collect();
-                if updated.is_empty() && removed.is_empty() && write_checkpoint == self.write_checkpoint {
-                    self.sent = Some(next);
-                    self.last_checkpoint = cp.op_id;
-                    self.advance_positions(cp.op_id, buckets.iter().map(|b| &b.bucket));
-                    return Ok(());
-                }
-                let line = CheckpointDiff {
-                    last_op_id: cp.op_id.to_string(),
-                    write_checkpoint: write_checkpoint.map(|w| w.to_string()),
-                    updated_buckets: updated.iter().map(|b| checksum_line(b, &next)).collect(),
-                    removed_buckets: removed,
-                };
-                self.send(&Line::CheckpointDiff(line)).await?;
-                self.positions.retain(|b, _| next.contains_key(b));
-                updated
-            }
+        let Some(previous) = &self.sent else {
+            return Ok(Next::Line(Box::new(Plan {
+                state,
+                full: true,
+                announced: buckets,
+                removed: Vec::new(),
+                next,
+                write_checkpoint,
+            })));
         };
-        let fetch: Vec<(String, u8)> = to_fetch.iter().map(|b| (b.bucket.clone(), b.priority)).collect();
-        self.sent = Some(next);
-        self.write_checkpoint = write_checkpoint;
-        self.send_data(state, fetch).await?;
-        self.last_checkpoint = cp.op_id;
-        self.advance_positions(cp.op_id, buckets.iter().map(|b| &b.bucket));
-        Ok(())
+        let updated: Vec<BucketDescription> = buckets
+            .into_iter()
+            .filter(|b| {
+                previous
+                    .get(&b.bucket)
+                    .is_none_or(|p| p.checksum != next[&b.bucket].checksum || p.priority != b.priority)
+            })
+            .collect();
+        let removed: Vec<String> = previous.keys().filter(|b| !next.contains_key(*b)).cloned().collect();
+        if updated.is_empty() && removed.is_empty() && write_checkpoint == self.write_checkpoint {
+            return Ok(Next::Unchanged(next));
+        }
+        Ok(Next::Line(Box::new(Plan {
+            state,
+            full: false,
+            announced: updated,
+            removed,
+            next,
+            write_checkpoint,
+        })))
     }
 
-    /// Stream ops for `fetch`, priority group by priority group, then `checkpoint_complete`.
-    async fn send_data(&mut self, state: &HubState, fetch: Vec<(String, u8)>) -> Step<()> {
-        let mut groups: BTreeMap<u8, Vec<String>> = BTreeMap::new();
-        for (bucket, priority) in fetch {
-            groups.entry(priority).or_default().push(bucket);
-        }
+    /// Send the plan's line and take on its bucket states; returns the checkpoint to download.
+    async fn announce(&mut self, plan: Plan) -> Step<HubState> {
+        let last_op_id = plan.state.checkpoint.op_id.to_string();
+        let write_checkpoint = plan.write_checkpoint.map(|w| w.to_string());
+        let buckets = plan.announced.iter().map(|b| checksum_line(b, &plan.next)).collect();
+        let streams = match (plan.full, &self.querier) {
+            (true, Some(querier)) => querier.streams().to_vec(),
+            _ => Vec::new(),
+        };
+        let line = if plan.full {
+            Line::Checkpoint(Checkpoint {
+                last_op_id,
+                write_checkpoint,
+                buckets,
+                streams: streams.iter().map(StreamDescription::new).collect(),
+            })
+        } else {
+            Line::CheckpointDiff(CheckpointDiff {
+                last_op_id,
+                write_checkpoint,
+                updated_buckets: buckets,
+                removed_buckets: plan.removed.iter().map(String::as_str).collect(),
+            })
+        };
+        self.send(&line).await?;
+        let next = plan.next;
+        self.positions.retain(|b, _| next.contains_key(b));
+        self.pending.retain(|b| next.contains_key(b));
+        self.pending.extend(plan.announced.into_iter().map(|b| b.bucket));
+        self.sent = Some(next);
+        self.write_checkpoint = plan.write_checkpoint;
+        self.interrupts.sent = 0;
+        Ok(plan.state)
+    }
+
+    /// Send the pending buckets' ops up to `state`'s checkpoint, priority group by priority
+    /// group, then `checkpoint_complete`.
+    async fn download(&mut self, state: &HubState) -> Flow<()> {
+        let groups = self.pending_groups();
         let last_priority = groups.keys().next_back().copied();
         let cp = state.checkpoint.op_id;
-        for (priority, mut pending) in groups {
-            pending.sort();
-            let from_storage = self.send_recent(state, pending).await?;
-            self.send_from_storage(state.group, cp, from_storage).await?;
+        for (priority, group) in groups {
+            let from_storage = self.send_recent(state, group).await?;
+            self.send_from_storage(state, from_storage).await?;
             if Some(priority) != last_priority {
                 self.send(&Line::PartialCheckpointComplete(PartialCompleteLine {
                     last_op_id: cp.to_string(),
@@ -339,14 +463,35 @@ impl<S: SyncStorage> Connection<S> {
         self.send_now(&Line::CheckpointComplete(CompleteLine {
             last_op_id: cp.to_string(),
         }))
-        .await
+        .await?;
+        self.interrupts = Interrupts::default();
+        // Empty by now: give its memory back, an idle connection holds nothing.
+        self.pending = HashSet::new();
+        self.advance_positions(cp);
+        Ok(())
     }
 
-    /// After a complete checkpoint the client holds every op up to it in each of its buckets,
-    /// the position a reconnecting client would state too. Keeping positions current lets the
-    /// next checkpoint's data come from the hub's memory.
-    fn advance_positions<'b>(&mut self, cp: i64, buckets: impl Iterator<Item = &'b String>) {
-        for bucket in buckets {
+    /// Pending buckets by priority, each group in name order.
+    fn pending_groups(&self) -> BTreeMap<u8, Vec<String>> {
+        let mut groups: BTreeMap<u8, Vec<String>> = BTreeMap::new();
+        let Some(sent) = &self.sent else { return groups };
+        for bucket in &self.pending {
+            if let Some(s) = sent.get(bucket) {
+                groups.entry(s.priority).or_default().push(bucket.clone());
+            }
+        }
+        for group in groups.values_mut() {
+            group.sort();
+        }
+        groups
+    }
+
+    /// Once a checkpoint is complete the client holds every op up to it in each of its
+    /// buckets, the position a reconnecting client would state too. Keeping positions current
+    /// lets the next checkpoint's data come from the hub's memory.
+    fn advance_positions(&mut self, cp: i64) {
+        let Some(sent) = &self.sent else { return };
+        for bucket in sent.keys().filter(|b| !self.pending.contains(*b)) {
             match self.positions.get_mut(bucket) {
                 Some(position) => *position = (*position).max(cp),
                 None => {
@@ -356,10 +501,32 @@ impl<S: SyncStorage> Connection<S> {
         }
     }
 
+    /// Stop this download for a newer checkpoint that changes what the client holds, when
+    /// [`Interrupts`] allows. Called between data lines only, so no line is cut.
+    async fn yield_to_newer(&mut self, current: &HubState) -> Flow<()> {
+        if !self.interrupts.due() || !self.states.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let Some(state) = self.states.borrow_and_update().clone() else {
+            return Ok(());
+        };
+        if state.group != current.group {
+            return Err(Halt::ConfigChanged);
+        }
+        match self.plan(state).await? {
+            Next::Line(plan) => {
+                self.interrupts.interrupted();
+                Err(Halt::Newer(plan))
+            }
+            // The client's buckets did not change (or the hub moved on, and will say so).
+            Next::Unchanged(_) | Next::Gone => Ok(()),
+        }
+    }
+
     /// Send what the hub holds in memory; returns the buckets that must be read from storage.
-    async fn send_recent(&mut self, state: &HubState, pending: Vec<String>) -> Step<Vec<String>> {
+    async fn send_recent(&mut self, state: &HubState, group: Vec<String>) -> Flow<Vec<String>> {
         let mut from_storage = Vec::new();
-        for bucket in pending {
+        for bucket in group {
             let position = self.positions.get(&bucket).copied().unwrap_or(0);
             let Some(ops) = self.hub.recent_ops(state.group, state.checkpoint.op_id, &bucket, position) else {
                 from_storage.push(bucket);
@@ -369,31 +536,38 @@ impl<S: SyncStorage> Connection<S> {
                 let has_more = (i + 1) * LINE_OPS < ops.len();
                 self.send_ops(&bucket, chunk.iter().map(|op| &**op), has_more).await?;
             }
+            self.pending.remove(&bucket);
+            self.yield_to_newer(state).await?;
         }
         Ok(from_storage)
     }
 
-    /// Read `pending` buckets from storage in batches; the next batch is read while the
+    /// Read `group`'s buckets from storage in batches; the next batch is read while the
     /// current one is encoded and sent.
-    async fn send_from_storage(&mut self, group: i64, cp: i64, mut pending: Vec<String>) -> Step<()> {
-        if pending.is_empty() {
+    async fn send_from_storage(&mut self, state: &HubState, mut group: Vec<String>) -> Flow<()> {
+        if group.is_empty() {
             return Ok(());
         }
-        let store = self.hub.storage().clone();
-        let requests = self.requests(&pending, None);
-        let mut batch = storage(store.bucket_data(group, cp, &requests, FETCH_LIMIT).await)?;
+        let (store, cp) = (self.hub.storage().clone(), state.checkpoint.op_id);
+        let requests = self.requests(&group, None);
+        let mut batch = storage(store.bucket_data(state.group, cp, &requests, FETCH_LIMIT).await)?;
         loop {
             let full = batch.resume.is_some();
-            let next = batch.resume.as_ref().map(|(bucket, after)| {
-                // Buckets before the one to resume are complete.
-                if let Some(pos) = pending.iter().position(|b| b == bucket) {
-                    pending.drain(..pos);
+            let next = match &batch.resume {
+                Some((bucket, after)) => {
+                    // Buckets before the one to resume are complete with this batch.
+                    if let Some(pos) = group.iter().position(|b| b == bucket) {
+                        for done in group.drain(..pos) {
+                            self.pending.remove(&done);
+                        }
+                    }
+                    Some(self.requests(&group, Some((bucket.as_str(), *after))))
                 }
-                self.requests(&pending, Some((bucket.as_str(), *after)))
-            });
+                None => None,
+            };
             let prefetch = async {
                 match &next {
-                    Some(requests) => store.bucket_data(group, cp, requests, FETCH_LIMIT).await.map(Some),
+                    Some(requests) => store.bucket_data(state.group, cp, requests, FETCH_LIMIT).await.map(Some),
                     None => Ok(None),
                 }
             };
@@ -401,14 +575,20 @@ impl<S: SyncStorage> Connection<S> {
             sent?;
             match storage(fetched)? {
                 Some(rows) => batch = rows,
-                None => return Ok(()),
+                None => {
+                    for done in group {
+                        self.pending.remove(&done);
+                    }
+                    return Ok(());
+                }
             }
+            self.yield_to_newer(state).await?;
         }
     }
 
-    /// (bucket, position) for each pending bucket; `continue_from` overrides one position.
-    fn requests(&self, pending: &[String], continue_from: Option<(&str, i64)>) -> Vec<(String, i64)> {
-        pending
+    /// (bucket, position) for each bucket of `group`; `continue_from` overrides one position.
+    fn requests(&self, group: &[String], continue_from: Option<(&str, i64)>) -> Vec<(String, i64)> {
+        group
             .iter()
             .map(|b| {
                 let position = match continue_from {
@@ -443,6 +623,7 @@ impl<S: SyncStorage> Connection<S> {
         let data: Vec<OplogLine<'_>> = ops.inspect(|op| next_after = Some(op.op_id)).map(op_line).collect();
         let Some(next_after) = next_after else { return Ok(()) };
         let after = self.positions.get(bucket).copied().unwrap_or(0);
+        self.interrupts.sent += data.len();
         let line = DataBatch {
             bucket,
             after: after.to_string(),
@@ -513,6 +694,27 @@ mod tests {
     fn limit_errors_name_the_largest_sources_first() {
         let items = [("by_list", 3), ("global", 1), ("by_list", 2), ("empty", 0)].map(|(n, c)| (n.to_string(), c));
         assert_eq!(breakdown(items.into_iter()), "by_list: 5, global: 1");
+    }
+
+    #[test]
+    fn each_interruption_in_a_row_needs_twice_the_ops_until_none_is_allowed() {
+        let mut interrupts = Interrupts {
+            sent: INTERRUPT_AFTER_OPS - 1,
+            in_a_row: 0,
+        };
+        assert!(!interrupts.due());
+        interrupts.sent += 1;
+        assert!(interrupts.due());
+        interrupts.interrupted();
+        interrupts.sent = INTERRUPT_AFTER_OPS;
+        assert!(!interrupts.due());
+        interrupts.sent = 2 * INTERRUPT_AFTER_OPS;
+        assert!(interrupts.due());
+        for _ in 1..MAX_INTERRUPTIONS {
+            interrupts.interrupted();
+        }
+        interrupts.sent = usize::MAX;
+        assert!(!interrupts.due(), "after {MAX_INTERRUPTIONS} in a row the download finishes");
     }
 
     #[test]

@@ -58,18 +58,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
     /// unreachable the hub keeps its last state (held streams stay open, idle) and retries
     /// with backoff; on reconnect it catches up from where it was.
     pub async fn start(storage: Arc<S>, listen: PgEndpoint, rules_options: SyncRulesOptions) -> Arc<CheckpointHub<S>> {
-        let (tx, rx) = watch::channel(None);
-        let hub = Arc::new(CheckpointHub {
-            misses: MissBatcher::start(storage.clone()),
-            storage,
-            state: rx,
-            shared: RwLock::new(Shared {
-                cache: BucketCache::default(),
-                lookup_history: VecDeque::new(),
-                write_checkpoints: HashMap::new(),
-            }),
-            storage_error: Mutex::new(None),
-        });
+        let (hub, tx) = Self::new(storage);
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -90,6 +79,23 @@ impl<S: SyncStorage> CheckpointHub<S> {
             }
         });
         hub
+    }
+
+    /// A hub that follows nothing yet, and the sender of its states.
+    pub(crate) fn new(storage: Arc<S>) -> (Arc<CheckpointHub<S>>, watch::Sender<Option<HubState>>) {
+        let (tx, rx) = watch::channel(None);
+        let hub = Arc::new(CheckpointHub {
+            misses: MissBatcher::start(storage.clone()),
+            storage,
+            state: rx,
+            shared: RwLock::new(Shared {
+                cache: BucketCache::default(),
+                lookup_history: VecDeque::new(),
+                write_checkpoints: HashMap::new(),
+            }),
+            storage_error: Mutex::new(None),
+        });
+        (hub, tx)
     }
 
     /// Why bucket storage cannot be followed right now; `None` when it can.
@@ -169,7 +175,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
     }
 
     /// Read the served stream from storage and switch to it, or advance to its checkpoint.
-    async fn reload(
+    pub(crate) async fn reload(
         &self,
         current: &mut Option<HubState>,
         tx: &watch::Sender<Option<HubState>>,

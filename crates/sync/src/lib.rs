@@ -7,9 +7,13 @@
 mod cache;
 pub mod connection;
 pub mod hub;
+#[cfg(test)]
+mod interrupt_tests;
 pub mod lines;
 mod misses;
 mod output;
+#[cfg(test)]
+mod testing;
 
 pub use connection::{connection_stream, ConnectionRequest, Limits, SyncError};
 pub use hub::CheckpointHub;

@@ -4,9 +4,11 @@
 mod abuse;
 mod chaos;
 mod checkpoint_requests;
+mod compression;
 mod failover;
 mod harness;
 mod kill;
+mod large_download;
 mod limits;
 mod live;
 mod network_cut;
