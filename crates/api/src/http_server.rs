@@ -21,6 +21,7 @@ mod prefixed;
 mod sniff;
 #[cfg(test)]
 mod tests;
+mod write_timeout;
 
 use crate::error::ServiceError;
 use axum::body::Body;
@@ -42,10 +43,6 @@ pub async fn serve(listener: TcpListener, router: Router) {
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {
-                // Sync lines are small and latency-bound: never hold them back for Nagle's algorithm.
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
                 tokio::spawn(connection(tcp, router.clone(), Timeouts::DEFAULT));
             }
             Err(e) => accept_error(e).await,
@@ -91,6 +88,10 @@ impl Timeouts {
 }
 
 async fn connection(mut tcp: TcpStream, router: Router, timeouts: Timeouts) {
+    // Sync lines are small and latency-bound: never hold them back for Nagle's algorithm.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
     let mut read = Vec::new();
     loop {
         match tokio::time::timeout(timeouts.request, sniff::sniff(&tcp, read)).await {

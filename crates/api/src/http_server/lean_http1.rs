@@ -12,7 +12,7 @@
 //! connection) at once. A write that makes no progress for the write timeout ends the
 //! connection.
 
-use super::prefixed::stalled;
+use super::write_timeout::WriteTimeout;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -46,7 +46,9 @@ impl Framing {
 /// request.
 pub async fn serve(tcp: &mut TcpStream, request: Box<Request>, router: Router, write_timeout: Duration) -> bool {
     let close_asked = asks_to_close(request.headers()) || is_sync_stream(&request);
-    let response = super::respond(router, *request).await;
+    // Boxed: the router's future is large, and unboxed it would size every held stream's
+    // task long after it finished.
+    let response = Box::pin(super::respond(router, *request)).await;
     let (parts, body) = response.into_parts();
     let close = close_asked || asks_to_close(&parts.headers);
     let framing = Framing::of(parts.status, body.size_hint().exact());
@@ -149,18 +151,7 @@ async fn write_data(tcp: &mut TcpStream, mut data: Bytes, framing: Framing, time
 /// Write all of `buf`, failing with `TimedOut` once a write made no progress for `timeout`
 /// (the client stopped reading).
 async fn write_all<B: Buf>(tcp: &mut TcpStream, buf: &mut B, timeout: Duration) -> io::Result<()> {
-    while buf.has_remaining() {
-        match tokio::time::timeout(timeout, tcp.write_buf(buf)).await {
-            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                tracing::debug!(?timeout, "closing a connection whose client stopped reading");
-                return Err(stalled(tcp, timeout));
-            }
-        }
-    }
-    Ok(())
+    WriteTimeout::new(tcp, timeout).write_all_buf(buf).await
 }
 
 /// Resolves when the client has closed its side or the connection broke.
