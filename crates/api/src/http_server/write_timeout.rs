@@ -21,6 +21,8 @@ pub struct WriteTimeout<T> {
     timeout: Duration,
     /// Armed when a write goes pending, disarmed when one makes progress; boxed so that a
     /// connection whose writes do not stall holds no timer, and a held stream's task stays small.
+    /// A write given up while pending leaves it armed: until some write gets through, the
+    /// socket's buffer has not drained, so the client has not been reading since.
     stall: Option<Pin<Box<Sleep>>>,
 }
 
