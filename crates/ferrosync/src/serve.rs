@@ -11,10 +11,13 @@ use ferrosync_pgconn::{LazyClient, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::PgStorage;
 use ferrosync_sync::{CheckpointHub, Limits};
+use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 
 pub(crate) fn load(path: &Path) -> Result<LoadedConfig> {
@@ -104,13 +107,12 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         checkpoint_requests: RequestRetention::new(Duration::from_secs(params.checkpoint_request_retention_minutes.saturating_mul(60))),
     });
     let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
-    let listener = listen(&addr).await.with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "ferrosync listening");
+    let listeners = listen(&addr).await.with_context(|| format!("binding {addr}"))?;
     state.probes.started.store(true, Ordering::Relaxed);
     // Sync streams never end on their own, so shutdown does not wait for them: clients
     // reconnect (to another instance) and resume from their positions.
     tokio::select! {
-        () = ferrosync_api::http_server::serve(listener, ferrosync_api::router(state)) => {}
+        () = ferrosync_api::http_server::serve_all(listeners, ferrosync_api::router(state)) => {}
         () = shutdown_signal() => tracing::info!("shutting down"),
     }
     if let Some(task) = replication {
@@ -122,21 +124,54 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     Ok(())
 }
 
+/// Bind every address `addr` resolves to: `localhost`, say, is often both 127.0.0.1 and ::1,
+/// and clients may try either. An address the machine lacks (::1 without IPv6) is skipped with
+/// a warning; any other failure, such as the port being taken, fails the start. With port 0
+/// the later addresses get the port the first one was given, so one port serves them all.
+async fn listen(addr: &str) -> Result<Vec<TcpListener>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    anyhow::ensure!(!addrs.is_empty(), "the bind address resolves to nothing");
+    listen_all(addrs)
+}
+
+fn listen_all(mut addrs: Vec<SocketAddr>) -> Result<Vec<TcpListener>> {
+    let mut seen = std::collections::HashSet::new();
+    addrs.retain(|addr| seen.insert(*addr));
+    let mut listeners: Vec<TcpListener> = Vec::new();
+    for mut addr in addrs {
+        if let (0, Some(first)) = (addr.port(), listeners.first()) {
+            addr.set_port(first.local_addr()?.port());
+        }
+        match bind(addr) {
+            Ok(listener) => {
+                tracing::info!(addr = %listener.local_addr()?, "ferrosync listening");
+                listeners.push(listener);
+            }
+            Err(e) if lacks_address(&e) => tracing::warn!(%addr, error = %e, "skipping an address this machine does not have"),
+            Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
+        }
+    }
+    anyhow::ensure!(!listeners.is_empty(), "this machine has none of the addresses");
+    Ok(listeners)
+}
+
 /// Bind with a deep accept backlog: thousands of clients reconnecting at once (after a deploy
 /// or a network blip) should queue, not have their SYNs dropped and retried a second later.
-async fn listen(addr: &str) -> Result<tokio::net::TcpListener> {
-    let addr = tokio::net::lookup_host(addr)
-        .await?
-        .next()
-        .context("bind address resolves to nothing")?;
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
+        TcpSocket::new_v4()?
     } else {
-        tokio::net::TcpSocket::new_v6()?
+        TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    Ok(socket.listen(8192)?)
+    socket.listen(8192)
+}
+
+/// The machine lacks the address (EADDRNOTAVAIL), or its whole family (EAFNOSUPPORT: a kernel
+/// without IPv6).
+fn lacks_address(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(libc::EAFNOSUPPORT)
 }
 
 fn hostname() -> String {
@@ -158,4 +193,84 @@ async fn shutdown_signal() {
         }
     }
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serve a one-route router on `listeners`; returns their addresses.
+    fn serve_ok(listeners: Vec<TcpListener>) -> Vec<SocketAddr> {
+        let addrs = listeners.iter().map(|l| l.local_addr().expect("local addr")).collect();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(ferrosync_api::http_server::serve_all(listeners, router));
+        addrs
+    }
+
+    async fn get(addr: SocketAddr) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut got))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        got
+    }
+
+    fn has_ipv6_loopback() -> bool {
+        std::net::TcpListener::bind("[::1]:0").is_ok()
+    }
+
+    #[tokio::test]
+    async fn every_address_localhost_resolves_to_is_served() {
+        let resolved: std::collections::HashSet<_> = tokio::net::lookup_host("localhost:0")
+            .await
+            .expect("resolve")
+            .map(|a| a.ip())
+            // An address the machine lacks is skipped (see the test below).
+            .filter(|ip| std::net::TcpListener::bind((*ip, 0)).is_ok())
+            .collect();
+        let addrs = serve_ok(listen("localhost:0").await.expect("listen"));
+        let bound: std::collections::HashSet<_> = addrs.iter().map(|a| a.ip()).collect();
+        assert_eq!(bound, resolved);
+        for addr in addrs {
+            assert!(get(addr).await.ends_with("\r\n\r\nok"), "{addr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn both_loopbacks_are_served_on_one_port() {
+        if !has_ipv6_loopback() {
+            eprintln!("no IPv6 loopback here: skipped");
+            return;
+        }
+        let v4: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let v6: SocketAddr = "[::1]:0".parse().expect("addr");
+        let addrs = serve_ok(listen_all(vec![v4, v6, v4]).expect("listen"));
+        assert_eq!(addrs.len(), 2, "{addrs:?}");
+        assert_eq!(addrs[0].port(), addrs[1].port(), "{addrs:?}");
+        for addr in addrs {
+            assert!(get(addr).await.ends_with("\r\n\r\nok"), "{addr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_addresses_are_skipped_and_taken_ports_fail() {
+        // 192.0.2.1 (TEST-NET-1) is no address of this machine.
+        let absent: SocketAddr = "192.0.2.1:0".parse().expect("addr");
+        let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let addrs = serve_ok(listen_all(vec![absent, local]).expect("listen"));
+        assert_eq!(addrs.len(), 1, "{addrs:?}");
+        assert!(get(addrs[0]).await.ends_with("\r\n\r\nok"));
+        let e = listen_all(vec![absent]).expect_err("nothing to bind");
+        assert!(e.to_string().contains("none of the addresses"), "{e:#}");
+        let taken = std::net::TcpListener::bind(local).expect("bind");
+        let taken = taken.local_addr().expect("addr");
+        let e = listen_all(vec![absent, taken]).expect_err("port taken");
+        assert_eq!(e.to_string(), format!("binding {taken}"), "{e:#}");
+    }
 }

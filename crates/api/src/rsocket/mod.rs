@@ -28,7 +28,7 @@ pub fn is_upgrade(request: &Request) -> bool {
 }
 
 /// `true` if the comma-separated header contains `token` (case-insensitive).
-fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub(crate) fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
