@@ -58,6 +58,9 @@ fn request(requests: &[(String, i64)], ord: i64) -> Option<&(String, i64)> {
 
 /// Most chunks of one bucket read by one [`SyncStorage::bucket_data`] call.
 const CHUNKS_PER_READ: i64 = 256;
+/// One [`SyncStorage::bucket_data`] call stops after the chunk that brings its row data to
+/// this size: with large rows an op-count limit alone would hold tens of MB per connection.
+const READ_BYTES: usize = 4 << 20;
 
 /// [`SyncStorage`] on PostgreSQL, over a few pipelined connections. A connection lost to a
 /// storage restart is replaced on its next use; until storage is back, reads fail fast with
@@ -184,6 +187,7 @@ impl SyncStorage for PgStorage {
         // Counted in whole chunks, before ops outside the range are dropped: the same total
         // the query cut at.
         let mut total: i64 = 0;
+        let mut row_bytes = 0;
         for r in &rows {
             let ord: i64 = r.get(0);
             chunks_of_bucket = if last.is_some_and(|(o, _)| o == ord) {
@@ -200,9 +204,10 @@ impl SyncStorage for PgStorage {
             batch.ops.extend(
                 ops.into_iter()
                     .filter(|op| op.op_id > *after && op.op_id <= checkpoint)
+                    .inspect(|op| row_bytes += op.data.as_ref().map_or(0, String::len))
                     .map(|op| (bucket.clone(), op)),
             );
-            if chunks_of_bucket == CHUNKS_PER_READ {
+            if chunks_of_bucket == CHUNKS_PER_READ || row_bytes >= READ_BYTES {
                 // This bucket may have more: stop here, later buckets are read next time.
                 capped = true;
                 break;

@@ -117,3 +117,36 @@ async fn op_chunks_read_back_exactly() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_large_rows_stop_at_a_byte_budget() -> Result<()> {
+    let cluster = PgCluster::start(PgOptions::default())?;
+    cluster.create_database("storage").await?;
+    let db = cluster.connect("storage").await?;
+    ferrosync_storage::schema::migrate(&db).await?;
+    // 60 rows of 300 KB (18 MB) in chunks of 5.
+    let ops: Vec<OplogEntry> = (1..=60)
+        .map(|op_id| OplogEntry {
+            data: Some("x".repeat(300 * 1024)),
+            ..op(op_id, &mut Rng(op_id as u64))
+        })
+        .collect();
+    for chunk_ops in ops.chunks(5) {
+        let checksum = chunk_ops.iter().fold(0u32, |s, o| s.wrapping_add(o.checksum));
+        db.execute(
+            "INSERT INTO ferrosync.op_chunks (group_id, bucket, last_op, first_op, op_count, checksum, ops) VALUES (1, 'a', $1, $2, $3, $4, $5)",
+            &[&chunk_ops[chunk_ops.len() - 1].op_id, &chunk_ops[0].op_id, &(chunk_ops.len() as i32), &i64::from(checksum), &chunk::encode(chunk_ops.iter())],
+        )
+        .await?;
+    }
+    let storage = PgStorage::connect(&ferrosync_storage::PgEndpoint::from_conn_str(&cluster.conn_str("storage"))?, 1).await?;
+    let first = storage.bucket_data(1, 60, &[("a".to_string(), 0)], 2000).await?;
+    let bytes: usize = first.ops.iter().map(|(_, o)| o.data.as_ref().map_or(0, String::len)).sum();
+    assert!(first.ops.len() < 60, "one read took all {} ops ({bytes} bytes)", first.ops.len());
+    assert!(bytes < 6 << 20, "one read holds {bytes} bytes");
+    assert_eq!(first.resume, Some(("a".to_string(), first.ops.len() as i64)));
+    // Read on from there, the rest arrives exactly.
+    let got = read_all(&storage, 60, &[("a".to_string(), 0)], 2000).await?;
+    assert_eq!(got["a"], (1..=60).collect::<Vec<i64>>());
+    Ok(())
+}

@@ -22,6 +22,10 @@ use tokio::sync::{oneshot, watch};
 const FETCH_LIMIT: usize = 2000;
 /// Most ops in one `data` line.
 const LINE_OPS: usize = 1000;
+/// A `data` line is cut once its row data reaches this size (it may exceed it by one op), as
+/// the reference cuts at 1 MiB: large rows must not make a line, and the buffers that encode
+/// and carry it, tens of MB.
+const LINE_BYTES: usize = 1 << 20;
 /// Ops sent for a checkpoint before a newer one may interrupt its download (the reference's
 /// rule); see [`Interrupts`].
 const INTERRUPT_AFTER_OPS: usize = 1000;
@@ -532,9 +536,12 @@ impl<S: SyncStorage> Connection<S> {
                 from_storage.push(bucket);
                 continue;
             };
-            for (i, chunk) in ops.chunks(LINE_OPS).enumerate() {
-                let has_more = (i + 1) * LINE_OPS < ops.len();
-                self.send_ops(&bucket, chunk.iter().map(|op| &**op), has_more).await?;
+            let mut start = 0;
+            while start < ops.len() {
+                let end = start + line_len(ops[start..].iter().map(|op| &**op));
+                self.send_ops(&bucket, ops[start..end].iter().map(|op| &**op), end < ops.len())
+                    .await?;
+                start = end;
             }
             self.pending.remove(&bucket);
             self.yield_to_newer(state).await?;
@@ -600,7 +607,7 @@ impl<S: SyncStorage> Connection<S> {
             .collect()
     }
 
-    /// One storage batch as `data` lines: a line per bucket run, at most [`LINE_OPS`] ops each.
+    /// One storage batch as `data` lines: a line per bucket run, cut by [`line_len`].
     async fn send_batch(&mut self, rows: &[(String, OplogEntry)], full: bool) -> Step<()> {
         let mut start = 0;
         while start < rows.len() {
@@ -609,7 +616,7 @@ impl<S: SyncStorage> Connection<S> {
                 .iter()
                 .position(|(b, _)| b != bucket)
                 .map_or(rows.len(), |n| start + n);
-            let end = run_end.min(start + LINE_OPS);
+            let end = start + line_len(rows[start..run_end].iter().map(|(_, op)| op));
             let has_more = end < run_end || (full && end == rows.len());
             self.send_ops(bucket, rows[start..end].iter().map(|(_, op)| op), has_more).await?;
             start = end;
@@ -635,6 +642,21 @@ impl<S: SyncStorage> Connection<S> {
         self.positions.insert(bucket.to_string(), next_after);
         Ok(())
     }
+}
+
+/// How many of `ops` go into the next `data` line: at most [`LINE_OPS`], and no more once the
+/// line holds [`LINE_BYTES`] of row data. At least one when `ops` is not empty.
+fn line_len<'o>(ops: impl Iterator<Item = &'o OplogEntry>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for op in ops.take(LINE_OPS) {
+        if n > 0 && bytes >= LINE_BYTES {
+            break;
+        }
+        bytes += op.data.as_ref().map_or(0, String::len);
+        n += 1;
+    }
+    n
 }
 
 /// `name: count` pairs, largest first: which definitions or queries went over a limit.
@@ -689,6 +711,30 @@ fn op_line(op: &ferrosync_storage::OplogEntry) -> OplogLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn op(data_len: usize) -> OplogEntry {
+        OplogEntry {
+            op_id: 1,
+            op: ferrosync_storage::OpType::Put,
+            object_type: Some("t".into()),
+            object_id: Some("1".into()),
+            subkey: None,
+            data: Some("x".repeat(data_len)),
+            checksum: 0,
+        }
+    }
+
+    #[test]
+    fn lines_are_cut_by_op_count_and_by_size() {
+        let small: Vec<_> = (0..2500).map(|_| op(10)).collect();
+        assert_eq!(line_len(small.iter()), LINE_OPS);
+        let large: Vec<_> = (0..3).map(|_| op(600 * 1024)).collect();
+        assert_eq!(line_len(large.iter()), 2, "cut once 1 MiB is reached");
+        assert_eq!(line_len(large[2..].iter()), 1);
+        let huge = [op(5 << 20), op(1)];
+        assert_eq!(line_len(huge.iter()), 1, "one op per line at least, however large");
+        assert_eq!(line_len([].iter()), 0);
+    }
 
     #[test]
     fn limit_errors_name_the_largest_sources_first() {
