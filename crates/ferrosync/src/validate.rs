@@ -241,10 +241,12 @@ fn check_pattern(pattern: &TablePattern, catalog: &Catalog, published: &HashSet<
         pattern.name_or_prefix(),
         if pattern.is_wildcard() { "%" } else { "" }
     );
+    // Warnings, as the reference's validator reports them ("Table s.t not found"): the service
+    // runs, and syncs the table's rows once it exists.
     if matches.is_empty() {
         match pattern.is_wildcard() {
             true => report.warning(format_args!("source: no table matches {name}, which the sync config reads")),
-            false => report.error(format_args!("source: table {name} does not exist, but the sync config reads it")),
+            false => report.warning(format_args!("source: Table {name} not found, but the sync config reads it")),
         }
         return;
     }
@@ -271,7 +273,7 @@ fn check_columns(
     for c in &use_.columns {
         // `_table_suffix` is provided for wildcard tables; `id` is checked like any other.
         if c != "_table_suffix" && !columns.iter().any(|col| &col.name == c) && seen.insert(format!("missing {table}.{c}")) {
-            report.error(format_args!("source: {definition}: column {c} does not exist in table {table}"));
+            report.warning(format_args!("source: {definition}: Column not found: {c} (table {table})"));
         }
     }
     for col in columns.iter().filter(|col| use_.wildcard || use_.outputs.contains(&col.name)) {
