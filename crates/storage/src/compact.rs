@@ -201,4 +201,4 @@ pub fn fold_leading(chunks: &[Chunk]) -> Option<Fold> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

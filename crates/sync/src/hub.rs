@@ -9,6 +9,7 @@ use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -51,6 +52,7 @@ pub struct CheckpointHub<S> {
     misses: MissBatcher,
     /// Why the hub cannot follow storage right now (`None` while it does).
     storage_error: Mutex<Option<String>>,
+    compaction_floor: AtomicI64,
 }
 
 impl<S: SyncStorage> CheckpointHub<S> {
@@ -94,6 +96,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 write_checkpoints: HashMap::new(),
             }),
             storage_error: Mutex::new(None),
+            compaction_floor: AtomicI64::new(0),
         });
         (hub, tx)
     }
@@ -250,7 +253,17 @@ impl<S: SyncStorage> CheckpointHub<S> {
             let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
             changes.buckets.iter().filter(|b| shared.cache.contains(b)).cloned().collect()
         };
-        let step = self.read_step(group, from, to, cached).await?;
+        let Some(step) = self.read_step(group, from, to, cached).await? else {
+            // Compacted against ops newer than `to`: what this range holds now does not add
+            // up to `to`. Start over; connections re-read what they need.
+            tracing::info!(
+                group,
+                to,
+                "buckets compacted past this hub's checkpoint; rebuilding the checkpoint cache"
+            );
+            self.reset(group, to);
+            return Ok(());
+        };
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         shared.cache.advance(to, &changes.buckets, step);
         shared.lookup_history.push_back((from, to, changes.lookups));
@@ -260,20 +273,42 @@ impl<S: SyncStorage> CheckpointHub<S> {
         Ok(())
     }
 
-    async fn read_step(&self, group: i64, from: i64, to: i64, buckets: Vec<String>) -> Result<Step, StorageError> {
+    /// The ops (or checksum increments) of `buckets` in `(from, to]`; `None` when compaction
+    /// already rewrote them against newer ops.
+    async fn read_step(&self, group: i64, from: i64, to: i64, buckets: Vec<String>) -> Result<Option<Step>, StorageError> {
         if buckets.is_empty() {
-            return Ok(Step::Ops(HashMap::new()));
+            return Ok(Some(Step::Ops(HashMap::new())));
         }
         let requests: Vec<(String, i64)> = buckets.iter().map(|b| (b.clone(), from)).collect();
         let batch = self.storage.bucket_data(group, to, &requests, STEP_OPS).await?;
+        self.note_compaction(batch.target_op);
+        if batch.target_op > to {
+            return Ok(None);
+        }
         if batch.resume.is_some() {
-            return Ok(Step::Checksums(self.storage.checksums(group, from, to, &buckets).await?));
+            let mut deltas = self.storage.checksums(group, from, to, &buckets).await?;
+            // Not increments: left out, so the cache drops them (see BucketCache::advance).
+            let cleared = self.storage.cleared(group, from, to, &buckets).await?;
+            deltas.retain(|b, _| !cleared.contains(b));
+            return Ok(Some(Step::Checksums(deltas)));
         }
         let mut ops: HashMap<String, Vec<OplogEntry>> = buckets.into_iter().map(|b| (b, Vec::new())).collect();
         for (bucket, op) in batch.ops {
             ops.entry(bucket).or_default().push(op);
         }
-        Ok(Step::Ops(ops))
+        Ok(Some(Step::Ops(ops)))
+    }
+
+    /// A read met ops that compaction rewrote against op `target_op`: no checkpoint below it
+    /// may complete on any connection of this process from now on (a client may hold such
+    /// ops from this download or an earlier one, and they do not reproduce older checkpoints).
+    pub fn note_compaction(&self, target_op: i64) {
+        self.compaction_floor.fetch_max(target_op, Ordering::Relaxed);
+    }
+
+    /// Checkpoints below this may not complete (see [`CheckpointHub::note_compaction`]).
+    pub fn compaction_floor(&self) -> i64 {
+        self.compaction_floor.load(Ordering::Relaxed)
     }
 
     async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {

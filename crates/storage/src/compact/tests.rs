@@ -30,10 +30,10 @@ const ROWS: usize = 4;
 
 /// What a client holds of one bucket: live PUTs by row key, and the two checksum halves.
 #[derive(Default, Clone, Debug, PartialEq)]
-struct ClientBucket {
+pub(crate) struct ClientBucket {
     rows: BTreeMap<(String, String, String), (i64, String, u32)>,
     add_checksum: u32,
-    position: i64,
+    pub(crate) position: i64,
     /// The newest checkpoint it downloaded for: checkpoints never go back for a client.
     /// (One served by a process whose hub lags behind another's could: as in the reference,
     /// `target_op` only guards the ops of the current download.)
@@ -41,7 +41,7 @@ struct ClientBucket {
 }
 
 impl ClientBucket {
-    fn apply(&mut self, op: &OplogEntry) {
+    pub(crate) fn apply(&mut self, op: &OplogEntry) {
         match op.op {
             OpType::Put | OpType::Remove => {
                 let key = (
@@ -68,11 +68,11 @@ impl ClientBucket {
         self.position = op.op_id;
     }
 
-    fn checksum(&self) -> u32 {
+    pub(crate) fn checksum(&self) -> u32 {
         self.rows.values().fold(self.add_checksum, |sum, (_, _, c)| sum.wrapping_add(*c))
     }
 
-    fn data(&self) -> BTreeMap<(String, String, String), String> {
+    pub(crate) fn data(&self) -> BTreeMap<(String, String, String), String> {
         self.rows.iter().map(|(k, (_, d, _))| (k.clone(), d.clone())).collect()
     }
 }
