@@ -457,7 +457,7 @@ impl<S: SyncStorage> Connection<S> {
         for (priority, group) in groups {
             let from_storage = self.send_recent(state, group).await?;
             self.send_from_storage(state, from_storage).await?;
-            if Some(priority) != last_priority && self.reproducible(cp) {
+            if Some(priority) != last_priority && self.reproducible(state) {
                 self.send(&Line::PartialCheckpointComplete(PartialCompleteLine {
                     last_op_id: cp.to_string(),
                     priority,
@@ -465,7 +465,7 @@ impl<S: SyncStorage> Connection<S> {
                 .await?;
             }
         }
-        self.incomplete = !self.reproducible(cp);
+        self.incomplete = !self.reproducible(state);
         if self.incomplete {
             // Protocol spec §6.3: the client waits for the next checkpoint, which completes.
             tracing::debug!(user = %self.req.user_key, checkpoint = cp, "checkpoint invalidated by compaction; not completing it");
@@ -485,8 +485,8 @@ impl<S: SyncStorage> Connection<S> {
 
     /// May checkpoint `cp` complete? Not below an op compaction rewrote ops against (see
     /// [`CheckpointHub::note_compaction`]).
-    fn reproducible(&self, cp: i64) -> bool {
-        cp >= self.hub.compaction_floor()
+    fn reproducible(&self, state: &HubState) -> bool {
+        state.checkpoint.op_id >= self.hub.compaction_floor(state.group)
     }
 
     /// Pending buckets by priority, each group in name order.
@@ -589,7 +589,7 @@ impl<S: SyncStorage> Connection<S> {
                     None => Ok(None),
                 }
             };
-            self.hub.note_compaction(batch.target_op);
+            self.hub.note_compaction(state.group, batch.target_op);
             let (fetched, sent) = tokio::join!(prefetch, self.send_batch(&batch.ops, full));
             sent?;
             match storage(fetched)? {

@@ -9,7 +9,6 @@ use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -52,7 +51,8 @@ pub struct CheckpointHub<S> {
     misses: MissBatcher,
     /// Why the hub cannot follow storage right now (`None` while it does).
     storage_error: Mutex<Option<String>>,
-    compaction_floor: AtomicI64,
+    /// (stream, op): see [`CheckpointHub::note_compaction`].
+    compaction_floor: Mutex<(i64, i64)>,
 }
 
 impl<S: SyncStorage> CheckpointHub<S> {
@@ -96,7 +96,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 write_checkpoints: HashMap::new(),
             }),
             storage_error: Mutex::new(None),
-            compaction_floor: AtomicI64::new(0),
+            compaction_floor: Mutex::new((0, 0)),
         });
         (hub, tx)
     }
@@ -281,7 +281,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
         }
         let requests: Vec<(String, i64)> = buckets.iter().map(|b| (b.clone(), from)).collect();
         let batch = self.storage.bucket_data(group, to, &requests, STEP_OPS).await?;
-        self.note_compaction(batch.target_op);
+        self.note_compaction(group, batch.target_op);
         if batch.target_op > to {
             return Ok(None);
         }
@@ -299,16 +299,29 @@ impl<S: SyncStorage> CheckpointHub<S> {
         Ok(Some(Step::Ops(ops)))
     }
 
-    /// A read met ops that compaction rewrote against op `target_op`: no checkpoint below it
-    /// may complete on any connection of this process from now on (a client may hold such
-    /// ops from this download or an earlier one, and they do not reproduce older checkpoints).
-    pub fn note_compaction(&self, target_op: i64) {
-        self.compaction_floor.fetch_max(target_op, Ordering::Relaxed);
+    /// A read of stream `group` met ops that compaction rewrote against op `target_op`: no
+    /// checkpoint of it below that op may complete on any connection of this process from now
+    /// on (a client may hold such ops from this download or an earlier one, and they do not
+    /// reproduce older checkpoints).
+    pub fn note_compaction(&self, group: i64, target_op: i64) {
+        let mut floor = self.compaction_floor.lock().unwrap_or_else(|e| e.into_inner());
+        // Each stream numbers its ops afresh: a newer stream's floor starts over.
+        match group.cmp(&floor.0) {
+            std::cmp::Ordering::Greater => *floor = (group, target_op),
+            std::cmp::Ordering::Equal => floor.1 = floor.1.max(target_op),
+            std::cmp::Ordering::Less => {}
+        }
     }
 
-    /// Checkpoints below this may not complete (see [`CheckpointHub::note_compaction`]).
-    pub fn compaction_floor(&self) -> i64 {
-        self.compaction_floor.load(Ordering::Relaxed)
+    /// Checkpoints of stream `group` below this may not complete (see
+    /// [`CheckpointHub::note_compaction`]).
+    pub fn compaction_floor(&self, group: i64) -> i64 {
+        let floor = self.compaction_floor.lock().unwrap_or_else(|e| e.into_inner());
+        if floor.0 == group {
+            floor.1
+        } else {
+            0
+        }
     }
 
     async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {

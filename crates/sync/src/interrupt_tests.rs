@@ -133,7 +133,7 @@ async fn a_checkpoint_compaction_invalidated_completes_at_the_next_one() {
         client.read_chunk(&mut stream).await;
     }
     assert_eq!(client.completed, None);
-    assert_eq!(hub.hub.compaction_floor(), 15);
+    assert_eq!(hub.hub.compaction_floor(1), 15);
     let cp2 = hub.publish().await;
     assert_eq!(cp2, 15);
     for _ in 0..10 {
