@@ -8,4 +8,5 @@ source scripts/node-env.sh
 cargo test --workspace -- --test-threads=2
 # The benchmark tool, end to end at a tiny scale (numbers are meaningless here; it must run).
 cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \
-  --rows 2000 --incremental-rows 2000 --latency-samples 10 --fanout 10,50 --fanout-rounds 2 --failover-rounds 2 > /dev/null
+  --rows 2000 --incremental-rows 2000 --latency-samples 10 --fanout 10,50 --fanout-rounds 2 --failover-rounds 2 \
+  --churn-rows 200 --churn-updates 2000 > /dev/null

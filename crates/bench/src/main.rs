@@ -3,11 +3,13 @@
 //! By default it sets up its own Postgres (fsync on) with the sample todo schema and data,
 //! starts a service binary, and measures: initial snapshot, idle RSS, storage size, commit →
 //! client latency, incremental replication, one-client downloads (NDJSON and BSON over HTTP,
-//! BSON over WebSocket), fan-out to many held streams (per transport) and `kill -9` failover (with a standby process, and with a restart). With `--url` and `--source-uri` it measures an already running
+//! BSON over WebSocket), fan-out to many held streams (per transport), compaction (a churned
+//! bucket before and after `ferrosync compact`) and `kill -9` failover (with a standby process, and with a restart). With `--url` and `--source-uri` it measures an already running
 //! PowerSync-compatible service instead. Results are printed as a markdown table (with the
 //! reference service's numbers and our targets) and appended to bench/RESULTS.md.
 
 mod client;
+mod compaction;
 mod encoding;
 mod eval;
 mod failover;
@@ -51,6 +53,12 @@ struct Args {
     /// Rounds (one INSERT each) per fan-out size.
     #[arg(long, default_value_t = 5)]
     fanout_rounds: usize,
+    /// Rows of one user updated over and over in the compaction phase.
+    #[arg(long, default_value_t = 10_000)]
+    churn_rows: i64,
+    /// Updates in the compaction phase (every row in turn, one transaction per round).
+    #[arg(long, default_value_t = 1_000_000)]
+    churn_updates: i64,
     /// kill -9 rounds in the failover phase (each: with a standby, and restart without one).
     #[arg(long, default_value_t = 5)]
     failover_rounds: usize,
@@ -126,6 +134,7 @@ enum Phase {
     Incremental,
     Download,
     Fanout,
+    Compaction,
     Failover,
 }
 
@@ -310,6 +319,10 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
                 eprintln!("fan-out ({}) stopped: {e:#}", transport.name());
             }
         }
+    }
+    if args.runs(Phase::Compaction) {
+        let r = compaction::compaction(t, run_id, args.churn_rows, args.churn_updates, args.stall()).await;
+        record(report, "compaction", &report::COMPACTION, r);
     }
     // Last: it kills and restarts service processes.
     if args.runs(Phase::Failover) {

@@ -107,7 +107,7 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-fn mb(bytes: i64) -> String {
+pub fn mb(bytes: i64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
@@ -273,7 +273,7 @@ pub async fn incremental(t: &mut Target, user: &str, rows: i64, stall: Duration)
 }
 
 /// Count ops outside `shared` buckets until `expected` arrived; returns when the last did.
-async fn count_new_ops(mut stream: SyncStream, shared: Vec<String>, expected: usize, stall: Duration) -> Result<Instant> {
+pub async fn count_new_ops(mut stream: SyncStream, shared: Vec<String>, expected: usize, stall: Duration) -> Result<Instant> {
     let mut seen = 0;
     while seen < expected {
         let event = stream

@@ -53,6 +53,49 @@ pub struct ServiceConfig {
     pub api: ApiConfig,
     pub telemetry: TelemetryConfig,
     pub migrations: MigrationsConfig,
+    /// ferrosync extension: `storage.compaction`.
+    pub compaction: CompactionConfig,
+}
+
+/// Background compaction of bucket histories (`storage.compaction`, a ferrosync extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionConfig {
+    /// `enabled`, default true.
+    pub enabled: bool,
+    /// `interval_seconds` between passes, default 300.
+    pub interval_seconds: u64,
+    /// `pause_ms` after each storage transaction of a pass, default 10: bounds its I/O.
+    pub pause_ms: u64,
+    /// `max_ops_per_pass`: no new bucket is started once a pass has read this many ops,
+    /// default 10,000,000.
+    pub max_ops_per_pass: u64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        CompactionConfig {
+            enabled: true,
+            interval_seconds: 300,
+            pause_ms: 10,
+            max_ops_per_pass: 10_000_000,
+        }
+    }
+}
+
+fn parse_compaction(storage: &Value, warnings: &mut Vec<String>) -> Result<CompactionConfig> {
+    let Some(v) = storage.get("compaction") else {
+        return Ok(CompactionConfig::default());
+    };
+    let mut c = Obj::new(v, "storage.compaction")?;
+    let default = CompactionConfig::default();
+    let config = CompactionConfig {
+        enabled: c.bool("enabled")?.unwrap_or(default.enabled),
+        interval_seconds: c.u64("interval_seconds")?.unwrap_or(default.interval_seconds).max(1),
+        pause_ms: c.u64("pause_ms")?.unwrap_or(default.pause_ms),
+        max_ops_per_pass: c.u64("max_ops_per_pass")?.unwrap_or(default.max_ops_per_pass).max(1),
+    };
+    c.finish(warnings);
+    Ok(config)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,8 +249,8 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         None => None,
     };
 
-    let storage = match obj.get("storage") {
-        Some(v) => parse_storage(v, "storage", warnings)?,
+    let (storage, compaction) = match obj.get("storage") {
+        Some(v) => (parse_storage(v, "storage", warnings)?, parse_compaction(v, warnings)?),
         None => return Err(ConfigError::invalid("storage", "required key is missing")),
     };
 
@@ -261,6 +304,7 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         api,
         telemetry,
         migrations,
+        compaction,
     })
 }
 

@@ -102,7 +102,8 @@ fn quote_value(v: &str) -> String {
 }
 
 /// Extra keys accepted on `storage`.
-const STORAGE_KEYS: &[&str] = &["batch_limits", "default_storage_version"];
+/// `compaction` is ferrosync's, read by [`crate::CompactionConfig`].
+const STORAGE_KEYS: &[&str] = &["batch_limits", "default_storage_version", "compaction"];
 
 pub(crate) enum ConnectionRole {
     Replication,

@@ -479,3 +479,20 @@ storage:
     let parsed: tokio_postgres::Config = c.storage.connection_string().parse().unwrap();
     assert_eq!(parsed.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
 }
+
+#[test]
+fn storage_compaction_keys() {
+    let loaded = load_yaml(STORAGE).unwrap();
+    assert_eq!(loaded.config.compaction, ferrosync_config::CompactionConfig::default());
+    assert!(loaded.config.compaction.enabled, "on by default");
+    let yaml = format!("{STORAGE}  compaction:\n    enabled: false\n    interval_seconds: 60\n    pause_ms: 0\n    max_ops_per_pass: 5000\n    colour: blue\n");
+    let loaded = load_yaml(&yaml).unwrap();
+    let c = &loaded.config.compaction;
+    assert_eq!(
+        (c.enabled, c.interval_seconds, c.pause_ms, c.max_ops_per_pass),
+        (false, 60, 0, 5000)
+    );
+    assert_eq!(loaded.warnings, vec!["unknown key `storage.compaction.colour` ignored".to_string()]);
+    let bad = format!("{STORAGE}  compaction:\n    interval_seconds: soon\n");
+    assert!(err_string(load_yaml(&bad)).contains("storage.compaction.interval_seconds"));
+}

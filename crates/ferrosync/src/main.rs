@@ -1,10 +1,12 @@
 //! `ferrosync`: a PowerSync-compatible sync service.
 //!
 //! Subcommands: `serve` (replication + sync API), `validate` (config, sync rules and the
-//! source tables they read), `explain` (a user's buckets and why),
-//! `migrate` (storage schema), `demo` (a local Postgres with a sample todo app, then serve).
+//! source tables they read), `explain` (a user's buckets and why), `compact` (bucket
+//! histories, once), `migrate` (storage schema), `demo` (a local Postgres with a sample todo
+//! app, then serve).
 
 mod columns;
+mod compact;
 mod demo;
 mod explain;
 mod replicator;
@@ -74,6 +76,11 @@ enum Command {
         /// Extra claims, a JSON object (e.g. `{"team_id":"t1"}` for `auth.parameter('team_id')`).
         #[arg(long)]
         claims: Option<String>,
+    },
+    /// Compact bucket histories once (superseded ops to MOVE, leading runs to CLEAR) and exit.
+    Compact {
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
     },
     /// Apply storage schema migrations and exit.
     Migrate {
@@ -149,6 +156,7 @@ fn main() -> ExitCode {
                 expires_in,
                 claims,
             } => token::run(&config, &user, expires_in, claims.as_deref()),
+            Command::Compact { config } => compact::run_once(&config).await,
             Command::Migrate { config } => serve::migrate(&config).await,
             Command::Demo { dir, port } => demo::run(&dir, port).await,
         }

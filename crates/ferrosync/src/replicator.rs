@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result};
 use ferrosync_api::probes::ProbeState;
-use ferrosync_config::PostgresConnectionConfig;
+use ferrosync_config::{CompactionConfig, PostgresConnectionConfig};
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_source::relation::RelationInfo;
@@ -38,6 +38,8 @@ pub struct ReplicatorConfig {
     pub owner: String,
     /// Where the replicator reports what it is doing (read by the probes).
     pub status: Arc<ProbeState>,
+    /// Background compaction, run by the lease holder only.
+    pub compaction: CompactionConfig,
 }
 
 /// How often a standby checks whether the lease holder is gone. Takeover happens within this
@@ -162,10 +164,19 @@ async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, 
         }
         repl.stream_changes().await
     };
+    // Compaction runs beside replication while this process holds the lease, so two
+    // processes never compact at once; it ends with the attempt.
+    let compaction = async {
+        match config.compaction.enabled {
+            true => crate::compact::background(config.storage.clone(), id, config.compaction.clone()).await,
+            false => std::future::pending().await,
+        }
+    };
     // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
     tokio::select! {
         result = replication => result,
         error = watch_slot(config, slot.clone()) => Err(error),
+        () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
     }
 }
 

@@ -88,6 +88,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
             rules_options: rules_options(),
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             status: probes.clone(),
+            compaction: config.compaction.clone(),
         })));
     }
     let storage = Arc::new(PgStorage::connect(&storage_endpoint, 4).await?);

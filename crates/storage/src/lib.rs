@@ -8,6 +8,8 @@
 pub mod checkpoint_requests;
 pub mod checksum;
 pub mod chunk;
+pub mod compact;
+pub mod compactor;
 pub mod error;
 pub mod lease;
 pub mod model;

@@ -51,6 +51,10 @@ pub struct OpBatch {
     /// lie beyond the last op returned), followed by the buckets requested after it. Buckets
     /// requested before it are complete.
     pub resume: Option<(String, i64)>,
+    /// The highest `target_op` of the chunks read (0: none). Above the checkpoint read, the
+    /// ops may not reproduce it: compaction rewrote some against newer ops (see
+    /// [`crate::compact`]), so that checkpoint must not be completed.
+    pub target_op: i64,
 }
 
 /// A consistent position: everything with `op_id <= op_id` is visible; `lsn` is the source position.

@@ -5,7 +5,7 @@ use crate::error::StorageError;
 use crate::model::{BucketChecksum, ChangeSet, OpBatch, StreamRecord, WriteCheckpoint};
 use crate::writer::{lsn_from_text, lsn_to_text};
 use ferrosync_pgconn::{LazyClient, PgEndpoint};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,16 @@ pub trait SyncStorage: Send + Sync + 'static {
         checkpoint: i64,
         buckets: &[String],
     ) -> impl Future<Output = Result<HashMap<String, BucketChecksum>, StorageError>> + Send;
+    /// Buckets among `buckets` whose ops in `(after, checkpoint]` begin with a CLEAR: their
+    /// [`SyncStorage::checksums`] over that range is the whole checksum, not an increment
+    /// (compaction folded the ops before the CLEAR into it).
+    fn cleared(
+        &self,
+        group: i64,
+        after: i64,
+        checkpoint: i64,
+        buckets: &[String],
+    ) -> impl Future<Output = Result<HashSet<String>, StorageError>> + Send;
     /// Buckets and lookups written in `(after, up_to]`.
     fn changes(&self, group: i64, after: i64, up_to: i64) -> impl Future<Output = Result<ChangeSet, StorageError>> + Send;
     /// Ops with `after < op_id <= checkpoint` for each requested bucket, in request order then
@@ -101,8 +111,9 @@ impl SyncStorage for PgStorage {
         checkpoint: i64,
         buckets: &[String],
     ) -> Result<HashMap<String, BucketChecksum>, StorageError> {
-        // Chunks never straddle a checkpoint (a flush is written whole before one is taken),
-        // so the second arm is normally empty; it keeps arbitrary ranges exact.
+        // Chunks the writer stores never straddle a checkpoint (a flush is written whole
+        // before one is taken), and compaction only merges them below the newest one, so the
+        // second arm is normally empty; it keeps arbitrary ranges exact.
         let rows = self
             .client()
             .await?
@@ -138,6 +149,19 @@ impl SyncStorage for PgStorage {
         Ok(out)
     }
 
+    async fn cleared(&self, group: i64, after: i64, checkpoint: i64, buckets: &[String]) -> Result<HashSet<String>, StorageError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT DISTINCT bucket FROM ferrosync.op_chunks
+                 WHERE group_id = $1 AND bucket = ANY($2) AND clear AND last_op > $3 AND last_op <= $4",
+                &[&(group as i32), &buckets, &after, &checkpoint],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     async fn changes(&self, group: i64, after: i64, up_to: i64) -> Result<ChangeSet, StorageError> {
         // One round trip: the prune horizon, then the change records (NULLs when none).
         let rows = self
@@ -169,11 +193,11 @@ impl SyncStorage for PgStorage {
             .client()
             .await?
             .query(
-                "SELECT ord, ops, total, last_op FROM (
-                    SELECT r.ord, c.ops, c.last_op, c.op_count, sum(c.op_count) OVER (ORDER BY r.ord, c.last_op) AS total
+                "SELECT ord, ops, total, last_op, target_op FROM (
+                    SELECT r.ord, c.ops, c.last_op, c.op_count, c.target_op, sum(c.op_count) OVER (ORDER BY r.ord, c.last_op) AS total
                     FROM unnest($2::text[], $3::int8[]) WITH ORDINALITY AS r(bucket, after_op, ord)
                     CROSS JOIN LATERAL (
-                        SELECT ops, last_op, op_count FROM ferrosync.op_chunks c
+                        SELECT ops, last_op, op_count, target_op FROM ferrosync.op_chunks c
                         WHERE c.group_id = $1 AND c.bucket = r.bucket AND c.last_op > r.after_op AND c.first_op <= $4
                         ORDER BY c.last_op LIMIT $6) c
                  ) t WHERE total - op_count < $5 ORDER BY ord, last_op",
@@ -197,6 +221,7 @@ impl SyncStorage for PgStorage {
             };
             total = r.get(2);
             last = Some((ord, r.get(3)));
+            batch.target_op = batch.target_op.max(r.get(4));
             let Some((bucket, after)) = request(requests, ord) else {
                 return Err(StorageError::Corrupt(format!("bucket_data: unexpected ordinal {ord}")));
             };

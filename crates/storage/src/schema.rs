@@ -136,6 +136,24 @@ ALTER TABLE ferrosync.write_checkpoints ADD COLUMN requested_at timestamptz;
 CREATE INDEX write_checkpoints_requested_at ON ferrosync.write_checkpoints (requested_at) WHERE requested_at IS NOT NULL;
 "#,
     ),
+    (
+        5,
+        r#"
+-- Compaction (see compact.rs). target_op: the newest op that superseded an op this chunk
+-- rewrote as MOVE or folded into its CLEAR (0: none); a client downloading an older
+-- checkpoint cannot reproduce it from this chunk. clear: the chunk holds only a CLEAR, and
+-- its first_op is where the folded range began.
+ALTER TABLE ferrosync.op_chunks ADD COLUMN target_op bigint NOT NULL DEFAULT 0;
+ALTER TABLE ferrosync.op_chunks ADD COLUMN clear boolean NOT NULL DEFAULT false;
+-- Per bucket: compacted up to this checkpoint; a bucket with no newer ops is skipped.
+CREATE TABLE ferrosync.bucket_compaction (
+    group_id integer NOT NULL,
+    bucket text COLLATE "C" NOT NULL,
+    compacted_to bigint NOT NULL,
+    PRIMARY KEY (group_id, bucket)
+);
+"#,
+    ),
 ];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several

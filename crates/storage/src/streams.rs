@@ -206,7 +206,13 @@ pub async fn save_table_progress(
 /// Delete everything a stream replicated (a snapshot that must restart from scratch).
 pub async fn clear_group(client: &Client, group: i64) -> Result<(), StorageError> {
     let g = group as i32;
-    for table in ["op_chunks", "current_data", "bucket_parameters", "bucket_changes"] {
+    for table in [
+        "op_chunks",
+        "current_data",
+        "bucket_parameters",
+        "bucket_changes",
+        "bucket_compaction",
+    ] {
         client
             .execute(&format!("DELETE FROM ferrosync.{table} WHERE group_id = $1"), &[&g])
             .await?;

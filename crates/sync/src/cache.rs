@@ -3,7 +3,7 @@
 //! memory, so one insert fanned out to thousands of clients costs one storage read, not one per
 //! client.
 
-use ferrosync_storage::{BucketChecksum, OplogEntry};
+use ferrosync_storage::{BucketChecksum, OpType, OplogEntry};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -115,6 +115,10 @@ impl BucketCache {
         for (bucket, new_ops) in ops {
             let Some(e) = self.entries.get_mut(&bucket) else { continue };
             for op in new_ops {
+                if op.op == OpType::Clear {
+                    // Compaction folded everything before it into this op: start over.
+                    e.checksum = BucketChecksum::default();
+                }
                 e.checksum.checksum = e.checksum.checksum.wrapping_add(op.checksum);
                 e.checksum.count += 1;
                 e.ops.push(Arc::new(op));
@@ -144,7 +148,6 @@ impl BucketCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrosync_storage::OpType;
 
     fn op(op_id: i64, checksum: u32) -> OplogEntry {
         OplogEntry {
@@ -192,6 +195,18 @@ mod tests {
         assert!(!cache.contains("b"));
         assert_eq!(ids(cache.ops_after("a", 19)), None);
         assert_eq!(ids(cache.ops_after("a", 20)), Some(vec![]));
+    }
+
+    #[test]
+    fn a_clear_replaces_the_checksum_before_it() {
+        let mut cache = BucketCache::default();
+        cache.reset(1, 10);
+        cache.insert("b".into(), BucketChecksum { checksum: 5, count: 9 });
+        let changed: HashSet<String> = ["b".to_string()].into();
+        let mut clear = op(11, 100);
+        clear.op = OpType::Clear;
+        cache.advance(12, &changed, Step::Ops([("b".to_string(), vec![clear, op(12, 2)])].into()));
+        assert_eq!(cache.checksum("b"), Some(BucketChecksum { checksum: 102, count: 2 }));
     }
 
     #[test]

@@ -153,6 +153,10 @@ struct Connection<S> {
     /// The checkpoint `dynamic` is valid at.
     resolved_at: i64,
     write_checkpoint: Option<i64>,
+    /// The last checkpoint announced was not completed: compaction rewrote ops it sent
+    /// against newer ones. A later checkpoint gets a line (if need be an empty diff) and its
+    /// `checkpoint_complete`.
+    incomplete: bool,
 }
 
 /// Serve one connection until the client disconnects, the token expires, or the active sync
@@ -186,6 +190,7 @@ pub fn connection_stream<S: SyncStorage>(
         fetched: Vec::new(),
         resolved_at: 0,
         write_checkpoint: None,
+        incomplete: false,
     };
     let chunks = ChunkStream::new(
         async move {
@@ -399,7 +404,7 @@ impl<S: SyncStorage> Connection<S> {
             })
             .collect();
         let removed: Vec<String> = previous.keys().filter(|b| !next.contains_key(*b)).cloned().collect();
-        if updated.is_empty() && removed.is_empty() && write_checkpoint == self.write_checkpoint {
+        if updated.is_empty() && removed.is_empty() && write_checkpoint == self.write_checkpoint && !self.incomplete {
             return Ok(Next::Unchanged(next));
         }
         Ok(Next::Line(Box::new(Plan {
@@ -456,7 +461,7 @@ impl<S: SyncStorage> Connection<S> {
         for (priority, group) in groups {
             let from_storage = self.send_recent(state, group).await?;
             self.send_from_storage(state, from_storage).await?;
-            if Some(priority) != last_priority {
+            if Some(priority) != last_priority && self.reproducible(state) {
                 self.send(&Line::PartialCheckpointComplete(PartialCompleteLine {
                     last_op_id: cp.to_string(),
                     priority,
@@ -464,15 +469,28 @@ impl<S: SyncStorage> Connection<S> {
                 .await?;
             }
         }
-        self.send_now(&Line::CheckpointComplete(CompleteLine {
-            last_op_id: cp.to_string(),
-        }))
-        .await?;
+        self.incomplete = !self.reproducible(state);
+        if self.incomplete {
+            // Protocol spec §6.3: the client waits for the next checkpoint, which completes.
+            tracing::debug!(user = %self.req.user_key, checkpoint = cp, "checkpoint invalidated by compaction; not completing it");
+            self.flush().await?;
+        } else {
+            self.send_now(&Line::CheckpointComplete(CompleteLine {
+                last_op_id: cp.to_string(),
+            }))
+            .await?;
+        }
         self.interrupts = Interrupts::default();
         // Empty by now: give its memory back, an idle connection holds nothing.
         self.pending = HashSet::new();
         self.advance_positions(cp);
         Ok(())
+    }
+
+    /// May checkpoint `cp` complete? Not below an op compaction rewrote ops against (see
+    /// [`CheckpointHub::note_compaction`]).
+    fn reproducible(&self, state: &HubState) -> bool {
+        state.checkpoint.op_id >= self.hub.compaction_floor(state.group)
     }
 
     /// Pending buckets by priority, each group in name order.
@@ -578,6 +596,7 @@ impl<S: SyncStorage> Connection<S> {
                     None => Ok(None),
                 }
             };
+            self.hub.note_compaction(state.group, batch.target_op);
             let (fetched, sent) = tokio::join!(prefetch, self.send_batch(&batch.ops, full));
             sent?;
             match storage(fetched)? {

@@ -51,6 +51,8 @@ pub struct CheckpointHub<S> {
     misses: MissBatcher,
     /// Why the hub cannot follow storage right now (`None` while it does).
     storage_error: Mutex<Option<String>>,
+    /// (stream, op): see [`CheckpointHub::note_compaction`].
+    compaction_floor: Mutex<(i64, i64)>,
 }
 
 impl<S: SyncStorage> CheckpointHub<S> {
@@ -94,6 +96,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 write_checkpoints: HashMap::new(),
             }),
             storage_error: Mutex::new(None),
+            compaction_floor: Mutex::new((0, 0)),
         });
         (hub, tx)
     }
@@ -250,7 +253,17 @@ impl<S: SyncStorage> CheckpointHub<S> {
             let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
             changes.buckets.iter().filter(|b| shared.cache.contains(b)).cloned().collect()
         };
-        let step = self.read_step(group, from, to, cached).await?;
+        let Some(step) = self.read_step(group, from, to, cached).await? else {
+            // Compacted against ops newer than `to`: what this range holds now does not add
+            // up to `to`. Start over; connections re-read what they need.
+            tracing::info!(
+                group,
+                to,
+                "buckets compacted past this hub's checkpoint; rebuilding the checkpoint cache"
+            );
+            self.reset(group, to);
+            return Ok(());
+        };
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         shared.cache.advance(to, &changes.buckets, step);
         shared.lookup_history.push_back((from, to, changes.lookups));
@@ -260,20 +273,55 @@ impl<S: SyncStorage> CheckpointHub<S> {
         Ok(())
     }
 
-    async fn read_step(&self, group: i64, from: i64, to: i64, buckets: Vec<String>) -> Result<Step, StorageError> {
+    /// The ops (or checksum increments) of `buckets` in `(from, to]`; `None` when compaction
+    /// already rewrote them against newer ops.
+    async fn read_step(&self, group: i64, from: i64, to: i64, buckets: Vec<String>) -> Result<Option<Step>, StorageError> {
         if buckets.is_empty() {
-            return Ok(Step::Ops(HashMap::new()));
+            return Ok(Some(Step::Ops(HashMap::new())));
         }
         let requests: Vec<(String, i64)> = buckets.iter().map(|b| (b.clone(), from)).collect();
         let batch = self.storage.bucket_data(group, to, &requests, STEP_OPS).await?;
+        self.note_compaction(group, batch.target_op);
+        if batch.target_op > to {
+            return Ok(None);
+        }
         if batch.resume.is_some() {
-            return Ok(Step::Checksums(self.storage.checksums(group, from, to, &buckets).await?));
+            let mut deltas = self.storage.checksums(group, from, to, &buckets).await?;
+            // Not increments: left out, so the cache drops them (see BucketCache::advance).
+            let cleared = self.storage.cleared(group, from, to, &buckets).await?;
+            deltas.retain(|b, _| !cleared.contains(b));
+            return Ok(Some(Step::Checksums(deltas)));
         }
         let mut ops: HashMap<String, Vec<OplogEntry>> = buckets.into_iter().map(|b| (b, Vec::new())).collect();
         for (bucket, op) in batch.ops {
             ops.entry(bucket).or_default().push(op);
         }
-        Ok(Step::Ops(ops))
+        Ok(Some(Step::Ops(ops)))
+    }
+
+    /// A read of stream `group` met ops that compaction rewrote against op `target_op`: no
+    /// checkpoint of it below that op may complete on any connection of this process from now
+    /// on (a client may hold such ops from this download or an earlier one, and they do not
+    /// reproduce older checkpoints).
+    pub fn note_compaction(&self, group: i64, target_op: i64) {
+        let mut floor = self.compaction_floor.lock().unwrap_or_else(|e| e.into_inner());
+        // Each stream numbers its ops afresh: a newer stream's floor starts over.
+        match group.cmp(&floor.0) {
+            std::cmp::Ordering::Greater => *floor = (group, target_op),
+            std::cmp::Ordering::Equal => floor.1 = floor.1.max(target_op),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+
+    /// Checkpoints of stream `group` below this may not complete (see
+    /// [`CheckpointHub::note_compaction`]).
+    pub fn compaction_floor(&self, group: i64) -> i64 {
+        let floor = self.compaction_floor.lock().unwrap_or_else(|e| e.into_inner());
+        if floor.0 == group {
+            floor.1
+        } else {
+            0
+        }
     }
 
     async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {

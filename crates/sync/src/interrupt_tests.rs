@@ -1,5 +1,5 @@
-//! Newer checkpoints interrupting long downloads (protocol spec §7.3), driven line by line
-//! through in-memory storage.
+//! Newer checkpoints interrupting long downloads (protocol spec §7.3), and checkpoints
+//! compaction invalidated (§6.3), driven line by line through in-memory storage.
 
 use crate::testing::{Client, MemStorage, TestHub};
 
@@ -114,4 +114,34 @@ async fn downloads_complete_while_checkpoints_keep_arriving() {
     assert!(client.lines_of("checkpoint_diff").count() >= 2, "the download was interrupted");
     assert!(published.contains(&completed));
     assert_eq!(op_ids(&client, REST), hub.storage.op_ids(REST, completed));
+}
+
+/// Protocol spec §6.3: a download that met ops compaction rewrote against newer ops does not
+/// complete its checkpoint; the next one that covers those ops completes, even when none of
+/// the client's buckets changed.
+#[tokio::test]
+async fn a_checkpoint_compaction_invalidated_completes_at_the_next_one() {
+    let storage = MemStorage::new(RULES);
+    storage.append(FIRST, 10);
+    let mut hub = TestHub::start(storage).await;
+    // Compacted against op 15, which this hub has not seen yet.
+    hub.storage.append("1#someone_else[]", 5);
+    hub.storage.compacted(15);
+    let mut stream = hub.connect();
+    let mut client = Client::default();
+    while op_ids(&client, FIRST).len() < 10 {
+        client.read_chunk(&mut stream).await;
+    }
+    assert_eq!(client.completed, None);
+    assert_eq!(hub.hub.compaction_floor(1), 15);
+    let cp2 = hub.publish().await;
+    assert_eq!(cp2, 15);
+    for _ in 0..10 {
+        if client.completed.is_some() {
+            break;
+        }
+        client.read_chunk(&mut stream).await;
+    }
+    assert_eq!(client.completed, Some(cp2));
+    assert_eq!(client.lines_of("checkpoint_complete").count(), 1);
 }

@@ -123,6 +123,9 @@ mod tests {
                 .map(|b| (b.clone(), sum(b)))
                 .collect())
         }
+        async fn cleared(&self, _: i64, _: i64, _: i64, _: &[String]) -> Result<HashSet<String>, StorageError> {
+            Ok(HashSet::new())
+        }
         async fn changes(&self, _: i64, _: i64, _: i64) -> Result<ChangeSet, StorageError> {
             Ok(ChangeSet::default())
         }

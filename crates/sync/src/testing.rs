@@ -12,7 +12,7 @@ use ferrosync_storage::{
 };
 use futures::{Stream, StreamExt};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -21,6 +21,8 @@ struct Log {
     checkpoint: i64,
     last_op: i64,
     ops: BTreeMap<String, Vec<OplogEntry>>,
+    /// What reads report as [`OpBatch::target_op`].
+    target_op: i64,
 }
 
 /// Every bucket's ops in memory. Appended ops become visible at [`MemStorage::commit`].
@@ -58,6 +60,11 @@ impl MemStorage {
             };
             log.ops.entry(bucket.to_string()).or_default().push(op);
         }
+    }
+
+    /// From now on, reads report ops compacted against op `target_op`.
+    pub fn compacted(&self, target_op: i64) {
+        self.log().target_op = target_op;
     }
 
     /// Make everything appended visible; returns the new checkpoint.
@@ -113,6 +120,16 @@ impl SyncStorage for MemStorage {
         Ok(out)
     }
 
+    async fn cleared(&self, _: i64, after: i64, checkpoint: i64, buckets: &[String]) -> Result<HashSet<String>, StorageError> {
+        let log = self.log();
+        let cleared = |b: &&String| {
+            let ops = log.ops.get(*b).into_iter().flatten();
+            ops.filter(|o| o.op_id > after && o.op_id <= checkpoint)
+                .any(|o| o.op == OpType::Clear)
+        };
+        Ok(buckets.iter().filter(cleared).cloned().collect())
+    }
+
     async fn changes(&self, _: i64, after: i64, up_to: i64) -> Result<ChangeSet, StorageError> {
         let log = self.log();
         let changed = |ops: &Vec<OplogEntry>| ops.iter().any(|o| o.op_id > after && o.op_id <= up_to);
@@ -125,7 +142,10 @@ impl SyncStorage for MemStorage {
 
     async fn bucket_data(&self, _: i64, checkpoint: i64, requests: &[(String, i64)], limit: usize) -> Result<OpBatch, StorageError> {
         let log = self.log();
-        let mut batch = OpBatch::default();
+        let mut batch = OpBatch {
+            target_op: log.target_op,
+            ..OpBatch::default()
+        };
         for (bucket, after) in requests {
             let ops = log.ops.get(bucket).into_iter().flatten();
             for op in ops.filter(|o| o.op_id > *after && o.op_id <= checkpoint) {

@@ -92,6 +92,19 @@ impl Service {
         Ok(())
     }
 
+    /// Add `storage.compaction` keys (YAML lines, e.g. `interval_seconds: 1`); call before starting.
+    pub fn storage_compaction(&self, keys: &[&str]) -> Result<()> {
+        let path = self.dir.path().join("powersync.yaml");
+        let config = std::fs::read_to_string(&path)?;
+        let section = "storage:\n  type: postgresql\n";
+        if !config.contains(section) {
+            bail!("no storage section in {config}");
+        }
+        let lines: String = keys.iter().map(|k| format!("    {k}\n")).collect();
+        std::fs::write(path, config.replace(section, &format!("{section}  compaction:\n{lines}")))?;
+        Ok(())
+    }
+
     /// Start the binary and wait until it answers HTTP.
     pub async fn start(&mut self) -> Result<()> {
         self.spawn()?;
@@ -385,6 +398,11 @@ impl ClientState {
                     }
                     Some("REMOVE") => {
                         bucket.rows.remove(&key);
+                    }
+                    Some("MOVE") => {}
+                    Some("CLEAR") => {
+                        bucket.rows.clear();
+                        bucket.checksum = op["checksum"].as_i64().context("checksum")? as u32;
                     }
                     other => bail!("unexpected op {other:?}"),
                 }

@@ -4,6 +4,7 @@
 mod abuse;
 mod chaos;
 mod checkpoint_requests;
+mod compaction;
 mod compression;
 mod failover;
 mod harness;
