@@ -325,7 +325,10 @@ fn parse_system(v: &Value, path: &str, warnings: &mut Vec<String>) -> Result<Log
             let level = match logging.string("level")? {
                 Some(name) => Some(LogLevel::parse(&name).ok_or_else(|| {
                     let names: Vec<&str> = LogLevel::NAMES.iter().map(|(n, _)| *n).collect();
-                    ConfigError::invalid(logging.key_path("level"), format!("unknown level {name:?} (one of {})", names.join(", ")))
+                    ConfigError::invalid(
+                        logging.key_path("level"),
+                        format!("unknown level {name:?} (one of {})", names.join(", ")),
+                    )
                 })?),
                 None => None,
             };

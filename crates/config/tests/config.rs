@@ -1,7 +1,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use ferrosync_config::{load_config_file, load_config_str, ConfigError, ConfigFormat, LoadedConfig, LogFormat, LogLevel, LoggingConfig, SslMode};
+use ferrosync_config::{
+    load_config_file, load_config_str, ConfigError, ConfigFormat, LoadedConfig, LogFormat, LogLevel, LoggingConfig, SslMode,
+};
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -155,7 +157,10 @@ fn system_logging_level_and_format() {
         }
     );
     let e = err_string(load_yaml(&format!("{STORAGE}system:\n  logging:\n    level: loud\n")));
-    assert!(e.contains("system.logging.level") && e.contains("\"loud\"") && e.contains("silly"), "{e}");
+    assert!(
+        e.contains("system.logging.level") && e.contains("\"loud\"") && e.contains("silly"),
+        "{e}"
+    );
     let e = err_string(load_yaml(&format!("{STORAGE}system:\n  logging:\n    format: xml\n")));
     assert!(e.contains("system.logging.format") && e.contains("json or text"), "{e}");
     let c = load_yaml(&format!("{STORAGE}system:\n  logging:\n    colour: true\n")).unwrap();

@@ -90,7 +90,10 @@ mod tests {
             metrics::histogram!(CHECKPOINT_FANOUT).record(0.2);
         });
         let text = handle.render();
-        assert!(text.contains("ferrosync_checkpoint_fanout_seconds_bucket{le=\"0.005\"} 1"), "{text}");
+        assert!(
+            text.contains("ferrosync_checkpoint_fanout_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("ferrosync_checkpoint_fanout_seconds_bucket{le=\"0.25\"} 2"), "{text}");
         assert!(text.contains("ferrosync_checkpoint_fanout_seconds_count 2"), "{text}");
     }

@@ -149,9 +149,20 @@ impl Drop for ConnectionGauge {
 pub fn describe() {
     describe_gauge!(CONCURRENT_CONNECTIONS, "Open sync streams");
     describe_counter!(OPERATIONS_SYNCED, "Operations sent to clients");
-    describe_counter!(DATA_SYNCED_BYTES, Unit::Bytes, "Bytes of sync lines sent to clients, before compression");
-    describe_counter!(DATA_SENT_BYTES, Unit::Bytes, "Bytes of sync stream bodies sent to clients, after compression and framing");
-    describe_counter!(ROWS_REPLICATED, "Source rows replicated (snapshot and changes of tables the sync config reads)");
+    describe_counter!(
+        DATA_SYNCED_BYTES,
+        Unit::Bytes,
+        "Bytes of sync lines sent to clients, before compression"
+    );
+    describe_counter!(
+        DATA_SENT_BYTES,
+        Unit::Bytes,
+        "Bytes of sync stream bodies sent to clients, after compression and framing"
+    );
+    describe_counter!(
+        ROWS_REPLICATED,
+        "Source rows replicated (snapshot and changes of tables the sync config reads)"
+    );
     describe_counter!(TRANSACTIONS_REPLICATED, "Source transactions replicated");
     describe_counter!(CHUNKS_REPLICATED, "Batches of replication messages processed");
     describe_counter!(DATA_REPLICATED_BYTES, Unit::Bytes, "Bytes of logical replication messages received");
@@ -162,7 +173,11 @@ pub fn describe() {
     describe_gauge!(CONNECTIONS_BY_TRANSPORT, "Open sync streams by transport");
     describe_counter!(ERRORS, "Errors reported to clients or ending sync streams, by PSYNC code");
     describe_gauge!(STREAM_LAG_BYTES, Unit::Bytes, "WAL the replication slot holds back, by slot");
-    describe_gauge!(STREAM_LAG_SECONDS, Unit::Seconds, "Age of the last replicated commit when it was stored, by slot; 0 when caught up");
+    describe_gauge!(
+        STREAM_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the last replicated commit when it was stored, by slot; 0 when caught up"
+    );
     describe_gauge!(SNAPSHOT_ROWS, "Rows copied by the initial snapshot, by table");
     describe_gauge!(SNAPSHOT_ROWS_ESTIMATED, "Estimated rows of a table being snapshotted");
     describe_histogram!(
