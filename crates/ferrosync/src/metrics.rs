@@ -24,7 +24,7 @@ const STORAGE_SIZES: &str = "SELECT
 
 /// Install the recorder and serve `GET /metrics` on `host:port`. Call before anything records
 /// (see `ferrosync_metrics::get`).
-pub async fn start(host: &str, port: u16, storage: PgEndpoint) -> Result<()> {
+pub async fn start(host: &str, port: u16) -> Result<()> {
     let handle = install()?;
     let listeners = crate::serve::listen(&format!("{host}:{port}"))
         .await
@@ -38,8 +38,12 @@ pub async fn start(host: &str, port: u16, storage: PgEndpoint) -> Result<()> {
             handle.run_upkeep();
         }
     });
-    tokio::spawn(sample_storage(LazyClient::new(storage, None)));
     Ok(())
+}
+
+/// Sample bucket storage sizes from now on (once its schema exists).
+pub fn sample_storage_sizes(storage: PgEndpoint) {
+    tokio::spawn(sample_storage(LazyClient::new(storage, None)));
 }
 
 fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder> {

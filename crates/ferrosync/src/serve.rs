@@ -63,8 +63,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     check_rules(&sync.content)?;
     let host = bind.unwrap_or_else(|| config.bind_address.clone());
     if let Some(port) = config.telemetry.prometheus_port {
-        let storage = PgEndpoint::from_config(&config.storage).context("bucket storage")?;
-        crate::metrics::start(&host, port, storage).await?;
+        crate::metrics::start(&host, port).await?;
     }
     // Connection settings and TLS problems (unknown CA, host name mismatch, expired
     // certificate) stop the start with the cause; later outages are ridden out.
@@ -76,6 +75,9 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         ferrosync_storage::schema::migrate(&storage_client).await?;
     }
     drop(storage_client);
+    if config.telemetry.prometheus_port.is_some() {
+        crate::metrics::sample_storage_sizes(storage_endpoint.clone());
+    }
     let probes = Arc::new(ProbeState::default());
     let mut source_client = None;
     let mut replication = None;

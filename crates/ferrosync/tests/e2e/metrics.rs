@@ -183,5 +183,23 @@ async fn metrics_follow_connections_replication_and_downloads() -> Result<()> {
             .any(|l| l.contains("authentication failed") && l.contains("PSYNC_S2101") && !l.contains("not-a-jwt")),
         "{log}"
     );
+
+    // The slot's lag in bytes comes from the periodic slot check (every 10 s).
+    let deadline = Instant::now() + T;
+    loop {
+        let scrape = Scrape::take(port).await?;
+        let lag = scrape
+            .0
+            .iter()
+            .find(|(series, _)| series.starts_with("ferrosync_replication_lag_bytes{slot=\"powersync_"));
+        if let Some((_, bytes)) = lag {
+            assert!(*bytes < 1e9, "lag {bytes} bytes");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no slot lag: {:?}", scrape.0.keys().collect::<Vec<_>>());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
