@@ -195,6 +195,13 @@ impl KeyStore {
 
     /// Verifies an `Authorization` header value: `Token <jwt>` or `Bearer <jwt>`.
     pub async fn verify_authorization(&self, header: Option<&str>) -> Result<AuthContext, ServiceError> {
+        // The description says which check failed; it never quotes the token.
+        self.check_authorization(header)
+            .await
+            .inspect_err(|e| tracing::info!(code = e.code, check = %e.description, "authentication failed"))
+    }
+
+    async fn check_authorization(&self, header: Option<&str>) -> Result<AuthContext, ServiceError> {
         let Some(header) = header else {
             return Err(auth_err(
                 "PSYNC_S2106",

@@ -10,6 +10,8 @@ pub struct ServiceError {
     pub status: u16,
     pub description: String,
     pub details: Option<String>,
+    /// Already in the errors metric (it was counted where it arose).
+    counted: bool,
 }
 
 impl ServiceError {
@@ -19,6 +21,21 @@ impl ServiceError {
             status,
             description: description.into(),
             details: None,
+            counted: false,
+        }
+    }
+
+    /// Marks an error as already in the errors metric, so that sending it does not count it
+    /// again.
+    pub(crate) fn counted(mut self) -> Self {
+        self.counted = true;
+        self
+    }
+
+    /// Count the error in the errors metric, as it is sent to a client.
+    pub(crate) fn record(&self) {
+        if !self.counted {
+            ferrosync_metrics::error(self.code);
         }
     }
 
@@ -85,6 +102,7 @@ impl std::error::Error for ServiceError {}
 
 impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
+        self.record();
         let body = self.to_json().to_string();
         let mut response = (self.status_code(), body).into_response();
         response

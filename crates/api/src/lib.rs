@@ -6,6 +6,7 @@ pub mod checkpoint_request;
 mod compression;
 pub mod error;
 pub mod http_server;
+mod lifecycle;
 pub mod probes;
 pub mod rsocket;
 pub mod server;

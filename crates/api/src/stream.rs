@@ -7,11 +7,13 @@ use crate::body::{LimitedBody, SYNC_STREAM_LIMIT};
 use crate::checkpoint::user_key;
 use crate::compression::{Encoded, Encoding};
 use crate::error::ServiceError;
+use crate::lifecycle::Lifecycle;
 use crate::server::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use ferrosync_metrics::Transport;
 use ferrosync_rules::{RequestParameters, StreamSubscription, StreamsRequest};
 use ferrosync_sync::{connection_stream, ConnectionRequest, LineFormat, SyncError};
 use futures::{Stream, StreamExt};
@@ -149,17 +151,22 @@ impl StreamingSyncRequest {
 }
 
 impl ValidRequest {
-    /// What the sync layer serves for this request and user.
-    pub(crate) fn into_connection(self, auth: &AuthContext, format: LineFormat, keepalive_lines: bool) -> ConnectionRequest {
-        ConnectionRequest {
+    /// What the sync layer serves for this request and user, and the stream's lifecycle (open
+    /// from now on).
+    pub(crate) fn into_connection(self, auth: &AuthContext, format: LineFormat, transport: Transport) -> (ConnectionRequest, Lifecycle) {
+        let lifecycle = Lifecycle::open(transport, &auth.user_id, self.client_id.as_deref());
+        let request = ConnectionRequest {
             user_key: user_key(&auth.user_id, self.client_id.as_deref()),
             parameters: RequestParameters::new(auth.payload.clone(), self.parameters),
             streams: self.streams,
             buckets: self.buckets,
             expires_at: auth.expires_at,
             format,
-            keepalive_lines,
-        }
+            // RSocket relies on its own keepalives.
+            keepalive_lines: transport == Transport::Http,
+            stats: lifecycle.stats(),
+        };
+        (request, lifecycle)
     }
 }
 
@@ -197,18 +204,29 @@ pub async fn sync_stream(
         OPENING_WAIT
     };
     let format = negotiate(headers.get(header::ACCEPT).and_then(|h| h.to_str().ok()));
-    let req = request.into_connection(&auth, format, true);
+    let (req, lifecycle) = request.into_connection(&auth, format, Transport::Http);
     let (lines, ended_with) = connection_stream(state.hub.clone(), req, state.limits);
     let lines = opening(lines, ended_with, opening_wait).await?;
-    // The permit lives as long as the response body, which drives the connection.
+    // The permit and the lifecycle live as long as the response body, which drives the
+    // connection.
+    let lifecycle = Arc::new(lifecycle);
+    let on_line = lifecycle.clone();
     let chunks = lines.map(move |chunk| {
         let _permit = &permit;
+        on_line.synced(chunk.len());
         chunk
     });
     let encoding = Encoding::negotiate(headers.get(header::ACCEPT_ENCODING).and_then(|h| h.to_str().ok()));
     let body = match encoding {
-        Some(encoding) => Body::from_stream(Encoded::new(chunks, encoding)),
-        None => Body::from_stream(chunks.map(Ok::<_, std::convert::Infallible>)),
+        Some(encoding) => Body::from_stream(Encoded::new(chunks, encoding).inspect(move |encoded| {
+            if let Ok(bytes) = encoded {
+                lifecycle.sent(bytes.len());
+            }
+        })),
+        None => Body::from_stream(chunks.map(move |chunk| {
+            lifecycle.sent(chunk.len());
+            Ok::<_, std::convert::Infallible>(chunk)
+        })),
     };
     let mut response = body.into_response();
     let h = response.headers_mut();
@@ -249,12 +267,13 @@ where
 
 /// The error a client is given for a connection that ended with `error`.
 pub(crate) fn refused(error: SyncError) -> ServiceError {
-    match error {
-        SyncError::TooMany(description) => ServiceError::new("PSYNC_S2305", 500, description),
-        SyncError::Storage(e) => {
-            ServiceError::new("PSYNC_S2401", 500, "Bucket storage query failed; retry shortly").with_details(e.to_string())
-        }
-    }
+    let code = error.code();
+    let refused = match error {
+        SyncError::TooMany(description) => ServiceError::new(code, 500, description),
+        SyncError::Storage(e) => ServiceError::new(code, 500, "Bucket storage query failed; retry shortly").with_details(e.to_string()),
+    };
+    // The sync layer counted it where it happened.
+    refused.counted()
 }
 
 #[cfg(test)]

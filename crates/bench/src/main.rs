@@ -108,6 +108,9 @@ struct Args {
     /// Sync config the service runs: the legacy todo rules, or ten edition-3 streams.
     #[arg(long, value_enum, default_value_t = RulesChoice::Legacy)]
     rules: RulesChoice,
+    /// Serve the Prometheus endpoint (`telemetry.prometheus_port`) from the service.
+    #[arg(long)]
+    metrics: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -183,13 +186,14 @@ impl Args {
                 RulesChoice::Legacy => setup::LEGACY_RULES,
                 RulesChoice::Streams => setup::STREAM_RULES,
             },
+            metrics: self.metrics,
         }
     }
 
     /// Describes the setup for the results heading.
     fn mode(&self) -> String {
         let scale = format!(
-            "rules {:?}, rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds, transports {:?}",
+            "rules {:?}, rows {}, incremental {}, latency samples {}, fan-out {:?} × {} rounds, failover {} rounds, transports {:?}, metrics endpoint {}",
             self.rules,
             self.rows,
             self.incremental_rows,
@@ -197,7 +201,8 @@ impl Args {
             self.fanout,
             self.fanout_rounds,
             self.failover_rounds,
-            self.transports
+            self.transports,
+            if self.metrics { "on" } else { "off" }
         );
         match &self.url {
             Some(url) => format!("external service {url}; {scale}"),

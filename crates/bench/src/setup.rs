@@ -35,6 +35,8 @@ pub struct TargetOptions {
     pub storage_uri: Option<String>,
     /// Sync config content the service runs.
     pub rules: &'static str,
+    /// Serve the Prometheus endpoint (`telemetry.prometheus_port`), to measure what metrics cost.
+    pub metrics: bool,
 }
 
 /// Everything the phases talk to. Field order matters: the service is dropped (killed) before
@@ -94,7 +96,8 @@ impl Target {
             bail!("needs a service started by the bench (not --url mode)");
         };
         let port = free_port()?;
-        let config = write_config(dir.path(), &format!("{name}.yaml"), cluster, port, &self.endpoint.auth)?;
+        // Failover measures takeover time only: the peer runs without the metrics endpoint.
+        let config = write_config(dir.path(), &format!("{name}.yaml"), cluster, port, &self.endpoint.auth, false)?;
         let service = Service::new(&first.bin, &config, &dir.path().join(format!("{name}.log")));
         let endpoint = Endpoint::new(&format!("http://127.0.0.1:{port}"), self.endpoint.auth.clone())?;
         Ok((service, endpoint))
@@ -138,7 +141,7 @@ async fn own(opts: &TargetOptions) -> Result<Target> {
         .context("config dir")?;
     let port = free_port()?;
     std::fs::write(dir.path().join("sync-rules.yaml"), opts.rules)?;
-    let config = write_config(dir.path(), "powersync.yaml", &cluster, port, &opts.auth)?;
+    let config = write_config(dir.path(), "powersync.yaml", &cluster, port, &opts.auth, opts.metrics)?;
     let service = Service::new(&opts.bin, &config, &dir.path().join("service.log"));
     Ok(Target {
         endpoint: Endpoint::new(&format!("http://127.0.0.1:{port}"), opts.auth.clone())?,
@@ -210,8 +213,8 @@ async fn seed(db: &tokio_postgres::Client, rows: i64) -> Result<()> {
     Ok(())
 }
 
-fn write_config(dir: &Path, name: &str, cluster: &PgCluster, port: u16, auth: &Auth) -> Result<PathBuf> {
-    let yaml = ferrosync_testkit::ServiceConfig {
+fn write_config(dir: &Path, name: &str, cluster: &PgCluster, port: u16, auth: &Auth, metrics: bool) -> Result<PathBuf> {
+    let mut yaml = ferrosync_testkit::ServiceConfig {
         source_uri: cluster.uri("todo"),
         storage_uri: cluster.uri("storage"),
         port,
@@ -229,6 +232,9 @@ fn write_config(dir: &Path, name: &str, cluster: &PgCluster, port: u16, auth: &A
         "storage:\n  type: postgresql\n",
         "storage:\n  type: postgresql\n  compaction:\n    enabled: false\n",
     );
+    if metrics {
+        yaml.push_str(&format!("telemetry:\n  prometheus_port: {}\n", free_port()?));
+    }
     let path = dir.join(name);
     std::fs::write(&path, yaml).context("writing service config")?;
     Ok(path)

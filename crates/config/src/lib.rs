@@ -55,6 +55,8 @@ pub struct ServiceConfig {
     pub migrations: MigrationsConfig,
     /// ferrosync extension: `storage.compaction`.
     pub compaction: CompactionConfig,
+    /// `system.logging`.
+    pub logging: LoggingConfig,
 }
 
 /// Background compaction of bucket histories (`storage.compaction`, a ferrosync extension).
@@ -158,6 +160,51 @@ pub struct TelemetryConfig {
     pub prometheus_port: Option<u16>,
 }
 
+/// `system.logging`: the reference's winston levels and formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoggingConfig {
+    /// `None`: not configured (the service's default applies).
+    pub level: Option<LogLevel>,
+    pub format: LogFormat,
+}
+
+/// The reference's log levels, most severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Http,
+    Verbose,
+    Debug,
+    Silly,
+}
+
+impl LogLevel {
+    const NAMES: [(&'static str, LogLevel); 7] = [
+        ("error", LogLevel::Error),
+        ("warn", LogLevel::Warn),
+        ("info", LogLevel::Info),
+        ("http", LogLevel::Http),
+        ("verbose", LogLevel::Verbose),
+        ("debug", LogLevel::Debug),
+        ("silly", LogLevel::Silly),
+    ];
+
+    fn parse(name: &str) -> Option<LogLevel> {
+        Self::NAMES.iter().find(|(n, _)| *n == name).map(|(_, l)| *l)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (the reference's default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationsConfig {
     pub disable_auto_migration: bool,
@@ -232,7 +279,7 @@ fn parse_json(text: &str) -> Result<Value> {
 }
 
 /// Top-level keys that are accepted but not interpreted (no warning, no deep validation).
-const IGNORED_TOP_LEVEL: &[&str] = &["metadata", "healthcheck", "system", "parameters"];
+const IGNORED_TOP_LEVEL: &[&str] = &["metadata", "healthcheck", "parameters"];
 
 fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>, warnings: &mut Vec<String>) -> Result<ServiceConfig> {
     if matches!(root, Value::Null) {
@@ -293,6 +340,11 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         None => MigrationsConfig::default(),
     };
 
+    let logging = match obj.get("system") {
+        Some(v) => parse_system(v, "system", warnings)?,
+        None => LoggingConfig::default(),
+    };
+
     obj.finish(warnings);
     Ok(ServiceConfig {
         replication,
@@ -305,7 +357,42 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         telemetry,
         migrations,
         compaction,
+        logging,
     })
+}
+
+fn parse_system(v: &Value, path: &str, warnings: &mut Vec<String>) -> Result<LoggingConfig> {
+    let mut system = Obj::new(v, path)?;
+    let logging = match system.get("logging") {
+        Some(v) => {
+            let mut logging = Obj::new(v, &system.key_path("logging"))?;
+            let level = match logging.string("level")? {
+                Some(name) => Some(LogLevel::parse(&name).ok_or_else(|| {
+                    let names: Vec<&str> = LogLevel::NAMES.iter().map(|(n, _)| *n).collect();
+                    ConfigError::invalid(
+                        logging.key_path("level"),
+                        format!("unknown level {name:?} (one of {})", names.join(", ")),
+                    )
+                })?),
+                None => None,
+            };
+            let format = match logging.string("format")?.as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        logging.key_path("format"),
+                        format!("unknown format {other:?} (json or text)"),
+                    ))
+                }
+            };
+            logging.finish(warnings);
+            LoggingConfig { level, format }
+        }
+        None => LoggingConfig::default(),
+    };
+    system.finish(warnings);
+    Ok(logging)
 }
 
 fn connection_type(v: &Value, path: &str) -> Result<String> {

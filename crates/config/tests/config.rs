@@ -1,7 +1,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use ferrosync_config::{load_config_file, load_config_str, ConfigError, ConfigFormat, LoadedConfig, SslMode};
+use ferrosync_config::{
+    load_config_file, load_config_str, ConfigError, ConfigFormat, LoadedConfig, LogFormat, LogLevel, LoggingConfig, SslMode,
+};
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -139,6 +141,30 @@ telemetry:
     assert_eq!(c.api.parameters.checkpoint_request_retention_minutes, 60);
     assert_eq!(c.telemetry.prometheus_port, Some(9464));
     assert!(!c.migrations.disable_auto_migration);
+    assert_eq!(c.logging.level, Some(LogLevel::Debug));
+    assert_eq!(c.logging.format, LogFormat::Text);
+}
+
+#[test]
+fn system_logging_level_and_format() {
+    let c = load_yaml(&format!("{STORAGE}system:\n  logging:\n    level: verbose\n    format: json\n")).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(
+        c.config.logging,
+        LoggingConfig {
+            level: Some(LogLevel::Verbose),
+            format: LogFormat::Json
+        }
+    );
+    let e = err_string(load_yaml(&format!("{STORAGE}system:\n  logging:\n    level: loud\n")));
+    assert!(
+        e.contains("system.logging.level") && e.contains("\"loud\"") && e.contains("silly"),
+        "{e}"
+    );
+    let e = err_string(load_yaml(&format!("{STORAGE}system:\n  logging:\n    format: xml\n")));
+    assert!(e.contains("system.logging.format") && e.contains("json or text"), "{e}");
+    let c = load_yaml(&format!("{STORAGE}system:\n  logging:\n    colour: true\n")).unwrap();
+    assert_eq!(c.warnings, vec!["unknown key `system.logging.colour` ignored".to_string()]);
 }
 
 #[test]
@@ -152,6 +178,7 @@ fn defaults_with_minimal_config() {
     assert_eq!(c.client_auth, Default::default());
     assert_eq!(c.api, Default::default());
     assert_eq!(c.telemetry.prometheus_port, None);
+    assert_eq!(c.logging, LoggingConfig::default());
 }
 
 #[test]

@@ -9,6 +9,8 @@ mod columns;
 mod compact;
 mod demo;
 mod explain;
+mod logging;
+mod metrics;
 mod replicator;
 mod serve;
 mod token;
@@ -117,13 +119,11 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in log files and collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    logging::init(match &cli.command {
+        Command::Serve { config, .. } => logging::settings(config),
+        _ => Default::default(),
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

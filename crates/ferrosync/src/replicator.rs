@@ -19,7 +19,7 @@ use ferrosync_storage::streams;
 use ferrosync_storage::{BucketWriter, RecordOp, TableHandle, TableProgress};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
 /// Rows per snapshot chunk (one storage flush and one progress save each).
@@ -205,6 +205,9 @@ async fn watch_slot(config: &ReplicatorConfig, slot: String) -> anyhow::Error {
         };
         match health {
             Ok(Some(h)) if !h.is_lost() => {
+                if let Some(lag) = h.lag_bytes {
+                    ferrosync_metrics::lag_bytes(&slot, lag.max(0) as u64);
+                }
                 if h.is_at_risk() && !warned {
                     tracing::warn!(
                         slot = %slot,
@@ -344,9 +347,12 @@ impl Replication {
         // and FULL tables may hold identical rows): those merge with current state instead.
         self.writer.set_snapshot_mode(chunk_column(rel).is_some());
         let mut last_log = Instant::now();
+        let table_name = format!("{}.{}", rel.name.schema, rel.name.name);
         while let Some(chunk) = rx.recv().await {
             let chunk = chunk?;
             done_rows += chunk.rows.len() as i64;
+            ferrosync_metrics::get().rows_replicated.increment(chunk.rows.len() as u64);
+            ferrosync_metrics::snapshot_progress(&table_name, done_rows.max(0) as u64, total.max(0) as u64);
             for row in chunk.rows {
                 self.save_upsert(&table, &keys, row, None).await?;
             }
@@ -409,9 +415,10 @@ impl Replication {
     }
 
     async fn stream_changes(&mut self) -> Result<()> {
+        let slot = self.writer.stream().slot_name.clone();
         let mut stream = ChangeStream::start(StreamOptions {
             source: self.config.source_endpoint.clone(),
-            slot: self.writer.stream().slot_name.clone(),
+            slot: slot.clone(),
             connection_tag: self.config.source.tag.clone(),
             compatibility: self.rules.compatibility().clone(),
         })
@@ -431,44 +438,54 @@ impl Replication {
                     continue;
                 }
             };
-            let mut commit: Option<Lsn> = None;
+            let mut commit: Option<(Lsn, SystemTime)> = None;
             let mut ping: Option<Lsn> = None;
             let mut keepalive: Option<Lsn> = None;
             let mut records = 0;
+            let mut counts = BatchCounts::default();
             let mut next = Some(first);
             while let Some(event) = next.take() {
                 match event {
                     SourceEvent::Begin => in_tx = true,
-                    SourceEvent::Commit { lsn } => {
+                    SourceEvent::Commit { lsn, at } => {
                         in_tx = false;
-                        commit = Some(lsn);
+                        commit = Some((lsn, at));
+                        counts.transactions += 1;
                     }
                     SourceEvent::Ping { lsn } => ping = Some(lsn),
                     SourceEvent::Keepalive { lsn } => keepalive = Some(lsn),
                     other => {
                         records += 1;
-                        self.apply(other).await?;
+                        counts.rows += u64::from(self.apply(other).await?);
                     }
                 }
                 if records < MAX_BATCH_RECORDS {
                     next = stream.try_recv().transpose()?;
                 }
             }
+            counts.record();
             if in_tx {
                 continue;
             }
             // The LSN is acknowledged (above) only once the write task reports it durable.
-            if let Some(lsn) = commit.max(ping) {
+            if let Some(lsn) = commit.map(|(lsn, _)| lsn).max(ping) {
                 if let Some(cp) = self.writer.commit(lsn.0, ping.is_some()).await? {
                     tracing::debug!(op_id = cp.op_id, lsn = %lsn, "checkpoint");
                 }
+                if let Some((_, at)) = commit {
+                    let lag = SystemTime::now().duration_since(at).unwrap_or_default();
+                    ferrosync_metrics::lag_seconds(&slot, lag.as_secs_f64());
+                }
             } else if let Some(lsn) = keepalive {
                 self.writer.mark_durable(lsn.0).await?;
+                // Everything the source sent before its keepalive is stored: caught up.
+                ferrosync_metrics::lag_seconds(&slot, 0.0);
             }
         }
     }
 
-    async fn apply(&mut self, event: SourceEvent) -> Result<()> {
+    /// Apply one change; `true` when it was a row change of a table the sync config reads.
+    async fn apply(&mut self, event: SourceEvent) -> Result<bool> {
         match event {
             SourceEvent::Relation(rel) => {
                 if self.rules.is_table_used(&rel.name) {
@@ -481,17 +498,20 @@ impl Replication {
             SourceEvent::Insert { relation, new } => {
                 if let Some((table, keys)) = self.table(relation) {
                     self.save_upsert(&table, &keys, new, None).await?;
+                    return Ok(true);
                 }
             }
             SourceEvent::Update { relation, old, new } => {
                 if let Some((table, keys)) = self.table(relation) {
                     self.save_upsert(&table, &keys, new, old).await?;
+                    return Ok(true);
                 }
             }
             SourceEvent::Delete { relation, old } => {
                 if let Some((table, keys)) = self.table(relation) {
                     let key = old.replica_key(&keys);
                     self.writer.save(RecordOp::Delete { table, key }).await?;
+                    return Ok(true);
                 }
             }
             SourceEvent::Truncate { relations } => {
@@ -503,6 +523,22 @@ impl Replication {
             }
             SourceEvent::Begin | SourceEvent::Commit { .. } | SourceEvent::Ping { .. } | SourceEvent::Keepalive { .. } => {}
         }
-        Ok(())
+        Ok(false)
+    }
+}
+
+/// What one batch of replication events replicated, added to the metrics once per batch.
+#[derive(Default)]
+struct BatchCounts {
+    rows: u64,
+    transactions: u64,
+}
+
+impl BatchCounts {
+    fn record(&self) {
+        let m = ferrosync_metrics::get();
+        m.chunks_replicated.increment(1);
+        m.rows_replicated.increment(self.rows);
+        m.transactions_replicated.increment(self.transactions);
     }
 }

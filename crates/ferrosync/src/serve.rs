@@ -61,6 +61,10 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         .as_ref()
         .context("no sync_config/sync_rules in the config: nothing to serve")?;
     check_rules(&sync.content)?;
+    let host = bind.unwrap_or_else(|| config.bind_address.clone());
+    if let Some(port) = config.telemetry.prometheus_port {
+        crate::metrics::start(&host, port).await?;
+    }
     // Connection settings and TLS problems (unknown CA, host name mismatch, expired
     // certificate) stop the start with the cause; later outages are ridden out.
     let storage_endpoint = PgEndpoint::from_config(&config.storage).context("bucket storage")?;
@@ -71,6 +75,9 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         ferrosync_storage::schema::migrate(&storage_client).await?;
     }
     drop(storage_client);
+    if config.telemetry.prometheus_port.is_some() {
+        crate::metrics::sample_storage_sizes(storage_endpoint.clone());
+    }
     let probes = Arc::new(ProbeState::default());
     let mut source_client = None;
     let mut replication = None;
@@ -107,7 +114,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         probes,
         checkpoint_requests: RequestRetention::new(Duration::from_secs(params.checkpoint_request_retention_minutes.saturating_mul(60))),
     });
-    let addr = format!("{}:{}", bind.unwrap_or_else(|| config.bind_address.clone()), config.port);
+    let addr = format!("{host}:{}", config.port);
     let listeners = listen(&addr).await.with_context(|| format!("binding {addr}"))?;
     state.probes.started.store(true, Ordering::Relaxed);
     // Sync streams never end on their own, so shutdown does not wait for them: clients
@@ -129,7 +136,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
 /// and clients may try either. An address the machine lacks (::1 without IPv6) is skipped with
 /// a warning; any other failure, such as the port being taken, fails the start. With port 0
 /// the later addresses get the port the first one was given, so one port serves them all.
-async fn listen(addr: &str) -> Result<Vec<TcpListener>> {
+pub(crate) async fn listen(addr: &str) -> Result<Vec<TcpListener>> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
     anyhow::ensure!(!addrs.is_empty(), "the bind address resolves to nothing");
     listen_all(addrs)

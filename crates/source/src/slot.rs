@@ -14,6 +14,9 @@ pub struct SlotHealth {
     pub safe_wal_size: Option<i64>,
     /// `max_slot_wal_keep_size` in bytes (`None`: unlimited).
     pub budget: Option<i64>,
+    /// WAL written since the slot's confirmed position: how far replication is behind
+    /// (`None` before the slot confirmed anything).
+    pub lag_bytes: Option<i64>,
 }
 
 impl SlotHealth {
@@ -41,7 +44,9 @@ pub async fn slot_health(client: &Client, slot: &str) -> Result<Option<SlotHealt
     let row = client
         .query_opt(
             "SELECT coalesce(wal_status, 'reserved'), safe_wal_size,
-                    pg_size_bytes(nullif(current_setting('max_slot_wal_keep_size'), '-1'))
+                    pg_size_bytes(nullif(current_setting('max_slot_wal_keep_size'), '-1')),
+                    pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
+                                    confirmed_flush_lsn)::bigint
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -50,6 +55,7 @@ pub async fn slot_health(client: &Client, slot: &str) -> Result<Option<SlotHealt
         wal_status: r.get(0),
         safe_wal_size: r.get(1),
         budget: r.get(2),
+        lag_bytes: r.get(3),
     }))
 }
 
@@ -62,6 +68,7 @@ mod tests {
             wal_status: status.into(),
             safe_wal_size: safe,
             budget,
+            lag_bytes: None,
         }
     }
 

@@ -12,7 +12,7 @@ use ferrosync_pgconn::{PgConnError, PgEndpoint};
 use ferrosync_rules::{Compatibility, SourceTableName, SqliteValue};
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 
 /// How to reach the slot.
@@ -50,6 +50,8 @@ pub enum SourceEvent {
     /// End of a transaction; `lsn` is the end of its commit record.
     Commit {
         lsn: Lsn,
+        /// When the source committed it (the replication lag is measured from here).
+        at: SystemTime,
     },
     /// Our `powersync`/`ping` marker: a checkpoint should be made here even with no changes.
     Ping {
@@ -139,6 +141,8 @@ async fn run(
         options,
     };
     let mut in_transaction = false;
+    // Bytes of pgoutput messages of the current transaction.
+    let mut received = 0u64;
     loop {
         tokio::select! {
             changed = ack.changed() => {
@@ -162,11 +166,21 @@ async fn run(
                         in_transaction = true;
                         Some(Ok(SourceEvent::Begin))
                     }
-                    ReplicationEvent::Commit { end_lsn, .. } => {
+                    ReplicationEvent::Commit {
+                        end_lsn, commit_time_micros, ..
+                    } => {
                         in_transaction = false;
-                        Some(Ok(SourceEvent::Commit { lsn: Lsn(end_lsn.0) }))
+                        // Counted per transaction rather than per message.
+                        ferrosync_metrics::get().data_replicated_bytes.increment(std::mem::take(&mut received));
+                        Some(Ok(SourceEvent::Commit {
+                            lsn: Lsn(end_lsn.0),
+                            at: postgres_time(commit_time_micros),
+                        }))
                     }
-                    ReplicationEvent::XLogData { data, .. } => decoder.decode(data).transpose(),
+                    ReplicationEvent::XLogData { data, .. } => {
+                        received += data.len() as u64;
+                        decoder.decode(data).transpose()
+                    }
                     ReplicationEvent::Message { prefix, content, lsn, transactional } => {
                         (prefix == "powersync" && &content[..] == b"ping" && !transactional).then_some(Ok(SourceEvent::Ping { lsn: Lsn(lsn.0) }))
                     }
@@ -183,6 +197,17 @@ async fn run(
         }
     }
     client.stop();
+}
+
+/// A Postgres timestamp (microseconds since 2000-01-01 UTC) as a `SystemTime`.
+fn postgres_time(micros: i64) -> SystemTime {
+    const POSTGRES_EPOCH: Duration = Duration::from_secs(946_684_800);
+    let since_2000 = Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        UNIX_EPOCH + POSTGRES_EPOCH + since_2000
+    } else {
+        UNIX_EPOCH + POSTGRES_EPOCH - since_2000
+    }
 }
 
 struct Decoder {

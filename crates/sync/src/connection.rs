@@ -9,6 +9,7 @@ use crate::lines::{
     StreamDescription,
 };
 use crate::output::{ChunkStream, Output};
+use crate::stats::ConnectionStats;
 use bytes::Bytes;
 use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest};
 use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
@@ -55,6 +56,8 @@ pub struct ConnectionRequest {
     pub format: LineFormat,
     /// Periodic `token_expires_in` lines (HTTP); RSocket relies on its own keepalives.
     pub keepalive_lines: bool,
+    /// Filled in as the connection runs, read by the transport when it ends.
+    pub stats: Arc<ConnectionStats>,
 }
 
 /// Why a connection ended abnormally.
@@ -64,6 +67,16 @@ pub enum SyncError {
     Storage(#[from] StorageError),
     #[error("[PSYNC_S2305] {0}")]
     TooMany(String),
+}
+
+impl SyncError {
+    /// The code clients are given for it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SyncError::Storage(_) => "PSYNC_S2401",
+            SyncError::TooMany(_) => "PSYNC_S2305",
+        }
+    }
 }
 
 struct Sent {
@@ -196,6 +209,8 @@ pub fn connection_stream<S: SyncStorage>(
         async move {
             if let Err(e) = conn.run().await {
                 tracing::warn!(user = %conn.req.user_key, error = %e, "sync stream ended with an error");
+                ferrosync_metrics::error(e.code());
+                conn.req.stats.end(e.to_string());
                 let _ = report.send(e);
             }
         },
@@ -239,7 +254,7 @@ impl<S: SyncStorage> Connection<S> {
 
     async fn run(&mut self) -> Step<()> {
         if self.seconds_left() <= 0 {
-            return self.send_now(&Line::TokenExpiresIn(0)).await;
+            return self.token_expired().await;
         }
         let mut group = None;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
@@ -250,7 +265,10 @@ impl<S: SyncStorage> Connection<S> {
         loop {
             if !fresh {
                 tokio::select! {
-                    changed = self.states.changed() => if changed.is_err() { return Ok(()) },
+                    changed = self.states.changed() => if changed.is_err() {
+                        self.req.stats.end("service shutting down");
+                        return Ok(());
+                    },
                     _ = keepalive.tick(), if self.req.keepalive_lines => {
                         self.send_now(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
                         continue;
@@ -260,9 +278,7 @@ impl<S: SyncStorage> Connection<S> {
                         self.send_now(&Line::TokenExpiresIn(self.seconds_left().max(0))).await?;
                         continue;
                     }
-                    _ = tokio::time::sleep_until(expire_at) => {
-                        return self.send_now(&Line::TokenExpiresIn(0)).await;
-                    }
+                    _ = tokio::time::sleep_until(expire_at) => return self.token_expired().await,
                 }
             }
             fresh = false;
@@ -272,17 +288,25 @@ impl<S: SyncStorage> Connection<S> {
             if *group.get_or_insert(state.group) != state.group {
                 return self.config_changed();
             }
+            let fanout = state.fanout.clone();
             // Boxed: the checkpoint path (storage reads, prefetch) is several KiB of future
             // state that an idle stream, waiting in the `select!` above, should not carry.
             if !Box::pin(self.on_checkpoint(state)).await? {
                 return self.config_changed();
             }
+            fanout.reached();
         }
     }
 
     fn config_changed(&self) -> Step<()> {
         tracing::info!(user = %self.req.user_key, "sync config changed; closing stream so the client reconnects");
+        self.req.stats.end("sync config changed");
         Ok(())
+    }
+
+    async fn token_expired(&mut self) -> Step<()> {
+        self.req.stats.end("token expired");
+        self.send_now(&Line::TokenExpiresIn(0)).await
     }
 
     /// The connection's buckets at this checkpoint. Lookups are fetched in rounds (nested
@@ -443,6 +467,7 @@ impl<S: SyncStorage> Connection<S> {
         };
         self.send(&line).await?;
         let next = plan.next;
+        self.req.stats.holds(next.len());
         self.positions.retain(|b, _| next.contains_key(b));
         self.pending.retain(|b| next.contains_key(b));
         self.pending.extend(plan.announced.into_iter().map(|b| b.bucket));
@@ -650,6 +675,7 @@ impl<S: SyncStorage> Connection<S> {
         let Some(next_after) = next_after else { return Ok(()) };
         let after = self.positions.get(bucket).copied().unwrap_or(0);
         self.interrupts.sent += data.len();
+        self.req.stats.sent_ops(data.len());
         let line = DataBatch {
             bucket,
             after: after.to_string(),

@@ -5,6 +5,7 @@
 
 use crate::cache::{BucketCache, Step};
 use crate::misses::MissBatcher;
+use crate::stats::FanOut;
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
@@ -29,6 +30,8 @@ pub struct HubState {
     pub group: i64,
     pub checkpoint: Checkpoint,
     pub rules: Arc<SyncRules>,
+    /// This checkpoint's fan-out time, renewed with every published checkpoint.
+    pub(crate) fanout: Arc<FanOut>,
 }
 
 struct Shared {
@@ -148,6 +151,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                         *write_seq = self.refresh_write_checkpoints(*write_seq).await?;
                         self.advance(group, state.checkpoint.op_id, checkpoint.op_id).await?;
                         state.checkpoint = checkpoint;
+                        state.fanout = FanOut::new();
                         tx.send_replace(Some(state.clone()));
                     }
                 }
@@ -192,6 +196,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                 if is_newer(stream.checkpoint, state.checkpoint) {
                     self.advance(state.group, state.checkpoint.op_id, stream.checkpoint.op_id).await?;
                     state.checkpoint = stream.checkpoint;
+                    state.fanout = FanOut::new();
                     tx.send_replace(Some(state.clone()));
                 } else if stream.checkpoint.op_id < state.checkpoint.op_id {
                     // Storage went back (restored from a backup, a lagging replica): what the
@@ -204,6 +209,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                     );
                     self.reset(state.group, stream.checkpoint.op_id);
                     state.checkpoint = stream.checkpoint;
+                    state.fanout = FanOut::new();
                     tx.send_replace(Some(state.clone()));
                 }
             }
@@ -217,6 +223,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
                             group: stream.id,
                             checkpoint: stream.checkpoint,
                             rules: Arc::new(rules),
+                            fanout: FanOut::new(),
                         });
                         tx.send_replace(current.clone());
                     }

@@ -12,9 +12,11 @@ mod interrupt_tests;
 pub mod lines;
 mod misses;
 mod output;
+pub mod stats;
 #[cfg(test)]
 mod testing;
 
 pub use connection::{connection_stream, ConnectionRequest, Limits, SyncError};
 pub use hub::CheckpointHub;
 pub use lines::LineFormat;
+pub use stats::ConnectionStats;

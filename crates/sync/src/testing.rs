@@ -213,6 +213,7 @@ impl TestHub {
             expires_at: i64::MAX / 2,
             format: LineFormat::Ndjson,
             keepalive_lines: false,
+            stats: Default::default(),
         };
         let limits = Limits {
             max_buckets: 1000,

@@ -10,9 +10,11 @@ use super::frame::{self, error_code, Frame};
 use super::socket::{Closing, Socket};
 use crate::auth::AuthContext;
 use crate::error::ServiceError;
+use crate::lifecycle::Lifecycle;
 use crate::server::AppState;
 use crate::stream::StreamingSyncRequest;
 use bytes::Bytes;
+use ferrosync_metrics::Transport;
 use ferrosync_sync::{connection_stream, LineFormat, SyncError};
 use futures::Stream;
 use serde::de::DeserializeOwned;
@@ -88,9 +90,10 @@ pub(super) async fn run<T: AsyncRead + AsyncWrite + Unpin>(io: T, state: Arc<App
         let (stream_id, initial_n, request) = tokio::time::timeout(HANDSHAKE_TIMEOUT, request_stream(&mut socket, &established))
             .await
             .map_err(|_| Closing::error(0, error_code::CONNECTION_ERROR, "No stream requested in time"))??;
-        let request = request.into_connection(&established.auth, LineFormat::Bson, false);
+        let (request, lifecycle) = request.into_connection(&established.auth, LineFormat::Bson, Transport::WebSocket);
         let (lines, ended_with) = connection_stream(state.hub.clone(), request, state.limits);
         let streaming = Streaming {
+            lifecycle,
             socket: &mut socket,
             lines: Box::pin(lines),
             ended_with,
@@ -106,6 +109,7 @@ pub(super) async fn run<T: AsyncRead + AsyncWrite + Unpin>(io: T, state: Arc<App
 }
 
 fn rejected(e: &ServiceError) -> Closing {
+    e.record();
     Closing::error(0, error_code::REJECTED_SETUP, &e.to_string())
 }
 
@@ -164,6 +168,7 @@ async fn request_stream<T: AsyncRead + AsyncWrite + Unpin>(
         match decode_request(established, r.metadata.as_deref(), &r.data) {
             Ok(request) => return Ok((r.stream_id, r.initial_n, request)),
             Err(e) => {
+                e.record();
                 socket
                     .send_error(r.stream_id, error_code::APPLICATION_ERROR, &e.to_string())
                     .await?
@@ -196,6 +201,7 @@ fn decode_request(established: &Established, metadata: Option<&[u8]>, data: &[u8
 /// The streaming phase as one future: client frames, sync lines and socket writes are all
 /// served from a single poll, so a held stream needs no extra task or channel.
 struct Streaming<'a, T, L> {
+    lifecycle: Lifecycle,
     socket: &'a mut Socket<T>,
     lines: Pin<Box<L>>,
     /// The error that ended the connection, if one did: sent as an ERROR frame.
@@ -263,11 +269,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin, L: Stream<Item = Bytes>> Streaming<'_, T
     /// Frame lines while the client has credit and the write buffer has room; `true` if
     /// anything happened.
     fn fill(&mut self, cx: &mut Context<'_>) -> Result<bool, Closing> {
+        // Nothing is written while filling: what the queue grew by is what goes on the wire.
+        let queued = self.socket.queued();
+        let progress = self.fill_queue(cx);
+        let added = self.socket.queued().saturating_sub(queued);
+        if added > 0 {
+            self.lifecycle.sent(added);
+        }
+        progress
+    }
+
+    fn fill_queue(&mut self, cx: &mut Context<'_>) -> Result<bool, Closing> {
         let mut progress = false;
         while !self.completed && self.credits > 0 && self.socket.queued() < OUT_HIGH {
             if self.pending.is_empty() {
                 match self.lines.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(chunk)) => self.pending = chunk,
+                    Poll::Ready(Some(chunk)) => {
+                        self.lifecycle.synced(chunk.len());
+                        self.pending = chunk;
+                    }
                     Poll::Ready(None) => {
                         match self.ended_with.try_recv() {
                             Ok(error) => {

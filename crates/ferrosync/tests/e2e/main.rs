@@ -12,6 +12,7 @@ mod kill;
 mod large_download;
 mod limits;
 mod live;
+mod metrics;
 mod network_cut;
 mod node_client;
 mod protocol;

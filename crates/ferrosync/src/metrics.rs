@@ -1,0 +1,104 @@
+//! The Prometheus endpoint on `telemetry.prometheus_port`, and the metrics only the service
+//! process samples: bucket storage sizes.
+
+use anyhow::{Context, Result};
+use axum::routing::get;
+use ferrosync_metrics::{CHECKPOINT_FANOUT, FANOUT_BUCKETS};
+use ferrosync_pgconn::{LazyClient, PgEndpoint};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::time::Duration;
+
+/// How often histograms are compacted (the exporter leaves it to its user without its own
+/// HTTP listener).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often storage sizes are read: they change slowly, and each read is a few `stat`s.
+const STORAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Sizes of the bucket storage tables (all sync config versions): current source rows,
+/// operations, parameter lookups. `to_regclass`: a table a future schema renames reads as 0
+/// instead of failing the sample.
+const STORAGE_SIZES: &str = "SELECT
+    coalesce(pg_total_relation_size(to_regclass('ferrosync.current_data')), 0),
+    coalesce(pg_total_relation_size(to_regclass('ferrosync.op_chunks')), 0),
+    coalesce(pg_total_relation_size(to_regclass('ferrosync.bucket_parameters')), 0)";
+
+/// Install the recorder and serve `GET /metrics` on `host:port`. Call before anything records
+/// (see `ferrosync_metrics::get`).
+pub async fn start(host: &str, port: u16) -> Result<()> {
+    let handle = install()?;
+    let listeners = crate::serve::listen(&format!("{host}:{port}"))
+        .await
+        .with_context(|| format!("binding the metrics endpoint {host}:{port}"))?;
+    let render = handle.clone();
+    let router = axum::Router::new().route("/metrics", get(move || std::future::ready(render.render())));
+    tokio::spawn(ferrosync_api::http_server::serve_all(listeners, router));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP_INTERVAL).await;
+            handle.run_upkeep();
+        }
+    });
+    Ok(())
+}
+
+/// Sample bucket storage sizes from now on (once its schema exists).
+pub fn sample_storage_sizes(storage: PgEndpoint) {
+    tokio::spawn(sample_storage(LazyClient::new(storage, None)));
+}
+
+fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder> {
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CHECKPOINT_FANOUT.into()), FANOUT_BUCKETS)?
+        .build_recorder())
+}
+
+fn install() -> Result<PrometheusHandle> {
+    let recorder = recorder()?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    ferrosync_metrics::describe();
+    Ok(handle)
+}
+
+async fn sample_storage(client: LazyClient) {
+    let m = ferrosync_metrics::get();
+    loop {
+        match read_sizes(&client).await {
+            Ok([replication, operations, parameters]) => {
+                m.replication_storage_bytes.set(replication as f64);
+                m.operation_storage_bytes.set(operations as f64);
+                m.parameter_storage_bytes.set(parameters as f64);
+            }
+            // The hub and the replicator report storage outages; the sizes just stay as they were.
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "could not sample bucket storage sizes"),
+        }
+        tokio::time::sleep(STORAGE_SAMPLE_INTERVAL).await;
+    }
+}
+
+async fn read_sizes(client: &LazyClient) -> Result<[i64; 3]> {
+    let row = client.get().await?.query_one(STORAGE_SIZES, &[]).await?;
+    Ok([row.try_get(0)?, row.try_get(1)?, row.try_get(2)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fanout_is_exposed_as_a_histogram_with_its_buckets() {
+        let recorder = recorder().expect("recorder");
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!(CHECKPOINT_FANOUT).record(0.003);
+            metrics::histogram!(CHECKPOINT_FANOUT).record(0.2);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("ferrosync_checkpoint_fanout_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ferrosync_checkpoint_fanout_seconds_bucket{le=\"0.25\"} 2"), "{text}");
+        assert!(text.contains("ferrosync_checkpoint_fanout_seconds_count 2"), "{text}");
+    }
+}
