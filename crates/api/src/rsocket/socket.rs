@@ -72,7 +72,8 @@ pub struct Socket<T> {
     out: BytesMut,
     lifetime: Duration,
     last_read: Instant,
-    last_write: Instant,
+    /// When the socket stopped taking queued bytes (a write pending without progress since).
+    stalled_since: Option<Instant>,
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -85,7 +86,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
             out: BytesMut::new(),
             lifetime: DEFAULT_LIFETIME,
             last_read: now,
-            last_write: now,
+            stalled_since: None,
             deadline: Box::pin(tokio::time::sleep_until(now + DEFAULT_LIFETIME)),
         }
     }
@@ -258,12 +259,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(Closing::Gone),
                 Poll::Ready(Ok(n)) => {
                     self.out.advance(n);
-                    self.last_write = Instant::now();
                     wrote = true;
                 }
-                Poll::Pending => return Ok((wrote, false)),
+                Poll::Pending => {
+                    // The stall clock starts at the first write that makes no progress: time
+                    // the connection spent idle before does not count.
+                    if wrote || self.stalled_since.is_none() {
+                        self.stalled_since = Some(Instant::now());
+                    }
+                    return Ok((wrote, false));
+                }
             }
         }
+        self.stalled_since = None;
         if self.out.capacity() > 0 {
             self.out = BytesMut::new();
         }
@@ -280,7 +288,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Socket<T> {
     /// read for [`WRITE_TIMEOUT`] while data waits for it.
     pub fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Result<(), Closing> {
         let silent_until = self.last_read + self.lifetime;
-        let stalled_until = (!self.out.is_empty()).then(|| self.last_write + WRITE_TIMEOUT);
+        let stalled_until = self.stalled_since.map(|since| since + WRITE_TIMEOUT);
         let deadline = stalled_until.map_or(silent_until, |s| s.min(silent_until));
         // Re-armed early only when the deadline moves closer; a later one is picked up when the
         // timer fires, so a steady flow of client frames does not reset the timer each time.
@@ -406,6 +414,12 @@ mod tests {
     async fn a_client_that_stops_reading_is_dropped() {
         let (mut socket, mut client) = socket();
         socket.set_lifetime(MAX_LIFETIME_FOR_TEST);
+        // A first frame fills the client's 1024-byte buffer exactly; then nothing is sent for a
+        // while. That idle time does not count towards the stall of the next frame.
+        socket.queue_line(1, &[7u8; 1024 - 4 - frame::HEADER_LEN]);
+        let written = poll_fn(|cx| Poll::Ready(socket.poll_write(cx))).await;
+        assert!(matches!(written, Ok((true, true))), "{written:?}");
+        tokio::time::sleep(2 * WRITE_TIMEOUT).await;
         socket.queue_line(1, &vec![7u8; 64 * 1024]);
         let started = Instant::now();
         let result = poll_fn(|cx| match socket.poll_write(cx) {
