@@ -7,9 +7,7 @@
 //! `fuzz/templates` at test time; it does not depend on this crate).
 
 use arbitrary::{Result, Unstructured};
-use ferrosync_rules::{
-    LookupKey, RequestParameters, Row, SourceTableName, SqliteValue, StreamSubscription, StreamsRequest, SyncRules, SyncRulesOptions,
-};
+use ferrosync_rules::{LookupKey, Row, SourceTableName, SqliteValue, SyncRules, SyncRulesOptions};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -333,39 +331,8 @@ fn gen_claims(u: &mut Unstructured) -> Result<(Value, Option<Value>)> {
     Ok((Value::Object(jwt), client))
 }
 
-/// Request time, kept in one place so the querier API can change without touching the rest:
-/// build the querier, answer its lookups from `stored`, resolve. Returns the bucket count.
-#[doc(hidden)]
-pub fn run_querier(rules: &SyncRules, jwt: Value, client: Option<Value>, stored: &HashMap<LookupKey, Vec<String>>) -> usize {
-    // Every stream subscribed explicitly too, with the client parameters as subscription
-    // parameters, so `subscription.*` is exercised.
-    let streams = StreamsRequest {
-        include_defaults: true,
-        subscriptions: rules
-            .bucket_sources()
-            .iter()
-            .map(|s| StreamSubscription {
-                stream: s.name.clone(),
-                parameters: client.clone(),
-                override_priority: None,
-            })
-            .collect(),
-    };
-    let querier = rules.querier(&RequestParameters::new(jwt, client), &streams);
-    let _ = (querier.errors(), querier.static_buckets(), querier.streams());
-    let mut answers: HashMap<LookupKey, Vec<String>> = HashMap::new();
-    for _ in 0..16 {
-        let missing = querier.missing_lookups(&answers);
-        if missing.is_empty() {
-            break;
-        }
-        for lookup in missing {
-            let found = stored.get(&lookup).cloned().unwrap_or_default();
-            answers.insert(lookup, found);
-        }
-    }
-    querier.resolve(&answers).len()
-}
+/// Request time: the rules crate keeps this in one place for the fuzz targets and its smoke test.
+pub use ferrosync_rules::fuzz_support::run_querier;
 
 /// Replication + request time for a set of rows: evaluate_row, evaluate_parameter_row (whose
 /// output feeds the lookups), querier + resolve. `extra` adds arbitrary stored JSON per lookup.

@@ -3,9 +3,8 @@
 //! pseudo-random mutations of them (xorshift, so every run is the same). The property is the
 //! fuzzers' one: errors are fine, panics are not. Keep the calls in line with `fuzz/src/lib.rs`.
 
-use crate::{
-    LookupKey, RequestParameters, Row, SourceTableName, SqliteValue, StreamSubscription, StreamsRequest, SyncRules, SyncRulesOptions,
-};
+use crate::fuzz_support::run_querier;
+use crate::{LookupKey, Row, SourceTableName, SqliteValue, SyncRules, SyncRulesOptions};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fs;
@@ -163,38 +162,6 @@ fn random_json(rng: &mut XorShift) -> Value {
         4 => json!({"a": [1, 2], "b": "x"}),
         _ => json!(true),
     }
-}
-
-/// Same shape as `fuzz/src/lib.rs::run_querier` (keep querier calls here only).
-fn run_querier(rules: &SyncRules, jwt: Value, client: Option<Value>, stored: &HashMap<LookupKey, Vec<String>>) -> usize {
-    // Every stream subscribed explicitly too, with the client parameters as subscription
-    // parameters, so `subscription.*` is exercised.
-    let streams = StreamsRequest {
-        include_defaults: true,
-        subscriptions: rules
-            .bucket_sources()
-            .iter()
-            .map(|s| StreamSubscription {
-                stream: s.name.clone(),
-                parameters: client.clone(),
-                override_priority: None,
-            })
-            .collect(),
-    };
-    let querier = rules.querier(&RequestParameters::new(jwt, client), &streams);
-    let _ = (querier.errors(), querier.static_buckets(), querier.streams());
-    let mut answers: HashMap<LookupKey, Vec<String>> = HashMap::new();
-    for _ in 0..16 {
-        let missing = querier.missing_lookups(&answers);
-        if missing.is_empty() {
-            break;
-        }
-        for lookup in missing {
-            let found = stored.get(&lookup).cloned().unwrap_or_default();
-            answers.insert(lookup, found);
-        }
-    }
-    querier.resolve(&answers).len()
 }
 
 /// Replication and request time for some rows of the tables the rules read.

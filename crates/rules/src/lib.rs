@@ -34,3 +34,5 @@ mod eval_tests;
 
 #[cfg(test)]
 mod fuzz_smoke;
+#[doc(hidden)]
+pub mod fuzz_support;
