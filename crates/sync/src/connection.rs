@@ -4,9 +4,10 @@
 //! changes the client's buckets interrupts a long download (see [`Interrupts`]).
 
 use crate::hub::{CheckpointHub, HubState};
+use crate::interrupts::Interrupts;
 use crate::lines::{
-    BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, Line, LineFormat, OplogLine, PartialCompleteLine, Reason,
-    StreamDescription,
+    line_len, op_line, BucketChecksumLine, Checkpoint, CheckpointDiff, CompleteLine, DataBatch, Line, LineFormat, OplogLine,
+    PartialCompleteLine, Reason, StreamDescription,
 };
 use crate::output::{ChunkStream, Output};
 use crate::stats::ConnectionStats;
@@ -21,17 +22,6 @@ use tokio::sync::{oneshot, watch};
 
 /// Ops per storage read. The next read is issued while this one is being sent.
 const FETCH_LIMIT: usize = 2000;
-/// Most ops in one `data` line.
-const LINE_OPS: usize = 1000;
-/// A `data` line is cut once its row data reaches this size (it may exceed it by one op), as
-/// the reference cuts at 1 MiB: large rows must not make a line, and the buffers that encode
-/// and carry it, tens of MB.
-const LINE_BYTES: usize = 1 << 20;
-/// Ops sent for a checkpoint before a newer one may interrupt its download (the reference's
-/// rule); see [`Interrupts`].
-const INTERRUPT_AFTER_OPS: usize = 1000;
-/// Interruptions in a row after which a download finishes whatever arrives meanwhile.
-const MAX_INTERRUPTIONS: u32 = 8;
 /// Interval of `token_expires_in` keepalive lines (protocol spec §2.4).
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -83,32 +73,6 @@ struct Sent {
     checksum: BucketChecksum,
     priority: u8,
     reasons: Vec<BucketReason>,
-}
-
-/// When a newer checkpoint may interrupt a download (protocol spec §7.3 "Interruption").
-///
-/// As in the reference, only after enough ops were sent for the current checkpoint, so every
-/// interruption makes progress. On top of that, each interruption in a row needs twice the ops
-/// of the one before, and after [`MAX_INTERRUPTIONS`] the download finishes whatever arrives:
-/// a client whose buckets change nearly as fast as it downloads still reaches a
-/// `checkpoint_complete` (with a fixed threshold it would only if they changed slower).
-#[derive(Default)]
-struct Interrupts {
-    /// Ops sent since the last checkpoint line.
-    sent: usize,
-    /// Interruptions since the last `checkpoint_complete`.
-    in_a_row: u32,
-}
-
-impl Interrupts {
-    fn due(&self) -> bool {
-        self.in_a_row < MAX_INTERRUPTIONS && self.sent >= INTERRUPT_AFTER_OPS << self.in_a_row
-    }
-
-    fn interrupted(&mut self) {
-        self.in_a_row += 1;
-        self.sent = 0;
-    }
 }
 
 /// What a checkpoint means for this connection.
@@ -689,21 +653,6 @@ impl<S: SyncStorage> Connection<S> {
     }
 }
 
-/// How many of `ops` go into the next `data` line: at most [`LINE_OPS`], and no more once the
-/// line holds [`LINE_BYTES`] of row data. At least one when `ops` is not empty.
-fn line_len<'o>(ops: impl Iterator<Item = &'o OplogEntry>) -> usize {
-    let mut bytes = 0;
-    let mut n = 0;
-    for op in ops.take(LINE_OPS) {
-        if n > 0 && bytes >= LINE_BYTES {
-            break;
-        }
-        bytes += op.data.as_ref().map_or(0, String::len);
-        n += 1;
-    }
-    n
-}
-
 /// `name: count` pairs, largest first: which definitions or queries went over a limit.
 fn breakdown(items: impl Iterator<Item = (String, usize)>) -> String {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -741,71 +690,14 @@ fn checksum_line<'a>(b: &'a BucketDescription, next: &HashMap<String, Sent>) -> 
     }
 }
 
-fn op_line(op: &ferrosync_storage::OplogEntry) -> OplogLine<'_> {
-    OplogLine {
-        op_id: op.op_id.to_string(),
-        op: op.op.as_str(),
-        object_type: op.object_type.as_deref(),
-        object_id: op.object_id.as_deref(),
-        subkey: op.subkey.as_deref(),
-        checksum: i64::from(op.checksum),
-        data: op.data.as_deref(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn op(data_len: usize) -> OplogEntry {
-        OplogEntry {
-            op_id: 1,
-            op: ferrosync_storage::OpType::Put,
-            object_type: Some("t".into()),
-            object_id: Some("1".into()),
-            subkey: None,
-            data: Some("x".repeat(data_len)),
-            checksum: 0,
-        }
-    }
-
-    #[test]
-    fn lines_are_cut_by_op_count_and_by_size() {
-        let small: Vec<_> = (0..2500).map(|_| op(10)).collect();
-        assert_eq!(line_len(small.iter()), LINE_OPS);
-        let large: Vec<_> = (0..3).map(|_| op(600 * 1024)).collect();
-        assert_eq!(line_len(large.iter()), 2, "cut once 1 MiB is reached");
-        assert_eq!(line_len(large[2..].iter()), 1);
-        let huge = [op(5 << 20), op(1)];
-        assert_eq!(line_len(huge.iter()), 1, "one op per line at least, however large");
-        assert_eq!(line_len([].iter()), 0);
-    }
 
     #[test]
     fn limit_errors_name_the_largest_sources_first() {
         let items = [("by_list", 3), ("global", 1), ("by_list", 2), ("empty", 0)].map(|(n, c)| (n.to_string(), c));
         assert_eq!(breakdown(items.into_iter()), "by_list: 5, global: 1");
-    }
-
-    #[test]
-    fn each_interruption_in_a_row_needs_twice_the_ops_until_none_is_allowed() {
-        let mut interrupts = Interrupts {
-            sent: INTERRUPT_AFTER_OPS - 1,
-            in_a_row: 0,
-        };
-        assert!(!interrupts.due());
-        interrupts.sent += 1;
-        assert!(interrupts.due());
-        interrupts.interrupted();
-        interrupts.sent = INTERRUPT_AFTER_OPS;
-        assert!(!interrupts.due());
-        interrupts.sent = 2 * INTERRUPT_AFTER_OPS;
-        assert!(interrupts.due());
-        for _ in 1..MAX_INTERRUPTIONS {
-            interrupts.interrupted();
-        }
-        interrupts.sent = usize::MAX;
-        assert!(!interrupts.due(), "after {MAX_INTERRUPTIONS} in a row the download finishes");
     }
 
     #[test]

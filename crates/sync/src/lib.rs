@@ -9,6 +9,7 @@ pub mod connection;
 pub mod hub;
 #[cfg(test)]
 mod interrupt_tests;
+mod interrupts;
 pub mod lines;
 mod misses;
 mod output;

@@ -2,6 +2,7 @@
 
 use bytes::{BufMut, BytesMut};
 use ferrosync_rules::{BucketReason, StreamInfo};
+use ferrosync_storage::OplogEntry;
 use serde::Serialize;
 
 /// Wire encoding of lines.
@@ -173,9 +174,68 @@ pub enum Line<'a> {
     TokenExpiresIn(i64),
 }
 
+/// Most ops in one `data` line.
+pub const LINE_OPS: usize = 1000;
+/// A `data` line is cut once its row data reaches this size (it may exceed it by one op), as
+/// the reference cuts at 1 MiB: large rows must not make a line, and the buffers that encode
+/// and carry it, tens of MB.
+pub const LINE_BYTES: usize = 1 << 20;
+
+/// How many of `ops` go into the next `data` line: at most [`LINE_OPS`], and no more once the
+/// line holds [`LINE_BYTES`] of row data. At least one when `ops` is not empty.
+pub fn line_len<'o>(ops: impl Iterator<Item = &'o OplogEntry>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for op in ops.take(LINE_OPS) {
+        if n > 0 && bytes >= LINE_BYTES {
+            break;
+        }
+        bytes += op.data.as_ref().map_or(0, String::len);
+        n += 1;
+    }
+    n
+}
+
+/// The wire form of a stored op.
+pub fn op_line(op: &OplogEntry) -> OplogLine<'_> {
+    OplogLine {
+        op_id: op.op_id.to_string(),
+        op: op.op.as_str(),
+        object_type: op.object_type.as_deref(),
+        object_id: op.object_id.as_deref(),
+        subkey: op.subkey.as_deref(),
+        checksum: i64::from(op.checksum),
+        data: op.data.as_deref(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn op(data_len: usize) -> OplogEntry {
+        OplogEntry {
+            op_id: 1,
+            op: ferrosync_storage::OpType::Put,
+            object_type: Some("t".into()),
+            object_id: Some("1".into()),
+            subkey: None,
+            data: Some("x".repeat(data_len)),
+            checksum: 0,
+        }
+    }
+
+    #[test]
+    fn lines_are_cut_by_op_count_and_by_size() {
+        let small: Vec<_> = (0..2500).map(|_| op(10)).collect();
+        assert_eq!(line_len(small.iter()), LINE_OPS);
+        let large: Vec<_> = (0..3).map(|_| op(600 * 1024)).collect();
+        assert_eq!(line_len(large.iter()), 2, "cut once 1 MiB is reached");
+        assert_eq!(line_len(large[2..].iter()), 1);
+        let huge = [op(5 << 20), op(1)];
+        assert_eq!(line_len(huge.iter()), 1, "one op per line at least, however large");
+        assert_eq!(line_len([].iter()), 0);
+    }
 
     fn encode(format: LineFormat, line: &Line<'_>) -> BytesMut {
         let mut buf = BytesMut::new();
