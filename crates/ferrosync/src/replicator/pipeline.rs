@@ -1,20 +1,13 @@
-//! The replication pipeline: source (snapshot + pgoutput) -> rules -> storage.
-//!
-//! One replicator per sync config, guarded by a lease in storage ([`LeaseConnection`]).
-//! Storage writes are batched across source transactions: every event already decoded is applied before one flush and
-//! one checkpoint, and the LSN is acknowledged to Postgres only after that commit returns.
+//! Source events to bucket storage: the initial snapshot, tables added later, and the change
+//! stream applied in batches.
 
+use super::{connect_source, ReplicatorConfig};
 use anyhow::{Context, Result};
-use ferrosync_api::probes::ProbeState;
-use ferrosync_config::{CompactionConfig, PostgresConnectionConfig};
-use ferrosync_pgconn::{Backoff, PgEndpoint};
-use ferrosync_rules::{SyncRules, SyncRulesOptions};
+use ferrosync_rules::SyncRules;
 use ferrosync_source::relation::RelationInfo;
 use ferrosync_source::setup;
-use ferrosync_source::slot::slot_health;
 use ferrosync_source::snapshot::{chunk_column, copy_table, estimate_rows};
 use ferrosync_source::{ChangeStream, Lsn, SourceEvent, SourceRow, StreamOptions};
-use ferrosync_storage::lease::LeaseConnection;
 use ferrosync_storage::streams;
 use ferrosync_storage::{BucketWriter, RecordOp, TableHandle, TableProgress};
 use std::collections::HashMap;
@@ -27,93 +20,8 @@ const SNAPSHOT_CHUNK: usize = 10_000;
 /// Records applied from already-decoded events before forcing a commit.
 const MAX_BATCH_RECORDS: usize = 50_000;
 
-/// What the replicator needs from the config.
-#[derive(Clone)]
-pub struct ReplicatorConfig {
-    pub source: PostgresConnectionConfig,
-    pub source_endpoint: PgEndpoint,
-    pub storage: PgEndpoint,
-    pub rules_content: String,
-    pub rules_options: SyncRulesOptions,
-    pub owner: String,
-    /// Where the replicator reports what it is doing (read by the probes).
-    pub status: Arc<ProbeState>,
-    /// Background compaction, run by the lease holder only.
-    pub compaction: CompactionConfig,
-}
-
-/// How often a standby checks whether the lease holder is gone. Takeover happens within this
-/// interval of the holder's death (its lease connection closes with it).
-const STANDBY_POLL: Duration = Duration::from_millis(250);
-/// Longest wait for the storage to confirm a lease release before the connection is dropped.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
-/// An attempt that ran this long was healthy: the next failure starts the backoff afresh.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
-
-/// Run until the process ends: take the lease (or stand by), replicate, and after any failure
-/// (source or storage restarted, network cut, lease lost) start over with backoff and jitter.
-/// Nothing is acknowledged to the source that is not durable in storage, so starting over
-/// resumes exactly where the last commit left off.
-pub async fn run(config: ReplicatorConfig) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut lease: Option<LeaseConnection> = None;
-    let mut standing_by = false;
-    loop {
-        let started = Instant::now();
-        match attempt(&config, &mut lease).await {
-            Ok(()) => {
-                if !standing_by {
-                    tracing::info!("another process holds the replication lease; standing by");
-                    config.status.set_replication("standby", None);
-                    standing_by = true;
-                }
-                tokio::time::sleep(STANDBY_POLL).await;
-            }
-            Err(e) => {
-                standing_by = false;
-                if started.elapsed() > HEALTHY_RUN {
-                    backoff.reset();
-                }
-                let delay = backoff.next_delay();
-                let error = format!("{e:#}");
-                tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication stopped");
-                config.status.set_replication("retrying", Some(error));
-                // Let a healthy standby take over while this process waits out its backoff. A
-                // lease connection that does not answer is dropped (which also ends the lock).
-                if let Some(held) = lease.take() {
-                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_TIMEOUT, held.release()).await {
-                        lease = Some(held);
-                    }
-                }
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-}
-
-/// One attempt: `Ok` when another process holds the lease, else runs until an error.
-async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<()> {
-    if lease.is_none() {
-        *lease = Some(LeaseConnection::open(&config.storage).await?);
-    }
-    let Some(held) = lease.as_ref() else { return Ok(()) };
-    let stream = streams::stream_for_content(held.client(), &config.rules_content, &config.source.slot_name_prefix).await?;
-    if !held.try_acquire(stream.id, &config.owner).await? {
-        return Ok(());
-    }
-    tokio::select! {
-        result = replicate(config, held.client(), stream.id) => result,
-        lost = held.lost() => Err(lost.into()),
-    }
-}
-
-async fn connect_source(cfg: &ReplicatorConfig) -> Result<tokio_postgres::Client> {
-    let client = cfg.source_endpoint.connect().await?;
-    client.batch_execute(ferrosync_source::types::SESSION_SETTINGS).await?;
-    Ok(client)
-}
-
-struct Replication {
+/// One stream's pipeline state while its job holds the lease.
+pub(super) struct Replication {
     source: Arc<tokio_postgres::Client>,
     writer: BucketWriter,
     rules: Arc<SyncRules>,
@@ -122,158 +30,24 @@ struct Replication {
     tables: HashMap<u32, (Option<Arc<TableHandle>>, Vec<String>)>,
 }
 
-/// Replicate stream `id` while holding its lease.
-async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
-    // Read after taking the lease: the previous holder may have committed until a moment ago.
-    let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
-    let source = Arc::new(connect_source(config).await?);
-    setup::check_source(&source).await?;
-    let mut options = config.rules_options.clone();
-    options.sync_rules_id = stream.id as u64;
-    let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
-    let slot = stream.slot_name.clone();
-    let snapshot_done = stream.snapshot_done;
-    let health = slot_health(&source, &slot).await?;
-    tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
-    let usable = health.as_ref().is_some_and(|h| !h.is_lost());
-    if snapshot_done && !usable {
-        return Err(rebuild_stream(config, storage, &source, id, &slot, health.is_some()).await);
-    }
-    let stream = if !usable {
-        // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
-        setup::drop_slot(&source, &slot).await?;
-        streams::clear_group(storage, stream.id).await?;
-        setup::create_slot(&source, &slot).await?;
-        streams::stream_by_id(storage, id).await?.context("replication stream vanished")?
-    } else {
-        stream
-    };
-    let reader = ferrosync_storage::connect_for_writes(&config.storage).await?;
-    let writer = ferrosync_storage::connect_for_writes(&config.storage).await?;
-    let mut repl = Replication {
-        source,
-        writer: BucketWriter::new(reader, writer, stream, rules.clone(), config.owner.clone()),
-        rules,
-        config: config.clone(),
-        tables: HashMap::new(),
-    };
-    let replication = async {
-        if !snapshot_done {
-            config.status.set_replication("snapshot", None);
-            repl.initial_snapshot().await?;
-        }
-        repl.stream_changes().await
-    };
-    // Compaction runs beside replication while this process holds the lease, so two
-    // processes never compact at once; it ends with the attempt.
-    let compaction = async {
-        match config.compaction.enabled {
-            true => crate::compact::background(config.storage.clone(), id, config.compaction.clone()).await,
-            false => std::future::pending().await,
-        }
-    };
-    // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
-    tokio::select! {
-        result = replication => result,
-        error = watch_slot(config, slot.clone()) => Err(error),
-        () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
-    }
-}
-
-/// How often the slot's health is checked while replicating.
-const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
-/// A slot health check unanswered this long means the source is unreachable: start over.
-const SLOT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Resolves with an error once the slot is gone or lost; warns while its WAL budget runs low.
-async fn watch_slot(config: &ReplicatorConfig, slot: String) -> anyhow::Error {
-    let client = match connect_source(config).await {
-        Ok(c) => c,
-        Err(e) => return e.context("slot health connection"),
-    };
-    let mut warned = false;
-    loop {
-        tokio::time::sleep(SLOT_CHECK_INTERVAL).await;
-        let health = match tokio::time::timeout(SLOT_CHECK_TIMEOUT, slot_health(&client, &slot)).await {
-            Ok(result) => result,
-            Err(_) => {
-                return anyhow::anyhow!(
-                    "the source did not answer the slot health check within {} s (network cut?)",
-                    SLOT_CHECK_TIMEOUT.as_secs()
-                )
-            }
-        };
-        match health {
-            Ok(Some(h)) if !h.is_lost() => {
-                if let Some(lag) = h.lag_bytes {
-                    ferrosync_metrics::lag_bytes(&slot, lag.max(0) as u64);
-                }
-                if h.is_at_risk() && !warned {
-                    tracing::warn!(
-                        slot = %slot,
-                        wal_status = %h.wal_status,
-                        safe_wal_bytes = h.safe_wal_size,
-                        max_slot_wal_keep_size_bytes = h.budget,
-                        "replication slot is close to max_slot_wal_keep_size: if replication does not catch up, Postgres invalidates the slot and a full resync follows (raise max_slot_wal_keep_size or give replication more resources)"
-                    );
-                }
-                warned = h.is_at_risk();
-            }
-            Ok(found) => {
-                return ferrosync_source::SourceError::SlotInvalid {
-                    slot,
-                    reason: slot_problem(found.is_some()).into(),
-                }
-                .into();
-            }
-            Err(e) => return e.into(),
-        }
-    }
-}
-
-/// What is wrong with an unusable slot: it exists but lost its WAL, or it is gone.
-fn slot_problem(exists: bool) -> &'static str {
-    if exists {
-        "invalidated (its WAL was removed)"
-    } else {
-        "missing"
-    }
-}
-
-/// The slot of a stream that finished its snapshot is gone or lost: its history cannot
-/// continue. Clients keep syncing the stream's last data (it becomes ERRORED) while a new
-/// stream with the same config is built from a fresh snapshot on the next attempt.
-async fn rebuild_stream(
-    config: &ReplicatorConfig,
-    storage: &tokio_postgres::Client,
-    source: &tokio_postgres::Client,
-    id: i64,
-    slot: &str,
-    exists: bool,
-) -> anyhow::Error {
-    let reason = slot_problem(exists);
-    tracing::error!(
-        stream = id,
-        slot,
-        reason,
-        "replication slot is unusable: building a new replication stream from a fresh snapshot; clients keep the last synced data until it is ready"
-    );
-    if let Err(e) = streams::restart_replication(storage, id, &config.owner, &config.source.slot_name_prefix).await {
-        return e.into();
-    }
-    if let Err(e) = setup::drop_slot(source, slot).await {
-        tracing::warn!(slot, error = %e, "could not drop the unusable slot");
-    }
-    ferrosync_source::SourceError::SlotInvalid {
-        slot: slot.to_string(),
-        reason: format!("{reason}; a new replication stream replaces it"),
-    }
-    .into()
-}
-
 impl Replication {
+    pub(super) fn new(
+        source: Arc<tokio_postgres::Client>,
+        writer: BucketWriter,
+        rules: Arc<SyncRules>,
+        config: ReplicatorConfig,
+    ) -> Replication {
+        Replication {
+            source,
+            writer,
+            rules,
+            config,
+            tables: HashMap::new(),
+        }
+    }
+
     /// Copy every table the sync rules use, resuming where an earlier attempt stopped.
-    async fn initial_snapshot(&mut self) -> Result<()> {
+    pub(super) async fn initial_snapshot(&mut self) -> Result<()> {
         let started = Instant::now();
         let tag = self.config.source.tag.clone();
         for (oid, name, ident) in setup::published_tables(&self.source, &tag).await? {
@@ -414,7 +188,7 @@ impl Replication {
         }
     }
 
-    async fn stream_changes(&mut self) -> Result<()> {
+    pub(super) async fn stream_changes(&mut self) -> Result<()> {
         let slot = self.writer.stream().slot_name.clone();
         let mut stream = ChangeStream::start(StreamOptions {
             source: self.config.source_endpoint.clone(),

@@ -1,0 +1,70 @@
+//! One replication job: replicate a stream while holding its lease (slot checks, snapshot,
+//! streaming and background compaction side by side).
+
+use super::pipeline::Replication;
+use super::slot::{rebuild_stream, watch_slot};
+use super::{connect_source, ReplicatorConfig};
+use anyhow::{Context, Result};
+use ferrosync_rules::SyncRules;
+use ferrosync_source::setup;
+use ferrosync_source::slot::slot_health;
+use ferrosync_storage::streams;
+use ferrosync_storage::BucketWriter;
+use std::sync::Arc;
+
+/// Replicate stream `id` while holding its lease.
+pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
+    // Read after taking the lease: the previous holder may have committed until a moment ago.
+    let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
+    let source = Arc::new(connect_source(config).await?);
+    setup::check_source(&source).await?;
+    let mut options = config.rules_options.clone();
+    options.sync_rules_id = stream.id as u64;
+    let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
+    let slot = stream.slot_name.clone();
+    let snapshot_done = stream.snapshot_done;
+    let health = slot_health(&source, &slot).await?;
+    tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
+    let usable = health.as_ref().is_some_and(|h| !h.is_lost());
+    if snapshot_done && !usable {
+        return Err(rebuild_stream(config, storage, &source, id, &slot, health.is_some()).await);
+    }
+    let stream = if !usable {
+        // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
+        setup::drop_slot(&source, &slot).await?;
+        streams::clear_group(storage, stream.id).await?;
+        setup::create_slot(&source, &slot).await?;
+        streams::stream_by_id(storage, id).await?.context("replication stream vanished")?
+    } else {
+        stream
+    };
+    let reader = ferrosync_storage::connect_for_writes(&config.storage).await?;
+    let writer = ferrosync_storage::connect_for_writes(&config.storage).await?;
+    let mut repl = Replication::new(
+        source,
+        BucketWriter::new(reader, writer, stream, rules.clone(), config.owner.clone()),
+        rules,
+        config.clone(),
+    );
+    let replication = async {
+        if !snapshot_done {
+            config.status.set_replication("snapshot", None);
+            repl.initial_snapshot().await?;
+        }
+        repl.stream_changes().await
+    };
+    // Compaction runs beside replication while this process holds the lease, so two
+    // processes never compact at once; it ends with the attempt.
+    let compaction = async {
+        match config.compaction.enabled {
+            true => crate::compact::background(config.storage.clone(), id, config.compaction.clone()).await,
+            false => std::future::pending().await,
+        }
+    };
+    // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
+    tokio::select! {
+        result = replication => result,
+        error = watch_slot(config, slot.clone()) => Err(error),
+        () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
+    }
+}
