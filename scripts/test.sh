@@ -10,3 +10,5 @@ cargo test --workspace -- --test-threads=2
 cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \
   --rows 2000 --incremental-rows 2000 --latency-samples 10 --fanout 10,50 --fanout-rounds 2 --failover-rounds 2 \
   --churn-rows 200 --churn-updates 2000 > /dev/null
+# The container image (Dockerfile, distroless/cc) can run the binary.
+scripts/check-image-libs.sh target/debug/ferrosync
