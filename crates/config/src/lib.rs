@@ -9,6 +9,7 @@ mod envtag;
 mod error;
 mod node;
 mod postgres;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ use serde_yaml_ng::Value;
 
 pub use error::ConfigError;
 pub use postgres::{PostgresConnectionConfig, SslMode};
+pub use telemetry::{OtlpConfig, OtlpProtocol, TelemetryConfig};
 
 use node::{as_string, as_u16_port, index_path, type_name, Obj, Result};
 use postgres::{parse_postgres, ConnectionRole};
@@ -152,12 +154,6 @@ impl Default for ApiParameters {
             bucket_count_cache_ttl_minutes: 60,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TelemetryConfig {
-    /// Metrics endpoint port; metrics are off when unset.
-    pub prometheus_port: Option<u16>,
 }
 
 /// `system.logging`: the reference's winston levels and formats.
@@ -318,16 +314,7 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         None => ApiConfig::default(),
     };
     let telemetry = match obj.get("telemetry") {
-        Some(v) => {
-            let mut t = Obj::new(v, "telemetry")?;
-            t.accept(&["disable_telemetry_sharing", "internal_service_endpoint"]);
-            let prometheus_port = match t.get("prometheus_port") {
-                Some(p) => Some(as_u16_port(p, "telemetry.prometheus_port")?),
-                None => None,
-            };
-            t.finish(warnings);
-            TelemetryConfig { prometheus_port }
-        }
+        Some(v) => telemetry::parse_telemetry(v, warnings)?,
         None => TelemetryConfig::default(),
     };
     let migrations = match obj.get("migrations") {

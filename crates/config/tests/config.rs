@@ -523,3 +523,44 @@ fn storage_compaction_keys() {
     let bad = format!("{STORAGE}  compaction:\n    interval_seconds: soon\n");
     assert!(err_string(load_yaml(&bad)).contains("storage.compaction.interval_seconds"));
 }
+
+#[test]
+fn telemetry_otlp() {
+    let c = load_yaml(&format!(
+        "{STORAGE}telemetry:\n  prometheus_port: 9464\n  otlp:\n    endpoint: http://collector:4318/v1/metrics\n    protocol: json\n    interval_seconds: 5\n    headers:\n      x-api-key: k1\n"
+    ))
+    .expect("valid")
+    .config;
+    let otlp = c.telemetry.otlp.expect("otlp configured");
+    assert_eq!(otlp.endpoint, "http://collector:4318/v1/metrics");
+    assert_eq!(otlp.protocol, ferrosync_config::OtlpProtocol::Json);
+    assert_eq!(otlp.interval_seconds, 5);
+    assert_eq!(otlp.headers.get("x-api-key").map(String::as_str), Some("k1"));
+
+    let defaults = load_yaml(&format!(
+        "{STORAGE}telemetry:\n  otlp:\n    endpoint: https://otel.example/v1/metrics\n"
+    ))
+    .expect("valid")
+    .config;
+    let otlp = defaults.telemetry.otlp.expect("otlp configured");
+    assert_eq!(
+        (otlp.protocol, otlp.interval_seconds),
+        (ferrosync_config::OtlpProtocol::Protobuf, 15)
+    );
+
+    for (otlp, expected) in [
+        ("    protocol: grpc\n", "telemetry.otlp.endpoint: required"),
+        ("    endpoint: collector:4318\n", "expected an http:// or https:// URL"),
+        (
+            "    endpoint: http://c/v1/metrics\n    protocol: grpc\n",
+            "expected `protobuf` or `json`",
+        ),
+        (
+            "    endpoint: http://c/v1/metrics\n    headers: [a]\n",
+            "telemetry.otlp.headers: expected an object",
+        ),
+    ] {
+        let e = err_string(load_yaml(&format!("{STORAGE}telemetry:\n  otlp:\n{otlp}")));
+        assert!(e.contains(expected), "{e}");
+    }
+}

@@ -11,6 +11,7 @@ mod demo;
 mod explain;
 mod logging;
 mod metrics;
+mod otlp;
 mod replicator;
 mod serve;
 mod token;

@@ -1,11 +1,13 @@
-//! The Prometheus endpoint on `telemetry.prometheus_port`, and the metrics only the service
-//! process samples: bucket storage sizes.
+//! Metrics output (the Prometheus endpoint on `telemetry.prometheus_port`, OTLP push on
+//! `telemetry.otlp`), and the metrics only the service process samples: bucket storage sizes.
 
 use anyhow::{Context, Result};
 use axum::routing::get;
+use ferrosync_config::TelemetryConfig;
 use ferrosync_metrics::{CHECKPOINT_FANOUT, FANOUT_BUCKETS};
 use ferrosync_pgconn::{LazyClient, PgEndpoint};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::layers::FanoutBuilder;
 use std::time::Duration;
 
 /// How often histograms are compacted (the exporter leaves it to its user without its own
@@ -22,10 +24,35 @@ const STORAGE_SIZES: &str = "SELECT
     coalesce(pg_total_relation_size(to_regclass('ferrosync.op_chunks')), 0),
     coalesce(pg_total_relation_size(to_regclass('ferrosync.bucket_parameters')), 0)";
 
-/// Install the recorder and serve `GET /metrics` on `host:port`. Call before anything records
-/// (see `ferrosync_metrics::get`).
-pub async fn start(host: &str, port: u16) -> Result<()> {
-    let handle = install()?;
+/// Install the recorders the config asks for (Prometheus on `telemetry.prometheus_port`, OTLP
+/// push on `telemetry.otlp`) and serve `GET /metrics`. Call before anything records (see
+/// `ferrosync_metrics::get`). `false`: neither is configured, and nothing is recorded.
+pub async fn start(host: &str, telemetry: &TelemetryConfig) -> Result<bool> {
+    let otlp = telemetry.otlp.as_ref().map(crate::otlp::recorder).transpose()?;
+    let prometheus = telemetry
+        .prometheus_port
+        .map(|port| Ok::<_, anyhow::Error>((port, recorder()?)))
+        .transpose()?;
+    let handle = prometheus.as_ref().map(|(_, r)| r.handle());
+    match (prometheus, otlp) {
+        (None, None) => return Ok(false),
+        (Some((_, prometheus)), None) => install(prometheus)?,
+        (None, Some(otlp)) => install(otlp)?,
+        // Both: every update goes to each (a handle is then one atomic per recorder).
+        (Some((_, prometheus)), Some(otlp)) => install(FanoutBuilder::default().add_recorder(prometheus).add_recorder(otlp).build())?,
+    }
+    ferrosync_metrics::describe();
+    if let (Some(port), Some(handle)) = (telemetry.prometheus_port, handle) {
+        serve_prometheus(host, port, handle).await?;
+    }
+    Ok(true)
+}
+
+fn install(recorder: impl metrics::Recorder + Sync + 'static) -> Result<()> {
+    metrics::set_global_recorder(recorder).map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))
+}
+
+async fn serve_prometheus(host: &str, port: u16, handle: PrometheusHandle) -> Result<()> {
     let listeners = crate::serve::listen(&format!("{host}:{port}"))
         .await
         .with_context(|| format!("binding the metrics endpoint {host}:{port}"))?;
@@ -50,14 +77,6 @@ fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder> {
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(CHECKPOINT_FANOUT.into()), FANOUT_BUCKETS)?
         .build_recorder())
-}
-
-fn install() -> Result<PrometheusHandle> {
-    let recorder = recorder()?;
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
-    ferrosync_metrics::describe();
-    Ok(handle)
 }
 
 async fn sample_storage(client: LazyClient) {

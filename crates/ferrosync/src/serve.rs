@@ -62,9 +62,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         .context("no sync_config/sync_rules in the config: nothing to serve")?;
     check_rules(&sync.content)?;
     let host = bind.unwrap_or_else(|| config.bind_address.clone());
-    if let Some(port) = config.telemetry.prometheus_port {
-        crate::metrics::start(&host, port).await?;
-    }
+    let metrics_on = crate::metrics::start(&host, &config.telemetry).await?;
     // Connection settings and TLS problems (unknown CA, host name mismatch, expired
     // certificate) stop the start with the cause; later outages are ridden out.
     let storage_endpoint = PgEndpoint::from_config(&config.storage).context("bucket storage")?;
@@ -75,7 +73,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         ferrosync_storage::schema::migrate(&storage_client).await?;
     }
     drop(storage_client);
-    if config.telemetry.prometheus_port.is_some() {
+    if metrics_on {
         crate::metrics::sample_storage_sizes(storage_endpoint.clone());
     }
     let probes = Arc::new(ProbeState::default());

@@ -15,6 +15,7 @@ mod live;
 mod metrics;
 mod network_cut;
 mod node_client;
+mod otlp;
 mod protocol;
 mod proxy;
 mod restart;
