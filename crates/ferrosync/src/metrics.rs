@@ -1,5 +1,6 @@
-//! The Prometheus endpoint on `telemetry.prometheus_port`, and the metrics only the service
-//! process samples: bucket storage sizes.
+//! The metrics recorder (always installed: the dashboard reads it, and recording was measured
+//! to cost nothing), its Prometheus endpoint on `telemetry.prometheus_port`, and the metrics
+//! only the service process samples: bucket storage sizes.
 
 use anyhow::{Context, Result};
 use axum::routing::get;
@@ -22,22 +23,27 @@ const STORAGE_SIZES: &str = "SELECT
     coalesce(pg_total_relation_size(to_regclass('ferrosync.op_chunks')), 0),
     coalesce(pg_total_relation_size(to_regclass('ferrosync.bucket_parameters')), 0)";
 
-/// Install the recorder and serve `GET /metrics` on `host:port`. Call before anything records
-/// (see `ferrosync_metrics::get`).
-pub async fn start(host: &str, port: u16) -> Result<()> {
+/// Install the recorder and keep its histograms compacted. Call before anything records (see
+/// `ferrosync_metrics::get`).
+pub fn start() -> Result<PrometheusHandle> {
     let handle = install()?;
-    let listeners = crate::serve::listen(&format!("{host}:{port}"))
-        .await
-        .with_context(|| format!("binding the metrics endpoint {host}:{port}"))?;
-    let render = handle.clone();
-    let router = axum::Router::new().route("/metrics", get(move || std::future::ready(render.render())));
-    tokio::spawn(ferrosync_api::http_server::serve_all(listeners, router));
+    let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(UPKEEP_INTERVAL).await;
-            handle.run_upkeep();
+            upkeep.run_upkeep();
         }
     });
+    Ok(handle)
+}
+
+/// Serve `GET /metrics` on `host:port`.
+pub async fn serve_endpoint(handle: PrometheusHandle, host: &str, port: u16) -> Result<()> {
+    let listeners = crate::serve::listen(&format!("{host}:{port}"))
+        .await
+        .with_context(|| format!("binding the metrics endpoint {host}:{port}"))?;
+    let router = axum::Router::new().route("/metrics", get(move || std::future::ready(handle.render())));
+    tokio::spawn(ferrosync_api::http_server::serve_all(listeners, router));
     Ok(())
 }
 
