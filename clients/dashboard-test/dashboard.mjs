@@ -19,7 +19,7 @@ async function findChromium() {
   return CANDIDATES.find((p) => p && existsSync(p)) ?? null;
 }
 
-async function open({ url, poll_ms }) {
+async function open({ url, poll_ms, stats_ms }) {
   const executablePath = await findChromium();
   if (!executablePath) throw new Error(`no Chromium found (tried ${CANDIDATES.filter(Boolean).join(", ")})`);
   // --no-sandbox: tests run as root in containers, where Chromium's sandbox cannot start.
@@ -27,7 +27,7 @@ async function open({ url, poll_ms }) {
   page = await browser.newPage({ viewport: { width: 1400, height: 1100 } });
   page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text()));
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
-  await page.goto(`${url}/dashboard?poll=${poll_ms}`);
+  await page.goto(`${url}/dashboard?poll=${poll_ms}&stats=${stats_ms}`);
   return { executable: executablePath, title: await page.title() };
 }
 

@@ -191,3 +191,32 @@ async fn claims(app: &AppState, request: &InspectRequest) -> Result<(Value, bool
         _ => Err(ServiceError::validation("give exactly one of token and claims")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(body: &str) -> String {
+        match InspectRequest::parse(body.as_bytes()) {
+            Ok(_) => panic!("{body} accepted"),
+            Err(e) => format!("{} {}", e.code, e.details.unwrap_or_default()),
+        }
+    }
+
+    #[test]
+    fn inspect_bodies_are_checked() {
+        let request = InspectRequest::parse(br#"{"token": "a.b.c", "parameters": {"x": 1}}"#).expect("valid");
+        assert_eq!(request.token.as_deref(), Some("a.b.c"));
+        assert_eq!(request.parameters, Some(json!({"x": 1})));
+        let request = InspectRequest::parse(br#"{"claims": {"sub": "u1"}}"#).expect("valid");
+        assert_eq!(request.claims, Some(json!({"sub": "u1"})));
+        assert_eq!(refused("[1]"), "PSYNC_S2001 the body must be a JSON object");
+        assert_eq!(refused("{"), "PSYNC_S2001 not JSON: EOF while parsing an object at line 1 column 1");
+        assert_eq!(refused(r#"{"token": 1}"#), "PSYNC_S2001 token must be a string");
+        assert_eq!(refused(r#"{"claims": {}, "user": "u1"}"#), "PSYNC_S2001 unknown key \"user\"");
+        assert_eq!(
+            refused(r#"{"claims": {}, "parameters": []}"#),
+            "PSYNC_S2001 parameters must be a JSON object"
+        );
+    }
+}

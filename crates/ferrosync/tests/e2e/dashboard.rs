@@ -19,7 +19,9 @@ const ADMIN_TOKEN: &str = "dashboard-admin-token";
 /// Rows of the table published mid-test: enough snapshot chunks (10,000 rows each) for the page
 /// to show the copy in progress.
 const SNAPSHOT_TODOS: usize = 60_000;
+/// The page's status and storage-stats polling periods (1 s and 30 s by default).
 const POLL_MS: u64 = 250;
+const STATS_MS: u64 = 1000;
 
 fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts/dashboard")
@@ -51,6 +53,36 @@ fn admin_config(svc: &Service) -> Result<()> {
     let mut config = std::fs::read_to_string(&path)?;
     config.push_str(&format!("api:\n  tokens:\n    - {ADMIN_TOKEN}\ndashboard_test_unknown_key: 1\n"));
     std::fs::write(path, config)?;
+    Ok(())
+}
+
+/// The page is public and static; its data routes answer only to the admin token.
+async fn admin_routes_need_the_token(url: &str) -> Result<()> {
+    let http = reqwest::Client::new();
+    let page = http.get(format!("{url}/dashboard")).send().await?;
+    assert_eq!(page.status(), 200);
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .map(|v| v.to_str().unwrap_or_default().to_string());
+    assert_eq!(csp.as_deref(), Some("default-src 'self'; frame-ancestors 'none'"));
+    assert!(page.text().await?.contains("<title>ferrosync dashboard</title>"));
+    for (method, route) in [("GET", "status"), ("GET", "storage-stats"), ("POST", "inspect")] {
+        let request = |token: Option<&str>| {
+            let mut r = http.request(method.parse().expect("method"), format!("{url}/api/admin/v1/{route}"));
+            if let Some(token) = token {
+                r = r.bearer_auth(token);
+            }
+            r.json(&json!({"claims": {"sub": "u1"}})).send()
+        };
+        for (token, code) in [(None, "PSYNC_S2106"), (Some("wrong"), "PSYNC_S2101")] {
+            let response = request(token).await?;
+            assert_eq!(response.status(), 401, "{route} with {token:?}");
+            let body: Value = response.json().await?;
+            assert_eq!(body["error"]["code"], json!(code), "{route}: {body}");
+        }
+        assert_eq!(request(Some(ADMIN_TOKEN)).await?.status(), 200, "{route} with the admin token");
+    }
     Ok(())
 }
 
@@ -104,7 +136,7 @@ async fn dashboard_in_a_headless_browser() -> Result<()> {
     db.batch_execute("ANALYZE todos").await?;
     admin_config(&svc)?;
     svc.start().await?;
-    browser.call(json!({"cmd": "open", "url": svc.url(), "poll_ms": POLL_MS}))?;
+    browser.call(json!({"cmd": "open", "url": svc.url(), "poll_ms": POLL_MS, "stats_ms": STATS_MS}))?;
 
     let refused = browser.call(json!({"cmd": "login", "token": "not-the-admin-token"}))?;
     let message = refused["error"].as_str().unwrap_or_default();

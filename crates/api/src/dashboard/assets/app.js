@@ -3,14 +3,16 @@
 "use strict";
 (() => {
   const TOKEN_KEY = "ferrosync.adminToken";
-  const POLL_MS = Number(new URLSearchParams(location.search).get("poll")) || 1000;
+  const query = new URLSearchParams(location.search);
+  const POLL_MS = Number(query.get("poll")) || 1000;
+  // Largest buckets come from a scan of the op log: seldom.
+  const STATS_MS = Number(query.get("stats")) || 30 * 1000;
   const WINDOW_MS = 120 * 1000;
-  const STATS_EVERY = 5; // storage stats are a table scan: every fifth poll
 
   const $ = (id) => document.getElementById(id);
   const series = { lagSeconds: [], lagBytes: [], rowsRate: [], opsRate: [] };
   let previous = null;
-  let polls = 0;
+  let statsAt = 0;
   let timer = null;
 
   class AuthError extends Error {}
@@ -151,7 +153,10 @@
       const status = await api("/api/admin/v1/status");
       sample(status);
       renderStatus(status);
-      if (polls++ % STATS_EVERY === 0) renderBuckets(await api("/api/admin/v1/storage-stats"));
+      if (Date.now() - statsAt >= STATS_MS) {
+        statsAt = Date.now();
+        renderBuckets(await api("/api/admin/v1/storage-stats"));
+      }
       banner(null);
     } catch (e) {
       if (e instanceof AuthError) return signOut(`The admin token was refused: ${e.message}`);
@@ -175,7 +180,7 @@
     $("main").hidden = false;
     $("logout").hidden = false;
     previous = null;
-    polls = 0;
+    statsAt = 0;
     Object.values(series).forEach((list) => list.splice(0));
     poll();
   }
