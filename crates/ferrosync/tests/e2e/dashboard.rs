@@ -155,6 +155,7 @@ async fn dashboard_in_a_headless_browser() -> Result<()> {
         page["checkpoint"].as_str().is_some_and(|c| c.starts_with("sync config #")),
         "{page}"
     );
+    admin_routes_need_the_token(&svc.url()).await?;
     let errors = page["errors"].to_string();
     assert!(
         errors.contains("dashboard_test_unknown_key"),
