@@ -95,10 +95,20 @@ async fn read_until(browser: &mut NodeAgent, what: &str, mut done: impl FnMut(&V
             return Ok(page);
         }
         if Instant::now() > deadline {
-            bail!("the dashboard never showed {what}; it shows {page:#}");
+            bail!("the dashboard never showed {what}; it shows {:#}", without_polylines(page));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `page` for an error message: the charts' point lists are long and say little.
+fn without_polylines(mut page: Value) -> Value {
+    if let Some(charts) = page["charts"].as_object_mut() {
+        for chart in charts.values_mut() {
+            chart["polyline"] = json!("…");
+        }
+    }
+    page
 }
 
 fn chart(page: &Value, name: &str, field: &str) -> f64 {
@@ -193,10 +203,10 @@ async fn dashboard_in_a_headless_browser() -> Result<()> {
         db.batch_execute("INSERT INTO todos (description, owner_id, list_id) SELECT 'live ' || g, 'u3', (SELECT id FROM lists LIMIT 1) FROM generate_series(1, 200) g").await?;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let after = read_until(&mut browser, "rows replicated, ops synced and a lag", |p| {
-        ["rows_rate", "ops_rate", "lag_seconds"]
-            .iter()
-            .all(|name| chart(p, name, "max") > 0.0)
+    // The lag itself stays near 0 here (each commit is stored within milliseconds and the next
+    // keepalive resets it), so its chart is checked for new points, throughput for values.
+    let after = read_until(&mut browser, "rows replicated and ops synced per second", |p| {
+        chart(p, "rows_rate", "max") > 0.0 && chart(p, "ops_rate", "max") > 0.0
     })
     .await?;
     for name in ["lag_seconds", "rows_rate", "ops_rate"] {

@@ -143,6 +143,17 @@
     $("buckets-note").textContent = rows.length ? "" : "No buckets yet.";
   }
 
+  // Largest buckets need an active sync config and storage: their failure is the card's, not
+  // the page's (status already reports storage and replication).
+  async function refreshBuckets() {
+    try {
+      renderBuckets(await api("/api/admin/v1/storage-stats"));
+    } catch (e) {
+      if (e instanceof AuthError) throw e;
+      $("buckets-note").textContent = `Not available: ${e.message}`;
+    }
+  }
+
   function banner(text) {
     $("banner").hidden = !text;
     $("banner").textContent = text || "";
@@ -153,11 +164,11 @@
       const status = await api("/api/admin/v1/status");
       sample(status);
       renderStatus(status);
+      banner(null);
       if (Date.now() - statsAt >= STATS_MS) {
         statsAt = Date.now();
-        renderBuckets(await api("/api/admin/v1/storage-stats"));
+        await refreshBuckets();
       }
-      banner(null);
     } catch (e) {
       if (e instanceof AuthError) return signOut(`The admin token was refused: ${e.message}`);
       banner(e instanceof Unreachable ? `Service unreachable: ${e.message}. Retrying every ${POLL_MS / 1000} s; the charts resume when it answers.` : `Error: ${e.message}`);
