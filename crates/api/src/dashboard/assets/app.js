@@ -53,7 +53,7 @@
     try {
       response = await fetch(path, init);
     } catch (e) {
-      throw new Unreachable(`service unreachable (${e.message})`);
+      throw new Unreachable(e.message);
     }
     const text = await response.text();
     let json = null;
@@ -155,6 +155,8 @@
   }
 
   function banner(text) {
+    // What is shown is the last answer: dimmed while it may be stale.
+    document.body.classList.toggle("stale", Boolean(text));
     $("banner").hidden = !text;
     $("banner").textContent = text || "";
   }
@@ -171,7 +173,7 @@
       }
     } catch (e) {
       if (e instanceof AuthError) return signOut(`The admin token was refused: ${e.message}`);
-      banner(e instanceof Unreachable ? `Service unreachable: ${e.message}. Retrying every ${POLL_MS / 1000} s; the charts resume when it answers.` : `Error: ${e.message}`);
+      banner(e instanceof Unreachable ? `Service unreachable (${e.message}). Showing the last data; retrying every ${POLL_MS / 1000} s.` : `Error: ${e.message}`);
     }
     timer = setTimeout(poll, POLL_MS);
   }
