@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/node-env.sh
 (cd clients/node-agent && npm ci --no-audit --no-fund)
+# playwright-core only: the dashboard test drives the distribution's Chromium, nothing is downloaded.
+(cd clients/dashboard-test && npm ci --no-audit --no-fund)
 cargo test --workspace -- --test-threads=2
 # The benchmark tool, end to end at a tiny scale (numbers are meaningless here; it must run).
 cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \

@@ -1,9 +1,10 @@
-//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth.
+//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth, the dashboard.
 pub mod auth;
 pub mod body;
 pub mod checkpoint;
 pub mod checkpoint_request;
 mod compression;
+pub mod dashboard;
 pub mod error;
 pub mod http_server;
 mod lifecycle;

@@ -51,7 +51,7 @@ impl ProbeState {
     }
 }
 
-fn body(state: &AppState) -> (bool, serde_json::Value) {
+pub(crate) fn body(state: &AppState) -> (bool, serde_json::Value) {
     let started = state.probes.started.load(Ordering::Relaxed);
     let active = state.hub.subscribe().borrow().is_some();
     let storage_error = state.hub.storage_error();

@@ -17,6 +17,7 @@ use ferrosync_storage::{OpType, PgStorage, StreamRecord, SyncStorage};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bucket storage that does not answer within this is reported as unreachable.
@@ -35,9 +36,9 @@ pub struct ExplainArgs {
 }
 
 /// Storage at the served checkpoint.
-struct Served {
-    storage: PgStorage,
-    stream: StreamRecord,
+pub(crate) struct Served {
+    pub storage: Arc<PgStorage>,
+    pub stream: StreamRecord,
 }
 
 pub async fn explain(path: &Path, args: ExplainArgs) -> Result<()> {
@@ -78,13 +79,8 @@ async fn claims(auth: &ferrosync_config::ClientAuthConfig, args: &ExplainArgs) -
     match (&args.token, &args.claims) {
         (Some(token), None) => {
             let keys = KeyStore::from_config(auth).map_err(|e| anyhow::anyhow!("client_auth: {e}"))?;
-            // Accept a pasted `Authorization` value as well as a bare token.
-            let header = match token.split_once(' ') {
-                Some(_) => token.clone(),
-                None => format!("Token {token}"),
-            };
             let ctx = keys
-                .verify_authorization(Some(&header))
+                .verify_authorization(Some(&authorization_header(token)))
                 .await
                 .map_err(|e| anyhow::anyhow!("the token is not accepted: {e}"))?;
             println!("token: verified (sub {:?}, expires at unix {})", ctx.user_id, ctx.expires_at);
@@ -97,6 +93,15 @@ async fn claims(auth: &ferrosync_config::ClientAuthConfig, args: &ExplainArgs) -
             Ok(payload)
         }
         _ => bail!("give exactly one of --token and --claims"),
+    }
+}
+
+/// The `Authorization` value for `token`: a pasted `Authorization` value is accepted as well
+/// as a bare token.
+pub(crate) fn authorization_header(token: &str) -> String {
+    match token.split_once(' ') {
+        Some(_) => token.to_string(),
+        None => format!("Token {token}"),
     }
 }
 
@@ -118,7 +123,10 @@ async fn served(storage: &ferrosync_config::PostgresConnectionConfig) -> Option<
         anyhow::Ok((storage, stream))
     };
     match tokio::time::timeout(STORAGE_TIMEOUT, connect).await {
-        Ok(Ok((storage, Some(stream)))) => Some(Served { storage, stream }),
+        Ok(Ok((storage, Some(stream)))) => Some(Served {
+            storage: Arc::new(storage),
+            stream,
+        }),
         Ok(Ok((_, None))) => {
             println!("note: bucket storage has no active sync config yet: static buckets only; dynamic buckets and counts need a running service");
             None
@@ -164,7 +172,7 @@ fn rules_for(file_content: &str, served: Option<Served>) -> Result<(SyncRules, O
 }
 
 /// Fetches lookups in rounds until the querier needs no more.
-async fn resolve_lookups(querier: &Querier, s: &Served) -> Result<HashMap<LookupKey, Vec<String>>> {
+pub(crate) async fn resolve_lookups(querier: &Querier, s: &Served) -> Result<HashMap<LookupKey, Vec<String>>> {
     let mut known = HashMap::new();
     for _ in 0..MAX_ROUNDS {
         let missing = querier.missing_lookups(&known);
@@ -181,7 +189,7 @@ async fn resolve_lookups(querier: &Querier, s: &Served) -> Result<HashMap<Lookup
     bail!("parameter lookups still missing after {MAX_ROUNDS} rounds")
 }
 
-fn reason_text(querier: &Querier, streams: &StreamsRequest, reason: &BucketReason) -> String {
+pub(crate) fn reason_text(querier: &Querier, streams: &StreamsRequest, reason: &BucketReason) -> String {
     match reason {
         BucketReason::Default(i) => match querier.streams().get(*i) {
             Some(s) => format!("default ({})", s.name),
@@ -199,12 +207,12 @@ fn reason_text(querier: &Querier, streams: &StreamsRequest, reason: &BucketReaso
 }
 
 /// Op and live-row counts of one bucket at the checkpoint.
-struct Counts {
-    ops: i64,
-    rows: usize,
+pub(crate) struct Counts {
+    pub ops: i64,
+    pub rows: usize,
 }
 
-async fn counts(s: &Served, buckets: &[BucketDescription]) -> Result<HashMap<String, Counts>> {
+pub(crate) async fn counts(s: &Served, buckets: &[BucketDescription]) -> Result<HashMap<String, Counts>> {
     let ids: Vec<String> = buckets.iter().map(|b| b.bucket.clone()).collect();
     let checkpoint = s.stream.checkpoint.op_id;
     let sums = s.storage.checksums(s.stream.id, 0, checkpoint, &ids).await?;

@@ -1,8 +1,12 @@
 //! Log output: level and format from the config's `system.logging`; `RUST_LOG`, when set,
-//! overrides the level (and can filter by module, which the config cannot).
+//! overrides the level (and can filter by module, which the config cannot). Warnings and
+//! errors also go to the dashboard's recent-errors ring.
 
+use ferrosync_api::dashboard::recent_errors::RecentErrorsLayer;
 use ferrosync_config::{LogFormat, LogLevel, LoggingConfig};
 use std::path::Path;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// `system.logging` of the config at `path`, read before logging starts. A config that does not
@@ -35,9 +39,13 @@ pub fn init(config: LoggingConfig) {
         .with_writer(std::io::stderr);
     match config.format {
         // Collectors parse the fields; colour codes would only get in their way.
-        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Json => builder.json().with_ansi(false).finish().with(RecentErrorsLayer).init(),
         // Colour codes only for a person at a terminal, not in log files and collectors.
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(RecentErrorsLayer)
+            .init(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! histories, once), `migrate` (storage schema), `demo` (a local Postgres with a sample todo
 //! app, then serve).
 
+mod admin_interim;
 mod columns;
 mod compact;
 mod demo;

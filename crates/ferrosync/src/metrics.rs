@@ -1,5 +1,7 @@
-//! Metrics output (the Prometheus endpoint on `telemetry.prometheus_port`, OTLP push on
-//! `telemetry.otlp`), and the metrics only the service process samples: bucket storage sizes.
+//! The metrics recorder (always installed: the dashboard reads it, and recording was measured
+//! to cost nothing), its outputs (the Prometheus endpoint on `telemetry.prometheus_port`, OTLP
+//! push on `telemetry.otlp`), and the metrics only the service process samples: bucket
+//! storage sizes.
 
 use anyhow::{Context, Result};
 use axum::routing::get;
@@ -24,47 +26,42 @@ const STORAGE_SIZES: &str = "SELECT
     coalesce(pg_total_relation_size(to_regclass('ferrosync.op_chunks')), 0),
     coalesce(pg_total_relation_size(to_regclass('ferrosync.bucket_parameters')), 0)";
 
-/// Install the recorders the config asks for (Prometheus on `telemetry.prometheus_port`, OTLP
-/// push on `telemetry.otlp`) and serve `GET /metrics`. Call before anything records (see
-/// `ferrosync_metrics::get`). `false`: neither is configured, and nothing is recorded.
-pub async fn start(host: &str, telemetry: &TelemetryConfig) -> Result<bool> {
-    let otlp = telemetry.otlp.as_ref().map(crate::otlp::recorder).transpose()?;
-    let prometheus = telemetry
-        .prometheus_port
-        .map(|port| Ok::<_, anyhow::Error>((port, recorder()?)))
-        .transpose()?;
-    let handle = prometheus.as_ref().map(|(_, r)| r.handle());
-    match (prometheus, otlp) {
-        (None, None) => return Ok(false),
-        (Some((_, prometheus)), None) => install(prometheus)?,
-        (None, Some(otlp)) => install(otlp)?,
-        // Both: every update goes to each (a handle is then one atomic per recorder).
-        (Some((_, prometheus)), Some(otlp)) => install(FanoutBuilder::default().add_recorder(prometheus).add_recorder(otlp).build())?,
+/// Install the recorder (fanned out to OTLP push when `telemetry.otlp` is set), keep its
+/// histograms compacted, and serve `GET /metrics` when `telemetry.prometheus_port` is set.
+/// Call before anything records (see `ferrosync_metrics::get`).
+pub async fn start(host: &str, telemetry: &TelemetryConfig) -> Result<PrometheusHandle> {
+    let prometheus = recorder()?;
+    let handle = prometheus.handle();
+    match telemetry.otlp.as_ref().map(crate::otlp::recorder).transpose()? {
+        // Every update goes to both (a handle is then one atomic per recorder).
+        Some(otlp) => install(FanoutBuilder::default().add_recorder(prometheus).add_recorder(otlp).build())?,
+        None => install(prometheus)?,
     }
     ferrosync_metrics::describe();
-    if let (Some(port), Some(handle)) = (telemetry.prometheus_port, handle) {
-        serve_prometheus(host, port, handle).await?;
+    if let Some(port) = telemetry.prometheus_port {
+        serve_endpoint(handle.clone(), host, port).await?;
     }
-    Ok(true)
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP_INTERVAL).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 fn install(recorder: impl metrics::Recorder + Sync + 'static) -> Result<()> {
     metrics::set_global_recorder(recorder).map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))
 }
 
-async fn serve_prometheus(host: &str, port: u16, handle: PrometheusHandle) -> Result<()> {
+/// Serve `GET /metrics` on `host:port`.
+async fn serve_endpoint(handle: PrometheusHandle, host: &str, port: u16) -> Result<()> {
     let listeners = crate::serve::listen(&format!("{host}:{port}"))
         .await
         .with_context(|| format!("binding the metrics endpoint {host}:{port}"))?;
-    let render = handle.clone();
-    let router = axum::Router::new().route("/metrics", get(move || std::future::ready(render.render())));
+    let router = axum::Router::new().route("/metrics", get(move || std::future::ready(handle.render())));
     tokio::spawn(ferrosync_api::http_server::serve_all(listeners, router));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(UPKEEP_INTERVAL).await;
-            handle.run_upkeep();
-        }
-    });
     Ok(())
 }
 

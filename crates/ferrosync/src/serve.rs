@@ -4,6 +4,7 @@ use crate::replicator::{self, ReplicatorConfig};
 use anyhow::{Context, Result};
 use ferrosync_api::auth::KeyStore;
 use ferrosync_api::checkpoint_request::RequestRetention;
+use ferrosync_api::dashboard::Dashboard;
 use ferrosync_api::probes::ProbeState;
 use ferrosync_api::AppState;
 use ferrosync_config::{load_config_file, LoadedConfig};
@@ -11,6 +12,7 @@ use ferrosync_pgconn::{LazyClient, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::PgStorage;
 use ferrosync_sync::{CheckpointHub, Limits};
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -62,7 +64,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         .context("no sync_config/sync_rules in the config: nothing to serve")?;
     check_rules(&sync.content)?;
     let host = bind.unwrap_or_else(|| config.bind_address.clone());
-    let metrics_on = crate::metrics::start(&host, &config.telemetry).await?;
+    let metrics = crate::metrics::start(&host, &config.telemetry).await?;
     // Connection settings and TLS problems (unknown CA, host name mismatch, expired
     // certificate) stop the start with the cause; later outages are ridden out.
     let storage_endpoint = PgEndpoint::from_config(&config.storage).context("bucket storage")?;
@@ -73,9 +75,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         ferrosync_storage::schema::migrate(&storage_client).await?;
     }
     drop(storage_client);
-    if metrics_on {
-        crate::metrics::sample_storage_sizes(storage_endpoint.clone());
-    }
+    crate::metrics::sample_storage_sizes(storage_endpoint.clone());
     let probes = Arc::new(ProbeState::default());
     let mut source_client = None;
     let mut replication = None;
@@ -97,7 +97,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         })));
     }
     let storage = Arc::new(PgStorage::connect(&storage_endpoint, 4).await?);
-    let hub = CheckpointHub::start(storage, storage_endpoint, rules_options()).await;
+    let hub = CheckpointHub::start(storage, storage_endpoint.clone(), rules_options()).await;
     let keys = Arc::new(KeyStore::from_config(&config.client_auth).map_err(|e| anyhow::anyhow!("client_auth: {e}"))?);
     let params = &config.api.parameters;
     let state = Arc::new(AppState {
@@ -117,8 +117,9 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     state.probes.started.store(true, Ordering::Relaxed);
     // Sync streams never end on their own, so shutdown does not wait for them: clients
     // reconnect (to another instance) and resume from their positions.
+    let router = routes(state, &config.api.tokens, metrics, storage_endpoint);
     tokio::select! {
-        () = ferrosync_api::http_server::serve_all(listeners, ferrosync_api::router(state)) => {}
+        () = ferrosync_api::http_server::serve_all(listeners, router) => {}
         () = shutdown_signal() => tracing::info!("shutting down"),
     }
     if let Some(task) = replication {
@@ -128,6 +129,17 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         let _ = task.await;
     }
     Ok(())
+}
+
+/// The sync API, the dashboard and the admin routes.
+fn routes(state: Arc<AppState>, admin_tokens: &[String], metrics: PrometheusHandle, storage: PgEndpoint) -> axum::Router {
+    ferrosync_api::router(state.clone())
+        .merge(ferrosync_api::dashboard::router(Dashboard {
+            app: state.clone(),
+            tokens: admin_tokens.to_vec(),
+            metrics: Arc::new(move || metrics.render()),
+        }))
+        .merge(crate::admin_interim::router(state, admin_tokens.to_vec(), storage))
 }
 
 /// Bind every address `addr` resolves to: `localhost`, say, is often both 127.0.0.1 and ::1,

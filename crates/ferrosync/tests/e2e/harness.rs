@@ -551,12 +551,19 @@ pub fn agent_dir() -> PathBuf {
 
 impl NodeAgent {
     pub fn start() -> Result<NodeAgent> {
-        let dir = agent_dir();
+        Self::start_script(&agent_dir(), "agent.mjs")
+    }
+
+    /// Any agent speaking the same line protocol: `script` in the Node package at `dir`.
+    pub fn start_script(dir: &Path, script: &str) -> Result<NodeAgent> {
         if !dir.join("node_modules").exists() {
-            bail!("clients/node-agent/node_modules is missing: run `npm ci` in clients/node-agent (the README's test command does)");
+            bail!(
+                "{}/node_modules is missing: run `npm ci` there (the README's test command does)",
+                dir.display()
+            );
         }
         let mut child = Command::new("node")
-            .arg(dir.join("agent.mjs"))
+            .arg(dir.join(script))
             .env("FERROSYNC_AGENT_LOG", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
