@@ -252,9 +252,6 @@ pub fn load_config_str(
         },
     };
     let config = parse_root(&root, base_dir, env, &mut warnings)?;
-    for w in &warnings {
-        tracing::warn!("{w}");
-    }
     Ok(LoadedConfig { config, warnings })
 }
 
