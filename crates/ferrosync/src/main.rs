@@ -5,7 +5,6 @@
 //! histories, once), `migrate` (storage schema), `demo` (a local Postgres with a sample todo
 //! app, then serve).
 
-mod columns;
 mod compact;
 mod demo;
 mod explain;
