@@ -91,7 +91,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
             source: source.clone(),
             source_endpoint,
             storage: storage_endpoint.clone(),
-            rules_content: sync.content.clone(),
+            rules_content: Some(sync.content.clone()),
             rules_options: rules_options(),
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             status: probes.clone(),

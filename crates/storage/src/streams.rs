@@ -6,9 +6,9 @@ use crate::model::{Checkpoint, SourceTableRecord, StreamRecord, StreamState};
 use crate::writer::lsn_from_text;
 use tokio_postgres::{Client, Row};
 
-const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
+pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
 
-fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
+pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
     let state: String = r.get(2);
     let lsn = |i: usize| {
         let text: String = r.get(i);
@@ -57,7 +57,7 @@ pub async fn stream_for_content(client: &Client, content: &str, slot_prefix: &st
 }
 
 /// A new stream's id and slot name (`<prefix><id>_<4 hex>`), so it is inserted whole.
-async fn new_stream_identity(client: &Client, slot_prefix: &str) -> Result<(i64, String), StorageError> {
+pub(crate) async fn new_stream_identity(client: &Client, slot_prefix: &str) -> Result<(i64, String), StorageError> {
     let id: i64 = client
         .query_one("SELECT nextval(pg_get_serial_sequence('ferrosync.sync_rules', 'id'))", &[])
         .await?
@@ -173,7 +173,7 @@ pub async fn resolve_table(
     Ok((table_from_row(&r), stale))
 }
 
-fn table_from_row(r: &Row) -> SourceTableRecord {
+pub(crate) fn table_from_row(r: &Row) -> SourceTableRecord {
     SourceTableRecord {
         id: r.get(0),
         relation_oid: r.get::<_, i64>(1) as u32,
