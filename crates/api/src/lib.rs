@@ -1,4 +1,5 @@
-//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth.
+//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth, admin API.
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod checkpoint;
