@@ -222,3 +222,35 @@ async fn write_files(dir: &Path, ready: bool, was_ready: bool) {
         tracing::warn!(dir = %dir.display(), error = %e, "could not write the probe files");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_checkpoints_are_forgotten_once_served() {
+        let probes = ProbeState::default();
+        assert!(!probes.stale(Some((1, 0))), "nothing committed");
+        probes.checkpoint_committed(1, 5);
+        probes.checkpoint_committed(1, 7);
+        assert!(!probes.stale(Some((1, 5))), "committed a moment ago");
+        assert_eq!(probes.committed.lock().map(|c| c.pending.len()).ok(), Some(1));
+        assert!(!probes.stale(Some((1, 9))));
+        assert_eq!(probes.committed.lock().map(|c| c.pending.len()).ok(), Some(0));
+        // A version being built is not compared with the one served.
+        probes.checkpoint_committed(2, 3);
+        assert!(!probes.stale(Some((1, 9))));
+        assert_eq!(probes.committed.lock().map(|c| c.pending.len()).ok(), Some(1));
+    }
+
+    #[test]
+    fn an_old_unserved_commit_is_stale() {
+        let probes = ProbeState::default();
+        probes.checkpoint_committed(1, 5);
+        if let Ok(mut c) = probes.committed.lock() {
+            c.pending[0].1 = Instant::now() - STALE_AFTER - Duration::from_secs(1);
+        }
+        assert!(probes.stale(Some((1, 4))));
+        assert!(!probes.stale(Some((1, 5))));
+    }
+}
