@@ -41,19 +41,7 @@ pub async fn stream_for_content(client: &Client, content: &str, slot_prefix: &st
     if let Some(r) = existing {
         return stream_from_row(&r);
     }
-    let (id, slot) = new_stream_identity(client, slot_prefix).await?;
-    // One statement: nobody ever sees the old streams stopped and no new one yet.
-    let row = client
-        .query_one(
-            &format!(
-                "WITH stopped AS (UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'PROCESSING')
-                 INSERT INTO ferrosync.sync_rules (id, content, state, slot_name) VALUES ($1, $2, 'PROCESSING', $3)
-                 RETURNING {STREAM_COLUMNS}"
-            ),
-            &[&id, &content, &slot],
-        )
-        .await?;
-    stream_from_row(&row)
+    crate::versions::deploy(client, content, slot_prefix).await
 }
 
 /// A new stream's id and slot name (`<prefix><id>_<4 hex>`), so it is inserted whole.
