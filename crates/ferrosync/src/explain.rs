@@ -33,7 +33,7 @@ struct Served {
 
 pub async fn explain(path: &Path, args: ExplainArgs) -> Result<()> {
     let config = load(path)?.config;
-    let file_rules = config.sync_config.as_ref().context("no sync_config in the config file")?;
+    let file_rules = config.sync_config.as_ref().map(|s| s.content.as_str());
     let payload = claims(&config.client_auth, &args).await?;
     let params = parse_json_object(args.params.as_deref(), "--params")?;
     let streams = match &args.streams {
@@ -47,7 +47,7 @@ pub async fn explain(path: &Path, args: ExplainArgs) -> Result<()> {
         println!("client parameters: {p}");
     }
     let served = served(&config.storage).await;
-    let (rules, served) = rules_for(&file_rules.content, served)?;
+    let (rules, served) = rules_for(file_rules, served)?;
     let at = served.as_ref().map(|s| ServedAt {
         storage: &s.storage,
         stream_id: s.stream.id,
@@ -131,9 +131,10 @@ async fn served(storage: &ferrosync_config::PostgresConnectionConfig) -> Option<
 
 /// The rules the service serves: the active stream's (its id prefixes bucket ids), else the
 /// config file's.
-fn rules_for(file_content: &str, served: Option<Served>) -> Result<(SyncRules, Option<Served>)> {
+fn rules_for(file_content: Option<&str>, served: Option<Served>) -> Result<(SyncRules, Option<Served>)> {
     let Some(s) = served else {
-        let rules = SyncRules::parse(file_content, &rules_options()).map_err(|e| anyhow::anyhow!("the sync config is invalid:\n{e}"))?;
+        let content = file_content.context("no sync_config in the config file, and none deployed and active in bucket storage")?;
+        let rules = SyncRules::parse(content, &rules_options()).map_err(|e| anyhow::anyhow!("the sync config is invalid:\n{e}"))?;
         return Ok((rules, None));
     };
     let options = SyncRulesOptions {
@@ -146,7 +147,7 @@ fn rules_for(file_content: &str, served: Option<Served>) -> Result<(SyncRules, O
         s.stream.state.as_str(),
         s.stream.checkpoint.op_id
     );
-    if s.stream.content != file_content {
+    if file_content.is_some_and(|f| f != s.stream.content) {
         println!("note: the served sync config differs from the config file's; explaining the served one");
     }
     match SyncRules::parse(&s.stream.content, &options) {

@@ -56,7 +56,10 @@ pub async fn validate(path: &Path) -> Result<()> {
     let config = &loaded.config;
     let rules = match &config.sync_config {
         None => {
-            report.error(format_args!("{}: no sync_config (or sync_rules) to serve", path.display()));
+            report.note(format_args!(
+                "{}: no sync_config (or sync_rules): serve serves the one deployed through the admin API",
+                path.display()
+            ));
             None
         }
         Some(sync) => {
@@ -72,7 +75,7 @@ pub async fn validate(path: &Path) -> Result<()> {
     }
     match (&config.replication, &rules) {
         (None, _) => report.note("no replication source configured: source checks skipped"),
-        (Some(_), None) => report.note("source checks skipped until the sync config parses"),
+        (Some(_), None) => report.note("source checks skipped: no sync config that parses"),
         (Some(source), Some((rules, content))) => source_checks(source, rules, content, &mut report).await,
     }
     let summary = format!("{} error(s), {} warning(s)", report.errors, report.warnings);

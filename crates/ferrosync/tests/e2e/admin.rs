@@ -457,6 +457,8 @@ async fn deploy_through_the_api_and_execute_sql() -> Result<()> {
         "{status} {v}"
     );
     wait_ready(&url).await?;
+    // No healthcheck.probes: the legacy probes, the files as well as the routes.
+    wait_for_file(&svc.dir.path().join(".probes/ready")).await?;
     let mut stream = RawStream::open(&url, &token("u1"), json!({"buckets": []})).await?;
     let mut state = ClientState::default();
     let expected = source_todos(&db, "u1").await?;
