@@ -1,4 +1,6 @@
-//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth, the dashboard.
+//! HTTP API: sync stream (HTTP and WebSocket), write checkpoints, probes, auth, admin API,
+//! the dashboard.
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod checkpoint;

@@ -3,7 +3,7 @@
 use crate::auth::KeyStore;
 use crate::checkpoint_request::RequestRetention;
 use crate::error::ServiceError;
-use crate::{checkpoint, checkpoint_request, probes, rsocket, stream};
+use crate::{admin, checkpoint, checkpoint_request, probes, rsocket, stream};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, Method};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +31,7 @@ pub struct AppState {
     pub probes: Arc<probes::ProbeState>,
     /// Retention of client-chosen write checkpoint ids (`checkpoint_request_retention_minutes`).
     pub checkpoint_requests: RequestRetention,
+    pub admin: admin::AdminState,
 }
 
 /// The router with every route and CORS for browser SDKs.
@@ -46,16 +47,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         ])
         .expose_headers([header::CONTENT_TYPE])
         .max_age(Duration::from_secs(3600));
-    Router::new()
+    let mut routes = Router::new()
         .route("/sync/stream", post(stream::sync_stream).get(rsocket::upgrade))
         .route("/write-checkpoint2.json", get(checkpoint::write_checkpoint))
         .route("/sync/checkpoint-request", post(checkpoint_request::checkpoint_request))
-        .route("/probes/liveness", get(probes::liveness))
-        .route("/probes/startup", get(probes::startup))
-        .route("/probes/readiness", get(probes::readiness))
-        .fallback(not_found)
-        .layer(cors)
-        .with_state(state)
+        .merge(admin::routes());
+    if state.probes.config.http() {
+        routes = routes
+            .route("/probes/liveness", get(probes::liveness))
+            .route("/probes/startup", get(probes::startup))
+            .route("/probes/readiness", get(probes::readiness));
+    }
+    routes.fallback(not_found).layer(cors).with_state(state)
 }
 
 /// Unknown routes; WebSocket upgrades are accepted on any path, as the reference does.

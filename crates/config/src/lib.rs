@@ -59,6 +59,60 @@ pub struct ServiceConfig {
     pub compaction: CompactionConfig,
     /// `system.logging`.
     pub logging: LoggingConfig,
+    /// `healthcheck.probes`.
+    pub probes: ProbesConfig,
+}
+
+/// Which probes the service offers (`healthcheck.probes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbesConfig {
+    /// `use_http`: the `/probes/*` routes.
+    pub use_http: bool,
+    /// `use_filesystem`: the files of `.probes/` in the working directory.
+    pub use_filesystem: bool,
+    /// `use_legacy`: both of the above, as services configured before the keys existed had.
+    pub use_legacy: bool,
+}
+
+impl Default for ProbesConfig {
+    /// The reference's default when `healthcheck.probes` is absent: legacy.
+    fn default() -> Self {
+        ProbesConfig {
+            use_http: false,
+            use_filesystem: false,
+            use_legacy: true,
+        }
+    }
+}
+
+impl ProbesConfig {
+    pub fn http(&self) -> bool {
+        self.use_http || self.use_legacy
+    }
+
+    pub fn filesystem(&self) -> bool {
+        self.use_filesystem || self.use_legacy
+    }
+}
+
+/// `healthcheck`: when `probes` is present, each option defaults to false.
+fn parse_healthcheck(v: &Value, warnings: &mut Vec<String>) -> Result<ProbesConfig> {
+    let mut h = Obj::new(v, "healthcheck")?;
+    let probes = match h.get("probes") {
+        Some(p) => {
+            let mut p = Obj::new(p, "healthcheck.probes")?;
+            let config = ProbesConfig {
+                use_http: p.bool("use_http")?.unwrap_or(false),
+                use_filesystem: p.bool("use_filesystem")?.unwrap_or(false),
+                use_legacy: p.bool("use_legacy")?.unwrap_or(false),
+            };
+            p.finish(warnings);
+            config
+        }
+        None => ProbesConfig::default(),
+    };
+    h.finish(warnings);
+    Ok(probes)
 }
 
 /// Background compaction of bucket histories (`storage.compaction`, a ferrosync extension).
@@ -272,7 +326,7 @@ fn parse_json(text: &str) -> Result<Value> {
 }
 
 /// Top-level keys that are accepted but not interpreted (no warning, no deep validation).
-const IGNORED_TOP_LEVEL: &[&str] = &["metadata", "healthcheck", "parameters"];
+const IGNORED_TOP_LEVEL: &[&str] = &["metadata", "parameters"];
 
 fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>, warnings: &mut Vec<String>) -> Result<ServiceConfig> {
     if matches!(root, Value::Null) {
@@ -328,6 +382,10 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         Some(v) => parse_system(v, "system", warnings)?,
         None => LoggingConfig::default(),
     };
+    let probes = match obj.get("healthcheck") {
+        Some(v) => parse_healthcheck(v, warnings)?,
+        None => ProbesConfig::default(),
+    };
 
     obj.finish(warnings);
     Ok(ServiceConfig {
@@ -342,6 +400,7 @@ fn parse_root(root: &Value, base_dir: &Path, env: &dyn Fn(&str) -> Option<String
         migrations,
         compaction,
         logging,
+        probes,
     })
 }
 

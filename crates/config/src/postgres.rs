@@ -36,6 +36,8 @@ pub struct PostgresConnectionConfig {
     pub id: String,
     /// `tag`, default `default` (the connection tag used in `"tag.schema".table`).
     pub tag: String,
+    /// `debug_api`, default false: allows the admin API's `execute-sql` on this connection.
+    pub debug_api: bool,
     pub hostname: String,
     pub port: u16,
     pub database: String,
@@ -118,13 +120,7 @@ pub(crate) fn parse_postgres(
     warnings: &mut Vec<String>,
 ) -> Result<PostgresConnectionConfig> {
     let mut obj = Obj::new(value, path)?;
-    obj.accept(&[
-        "type",
-        "debug_api",
-        "reject_ip_ranges",
-        "snapshot_socket_timeout",
-        "heartbeat_interval_seconds",
-    ]);
+    obj.accept(&["type", "reject_ip_ranges", "snapshot_socket_timeout", "heartbeat_interval_seconds"]);
     if matches!(role, ConnectionRole::Storage) {
         obj.accept(STORAGE_KEYS);
     }
@@ -135,6 +131,7 @@ pub(crate) fn parse_postgres(
 
     let id = obj.string("id")?.unwrap_or_else(|| "default".to_string());
     let tag = obj.string("tag")?.unwrap_or_else(|| "default".to_string());
+    let debug_api = obj.bool("debug_api")?.unwrap_or(false);
     let hostname = obj.string("hostname")?.or(uri.host).unwrap_or_default();
 
     let port_path = obj.key_path("port");
@@ -232,6 +229,7 @@ pub(crate) fn parse_postgres(
     Ok(PostgresConnectionConfig {
         id,
         tag,
+        debug_api,
         hostname,
         port,
         database,

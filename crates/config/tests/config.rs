@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use ferrosync_config::{
-    load_config_file, load_config_str, ConfigError, ConfigFormat, LoadedConfig, LogFormat, LogLevel, LoggingConfig, SslMode,
+    load_config_file, load_config_str, ConfigError, ConfigFormat, LoadedConfig, LogFormat, LogLevel, LoggingConfig, ProbesConfig, SslMode,
 };
 
 fn no_env(_: &str) -> Option<String> {
@@ -55,6 +55,7 @@ replication:
     - type: postgresql
       uri: postgresql://postgres:s3cr%40t@pg.example.com:5433/postgres
       sslmode: disable
+      debug_api: true
 
 storage:
   type: postgresql
@@ -114,6 +115,8 @@ telemetry:
     assert_eq!(repl.slot_name_prefix, "powersync_");
     assert_eq!(repl.max_pool_size, 8);
     assert_eq!(repl.connect_timeout_secs, None);
+    assert!(repl.debug_api);
+    assert!(!c.storage.debug_api);
 
     assert_eq!(c.storage.hostname, "localhost");
     assert_eq!(c.storage.port, 5432);
@@ -143,6 +146,16 @@ telemetry:
     assert!(!c.migrations.disable_auto_migration);
     assert_eq!(c.logging.level, Some(LogLevel::Debug));
     assert_eq!(c.logging.format, LogFormat::Text);
+    // `probes` present: options not given are off, legacy included.
+    assert_eq!(
+        c.probes,
+        ProbesConfig {
+            use_http: true,
+            use_filesystem: false,
+            use_legacy: false
+        }
+    );
+    assert!(c.probes.http() && !c.probes.filesystem());
 }
 
 #[test]
@@ -179,6 +192,8 @@ fn defaults_with_minimal_config() {
     assert_eq!(c.api, Default::default());
     assert_eq!(c.telemetry.prometheus_port, None);
     assert_eq!(c.logging, LoggingConfig::default());
+    // No `healthcheck.probes`: the legacy probes, HTTP and files.
+    assert!(c.probes.use_legacy && c.probes.http() && c.probes.filesystem());
 }
 
 #[test]

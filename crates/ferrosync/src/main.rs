@@ -6,7 +6,6 @@
 //! app, then serve).
 
 mod admin_interim;
-mod columns;
 mod compact;
 mod demo;
 mod explain;

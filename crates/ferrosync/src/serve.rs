@@ -2,6 +2,7 @@
 
 use crate::replicator::{self, ReplicatorConfig};
 use anyhow::{Context, Result};
+use ferrosync_api::admin::{AdminState, ApiTokens};
 use ferrosync_api::auth::KeyStore;
 use ferrosync_api::checkpoint_request::RequestRetention;
 use ferrosync_api::dashboard::Dashboard;
@@ -15,7 +16,7 @@ use ferrosync_sync::{CheckpointHub, Limits};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,11 +59,12 @@ pub async fn migrate(path: &Path) -> Result<()> {
 
 pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     let config = load(path)?.config;
-    let sync = config
-        .sync_config
-        .as_ref()
-        .context("no sync_config/sync_rules in the config: nothing to serve")?;
-    check_rules(&sync.content)?;
+    // Without a sync config in the file, the one deployed through the admin API is served.
+    let file_rules = config.sync_config.as_ref().map(|s| s.content.clone());
+    match &file_rules {
+        Some(content) => drop(check_rules(content)?),
+        None => tracing::info!("no sync_config in the config file: serving the sync config deployed through the admin API"),
+    }
     let host = bind.unwrap_or_else(|| config.bind_address.clone());
     let metrics = crate::metrics::start(&host, &config.telemetry).await?;
     // Connection settings and TLS problems (unknown CA, host name mismatch, expired
@@ -76,7 +78,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     }
     drop(storage_client);
     crate::metrics::sample_storage_sizes(storage_endpoint.clone());
-    let probes = Arc::new(ProbeState::default());
+    let probes = Arc::new(ProbeState::new(config.probes));
     let mut source_client = None;
     let mut replication = None;
     if let Some(source) = &config.replication {
@@ -89,7 +91,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
             source: source.clone(),
             source_endpoint,
             storage: storage_endpoint.clone(),
-            rules_content: sync.content.clone(),
+            rules_content: file_rules.clone(),
             rules_options: rules_options(),
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             status: probes.clone(),
@@ -111,13 +113,22 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
         connections: Arc::new(Semaphore::new(params.max_concurrent_connections)),
         probes,
         checkpoint_requests: RequestRetention::new(Duration::from_secs(params.checkpoint_request_retention_minutes.saturating_mul(60))),
+        admin: AdminState {
+            tokens: ApiTokens::new(&config.api.tokens),
+            source: config.replication.clone(),
+            storage: LazyClient::new(storage_endpoint.clone(), None),
+            config_has_rules: file_rules.is_some(),
+            rules_options: rules_options(),
+        },
     });
     let addr = format!("{host}:{}", config.port);
     let listeners = listen(&addr).await.with_context(|| format!("binding {addr}"))?;
     state.probes.started.store(true, Ordering::Relaxed);
+    // The reference's file probes live in `.probes` of the working directory.
+    tokio::spawn(ferrosync_api::probes::run(state.clone(), PathBuf::from(".probes")));
     // Sync streams never end on their own, so shutdown does not wait for them: clients
     // reconnect (to another instance) and resume from their positions.
-    let router = routes(state, &config.api.tokens, metrics, storage_endpoint);
+    let router = routes(state, metrics, storage_endpoint);
     tokio::select! {
         () = ferrosync_api::http_server::serve_all(listeners, router) => {}
         () = shutdown_signal() => tracing::info!("shutting down"),
@@ -132,14 +143,13 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
 }
 
 /// The sync API, the dashboard and the admin routes.
-fn routes(state: Arc<AppState>, admin_tokens: &[String], metrics: PrometheusHandle, storage: PgEndpoint) -> axum::Router {
+fn routes(state: Arc<AppState>, metrics: PrometheusHandle, storage: PgEndpoint) -> axum::Router {
     ferrosync_api::router(state.clone())
         .merge(ferrosync_api::dashboard::router(Dashboard {
             app: state.clone(),
-            tokens: admin_tokens.to_vec(),
             metrics: Arc::new(move || metrics.render()),
         }))
-        .merge(crate::admin_interim::router(state, admin_tokens.to_vec(), storage))
+        .merge(crate::admin_interim::router(state, storage))
 }
 
 /// Bind every address `addr` resolves to: `localhost`, say, is often both 127.0.0.1 and ::1,

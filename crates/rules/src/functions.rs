@@ -2,6 +2,7 @@
 //! `json_extract`, …) with the reference's JavaScript-flavoured semantics.
 
 mod dates;
+pub use dates::iso8601_millis;
 mod geo;
 
 use crate::expr::{json_array_values, json_path};

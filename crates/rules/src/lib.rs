@@ -10,6 +10,7 @@ mod errors;
 mod expr;
 mod filter;
 mod functions;
+pub use functions::iso8601_millis;
 mod json;
 mod locate;
 mod param_query;

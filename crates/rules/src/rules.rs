@@ -237,6 +237,19 @@ impl SyncRules {
         out
     }
 
+    /// Whether data queries (stream queries included) and parameter queries read the table.
+    pub fn table_roles(&self, t: &SourceTableName) -> (bool, bool) {
+        let data = self.definitions.iter().any(|d| d.data_queries.iter().any(|q| q.pattern.matches(t)))
+            || self.streams.patterns().any(|p| p.matches(t));
+        let parameters = self.definitions.iter().any(|d| {
+            d.param_queries.iter().any(|q| match &q.kind {
+                Kind::Table { pattern, .. } => pattern.matches(t),
+                _ => false,
+            })
+        });
+        (data, parameters)
+    }
+
     /// True when any query reads from the table.
     pub fn is_table_used(&self, t: &SourceTableName) -> bool {
         self.source_patterns().iter().any(|p| p.matches(t))

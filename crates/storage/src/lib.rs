@@ -18,6 +18,7 @@ pub mod reader;
 pub mod row_codec;
 pub mod schema;
 pub mod streams;
+pub mod versions;
 mod write_task;
 pub mod writer;
 

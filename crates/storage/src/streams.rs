@@ -6,9 +6,9 @@ use crate::model::{Checkpoint, SourceTableRecord, StreamRecord, StreamState};
 use crate::writer::lsn_from_text;
 use tokio_postgres::{Client, Row};
 
-const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
+pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
 
-fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
+pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
     let state: String = r.get(2);
     let lsn = |i: usize| {
         let text: String = r.get(i);
@@ -41,23 +41,11 @@ pub async fn stream_for_content(client: &Client, content: &str, slot_prefix: &st
     if let Some(r) = existing {
         return stream_from_row(&r);
     }
-    let (id, slot) = new_stream_identity(client, slot_prefix).await?;
-    // One statement: nobody ever sees the old streams stopped and no new one yet.
-    let row = client
-        .query_one(
-            &format!(
-                "WITH stopped AS (UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'PROCESSING')
-                 INSERT INTO ferrosync.sync_rules (id, content, state, slot_name) VALUES ($1, $2, 'PROCESSING', $3)
-                 RETURNING {STREAM_COLUMNS}"
-            ),
-            &[&id, &content, &slot],
-        )
-        .await?;
-    stream_from_row(&row)
+    crate::versions::deploy(client, content, slot_prefix).await
 }
 
 /// A new stream's id and slot name (`<prefix><id>_<4 hex>`), so it is inserted whole.
-async fn new_stream_identity(client: &Client, slot_prefix: &str) -> Result<(i64, String), StorageError> {
+pub(crate) async fn new_stream_identity(client: &Client, slot_prefix: &str) -> Result<(i64, String), StorageError> {
     let id: i64 = client
         .query_one("SELECT nextval(pg_get_serial_sequence('ferrosync.sync_rules', 'id'))", &[])
         .await?
@@ -173,7 +161,7 @@ pub async fn resolve_table(
     Ok((table_from_row(&r), stale))
 }
 
-fn table_from_row(r: &Row) -> SourceTableRecord {
+pub(crate) fn table_from_row(r: &Row) -> SourceTableRecord {
     SourceTableRecord {
         id: r.get(0),
         relation_oid: r.get::<_, i64>(1) as u32,

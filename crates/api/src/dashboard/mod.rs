@@ -4,7 +4,6 @@
 //! The page reads `GET /api/admin/v1/status` (this module), `GET /api/admin/v1/storage-stats`
 //! and `POST /api/admin/v1/inspect` (the admin API's).
 
-pub mod admin_token;
 mod prom_text;
 pub mod recent_errors;
 mod status;
@@ -28,9 +27,8 @@ pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// What the dashboard routes need besides the service state.
 pub struct Dashboard {
+    /// The service state; its admin tokens guard the status route.
     pub app: Arc<AppState>,
-    /// `api.tokens`.
-    pub tokens: Vec<String>,
     pub metrics: MetricsSource,
 }
 
@@ -59,7 +57,7 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn status_route(State(dashboard): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    if let Err(e) = admin_token::authorize(&dashboard.tokens, &headers) {
+    if let Err(e) = dashboard.app.admin.tokens.authorize(&headers) {
         return e.into_response();
     }
     let mut response = Json(status::build(&dashboard.app, &(dashboard.metrics)())).into_response();

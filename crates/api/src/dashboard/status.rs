@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 /// The status document at this moment; `metrics` is the rendered exposition.
 pub fn build(app: &AppState, metrics: &str) -> Value {
     let samples = prom_text::parse(metrics);
-    let (_, probes) = crate::probes::body(app);
+    let (_, _, probes) = crate::probes::evaluate(app);
     let checkpoint = app
         .hub
         .subscribe()

@@ -8,11 +8,15 @@ use anyhow::{Context, Result};
 use ferrosync_rules::SyncRules;
 use ferrosync_source::setup;
 use ferrosync_source::slot::slot_health;
-use ferrosync_storage::streams;
 use ferrosync_storage::BucketWriter;
+use ferrosync_storage::{streams, versions};
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Replicate stream `id` while holding its lease.
+/// How often a replicating job checks for new and stopped versions.
+const VERSIONS_POLL: Duration = Duration::from_secs(1);
+
+/// Replicate stream `id` while holding its lease; `Ok` once a newer version is being deployed.
 pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
     // Read after taking the lease: the previous holder may have committed until a moment ago.
     let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
@@ -20,7 +24,7 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     setup::check_source(&source).await?;
     let mut options = config.rules_options.clone();
     options.sync_rules_id = stream.id as u64;
-    let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
+    let rules = Arc::new(SyncRules::parse(&stream.content, &options)?);
     let slot = stream.slot_name.clone();
     let snapshot_done = stream.snapshot_done;
     let health = slot_health(&source, &slot).await?;
@@ -64,7 +68,31 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
     tokio::select! {
         result = replication => result,
+        result = watch_versions(config, storage, id) => result,
         error = watch_slot(config, slot.clone()) => Err(error),
         () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
+    }
+}
+
+/// Resolves once a newer version than `id` is being deployed (or storage fails). Meanwhile
+/// drops the slots of stopped versions: an old version stops when its successor becomes active,
+/// and its slot would otherwise hold WAL on the source for good.
+async fn watch_versions(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
+    let source = connect_source(config).await.context("source connection for stopped versions")?;
+    loop {
+        for (stopped, slot) in versions::stopped(storage).await? {
+            // A slot still in use (a process of an older config replicating it) is left for
+            // the next round.
+            if let Err(e) = setup::drop_slot(&source, &slot).await {
+                tracing::warn!(stream = stopped, slot = %slot, error = %e, "could not drop the slot of a stopped sync config version");
+                continue;
+            }
+            versions::terminate(storage, stopped).await?;
+            tracing::info!(stream = stopped, slot = %slot, "stopped sync config version cleaned up (slot dropped, data removed)");
+        }
+        tokio::time::sleep(VERSIONS_POLL).await;
+        if versions::superseded(storage, id).await? {
+            return Ok(());
+        }
     }
 }

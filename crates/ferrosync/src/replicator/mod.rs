@@ -14,7 +14,7 @@ use ferrosync_config::{CompactionConfig, PostgresConnectionConfig};
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::SyncRulesOptions;
 use ferrosync_storage::lease::LeaseConnection;
-use ferrosync_storage::streams;
+use ferrosync_storage::{streams, versions};
 use job::replicate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ pub struct ReplicatorConfig {
     pub source: PostgresConnectionConfig,
     pub source_endpoint: PgEndpoint,
     pub storage: PgEndpoint,
-    pub rules_content: String,
+    /// The config file's sync config; `None`: replicate what the admin API deployed.
+    pub rules_content: Option<String>,
     pub rules_options: SyncRulesOptions,
     pub owner: String,
     /// Where the replicator reports what it is doing (read by the probes).
@@ -53,13 +54,26 @@ pub async fn run(config: ReplicatorConfig) {
     loop {
         let started = Instant::now();
         match attempt(&config, &mut lease).await {
-            Ok(()) => {
+            Ok(Outcome::Standby) => {
                 if !standing_by {
                     tracing::info!("another process holds the replication lease; standing by");
                     config.status.set_replication("standby", None);
                     standing_by = true;
                 }
                 tokio::time::sleep(STANDBY_POLL).await;
+            }
+            Ok(Outcome::NothingDeployed) => {
+                config.status.set_replication("idle", None);
+                tokio::time::sleep(STANDBY_POLL).await;
+            }
+            Ok(Outcome::Superseded) => {
+                standing_by = false;
+                tracing::info!("a new sync config version is being deployed: replicating it");
+                if let Some(held) = lease.take() {
+                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_TIMEOUT, held.release()).await {
+                        lease = Some(held);
+                    }
+                }
             }
             Err(e) => {
                 standing_by = false;
@@ -83,18 +97,35 @@ pub async fn run(config: ReplicatorConfig) {
     }
 }
 
-/// One attempt: `Ok` when another process holds the lease, else runs until an error.
-async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<()> {
+/// How an attempt ended without an error.
+enum Outcome {
+    /// Another process holds the lease.
+    Standby,
+    /// No sync config in the config file and none deployed yet.
+    NothingDeployed,
+    /// A newer version is being deployed: replicate that one instead.
+    Superseded,
+}
+
+/// One attempt: runs until an error, or until there is nothing for this process to replicate.
+async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<Outcome> {
     if lease.is_none() {
         *lease = Some(LeaseConnection::open(&config.storage).await?);
     }
-    let Some(held) = lease.as_ref() else { return Ok(()) };
-    let stream = streams::stream_for_content(held.client(), &config.rules_content, &config.source.slot_name_prefix).await?;
+    let Some(held) = lease.as_ref() else { return Ok(Outcome::Standby) };
+    let prefix = &config.source.slot_name_prefix;
+    let stream = match &config.rules_content {
+        Some(content) => streams::stream_for_content(held.client(), content, prefix).await?,
+        None => match versions::newest_replicating(held.client()).await? {
+            Some(stream) => stream,
+            None => return Ok(Outcome::NothingDeployed),
+        },
+    };
     if !held.try_acquire(stream.id, &config.owner).await? {
-        return Ok(());
+        return Ok(Outcome::Standby);
     }
     tokio::select! {
-        result = replicate(config, held.client(), stream.id) => result,
+        result = replicate(config, held.client(), stream.id) => result.map(|()| Outcome::Superseded),
         lost = held.lost() => Err(lost.into()),
     }
 }

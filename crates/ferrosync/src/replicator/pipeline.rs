@@ -245,6 +245,7 @@ impl Replication {
             if let Some(lsn) = commit.map(|(lsn, _)| lsn).max(ping) {
                 if let Some(cp) = self.writer.commit(lsn.0, ping.is_some()).await? {
                     tracing::debug!(op_id = cp.op_id, lsn = %lsn, "checkpoint");
+                    self.config.status.checkpoint_committed(self.writer.stream().id, cp.op_id);
                 }
                 if let Some((_, at)) = commit {
                     let lag = SystemTime::now().duration_since(at).unwrap_or_default();

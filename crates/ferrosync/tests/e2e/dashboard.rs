@@ -75,7 +75,7 @@ async fn admin_routes_need_the_token(url: &str) -> Result<()> {
             }
             r.json(&json!({"claims": {"sub": "u1"}})).send()
         };
-        for (token, code) in [(None, "PSYNC_S2106"), (Some("wrong"), "PSYNC_S2101")] {
+        for (token, code) in [(None, "PSYNC_S2101"), (Some("wrong"), "PSYNC_S2101")] {
             let response = request(token).await?;
             assert_eq!(response.status(), 401, "{route} with {token:?}");
             let body: Value = response.json().await?;

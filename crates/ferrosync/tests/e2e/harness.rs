@@ -268,7 +268,8 @@ fn service_dir(cluster: &PgCluster, host: &str, conn: &ConnTls<'_>, rules: &str)
     Ok((dir, port))
 }
 
-/// Run the binary on the config in `dir`, logging to `dir/ferrosync.log` (appended).
+/// Run the binary on the config in `dir`, logging to `dir/ferrosync.log` (appended), with `dir`
+/// as its working directory (where the file probes go).
 fn spawn_service(dir: &Path) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -278,6 +279,7 @@ fn spawn_service(dir: &Path) -> Result<Child> {
         .args(["serve", "--config"])
         .arg(dir.join("powersync.yaml"))
         .env("RUST_LOG", "info")
+        .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?)

@@ -2,6 +2,7 @@
 //! the protocol (a raw HTTP client that checks every checksum, and the real PowerSync Node SDK).
 
 mod abuse;
+mod admin;
 mod chaos;
 mod checkpoint_requests;
 mod compaction;

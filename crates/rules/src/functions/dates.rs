@@ -39,6 +39,20 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of unix milliseconds (JavaScript's `Date.toISOString`).
+pub fn iso8601_millis(millis: i64) -> String {
+    let (days, ms) = (millis.div_euclid(86_400_000), millis.rem_euclid(86_400_000));
+    let (y, m, d) = civil_from_days(days);
+    let secs = ms / 1000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        ms % 1000
+    )
+}
+
 struct Cursor<'a> {
     s: &'a [u8],
     pos: usize,
@@ -304,6 +318,13 @@ pub(crate) fn call(f: DateFn, args: &[SqliteValue]) -> SqliteValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso_timestamps() {
+        assert_eq!(iso8601_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601_millis(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(iso8601_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
 
     #[test]
     fn civil_round_trip() {

@@ -210,18 +210,20 @@
     }
     out.replaceChildren(el("p", { class: "muted" }, "Resolving…"));
     try {
-      renderInspection(await api("/api/admin/v1/inspect", body));
+      renderInspection((await api("/api/admin/v1/inspect", body)).data);
     } catch (e) {
-      if (e instanceof AuthError && e.message.includes("admin token")) return signOut(`The admin token was refused: ${e.message}`);
+      // A token being inspected that the service refuses is a 400; a 401 is the admin's token.
+      if (e instanceof AuthError) return signOut(`The admin token was refused: ${e.message}`);
       out.replaceChildren(el("p", { class: "error", "data-error": "1" }, e.message));
     }
   }
 
   function renderInspection(r) {
-    const head = el("p", {}, r.verified ? `Token verified: user ${r.user_id}.` : `Claims used unverified (user ${r.user_id ?? "none"}).`,
-      " ", el("b", { "data-totals": "1" }, `${r.totals.buckets} bucket(s), ${fmt.int(r.totals.ops)} op(s), ${fmt.int(r.totals.rows)} row(s)`));
+    const totals = r.totals || { buckets: r.buckets.length, ops: 0, rows: 0 };
+    const head = el("p", {}, r.claims_verified ? `Token verified: user ${r.user_id}.` : `Claims used unverified (user ${r.user_id ?? "none"}).`,
+      " ", el("b", { "data-totals": "1" }, `${totals.buckets} bucket(s), ${fmt.int(totals.ops)} op(s), ${fmt.int(totals.rows)} row(s)`));
     const rows = r.buckets.map((b) => el("tr", { "data-bucket": b.bucket, "data-ops": b.ops, "data-rows": b.rows },
-      el("td", { class: "mono" }, b.bucket), el("td", {}, b.definition), el("td", { class: "num" }, b.priority), el("td", {}, b.reason),
+      el("td", { class: "mono" }, b.bucket), el("td", {}, b.definition), el("td", { class: "num" }, b.priority), el("td", {}, b.reasons.join("; ")),
       el("td", { class: "num" }, b.ops == null ? "?" : fmt.int(b.ops)), el("td", { class: "num" }, b.rows == null ? "?" : fmt.int(b.rows))));
     const table = el("table", {}, el("thead", {}, el("tr", {}, ...["bucket", "definition", "priority", "why", "ops", "rows"].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows));
     const notes = [...(r.errors || []), ...(r.hints || [])].map((n) => el("li", {}, n));

@@ -1,4 +1,4 @@
-//! Best-effort column references of sync-config queries, for `ferrosync validate`.
+//! Best-effort column references of sync-config queries, for the source checks of validation.
 //!
 //! The rules crate compiles queries into evaluators and keeps no column lists, so this re-reads
 //! the SQL with sqlparser (Postgres dialect). Only SELECTs over exactly one plain table (no
