@@ -126,6 +126,7 @@ async fn maintain(
             parameter_rows = pruned.parameter_rows,
             write_checkpoints = pruned.write_checkpoints,
             compaction_markers = pruned.compaction_markers,
+            orphan_rows = pruned.orphan_rows,
             "storage hygiene pass deleted rows"
         );
     }

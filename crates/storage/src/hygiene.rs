@@ -15,6 +15,10 @@
 //!   id and then stayed offline longer than the retention without writing again is not told
 //!   of that id any more; any later upload gets a larger one.
 //! - **Compaction markers** (`bucket_compaction`) of buckets that have no ops any more.
+//! - **Rows of forgotten source tables**: current state and parameter rows whose table record
+//!   is gone. A re-created table's old record is only deleted once its rows were removed (see
+//!   [`crate::streams::resolve_table`]); earlier versions deleted it first, and a crash in
+//!   between left such rows behind for good.
 //!
 //! Client-requested write checkpoints expire separately (`checkpoint_request_retention_minutes`,
 //! see [`crate::checkpoint_requests`]); `bucket_changes` is pruned by the writer.
@@ -45,6 +49,7 @@ pub struct PruneStats {
     pub parameter_rows: u64,
     pub write_checkpoints: u64,
     pub compaction_markers: u64,
+    pub orphan_rows: u64,
 }
 
 /// One pass over stream `group`'s parameter history, and the shared write checkpoints and
@@ -54,6 +59,7 @@ pub async fn prune(client: &mut Client, group: i64, options: &PruneOptions) -> R
         parameter_rows: prune_parameters(client, group, options.parameter_horizon, options.pause).await?,
         write_checkpoints: prune_write_checkpoints(client, options.write_checkpoint_retention, options.pause).await?,
         compaction_markers: prune_compaction_markers(client, options.pause).await?,
+        orphan_rows: prune_orphan_rows(client, group, options.pause).await?,
     })
 }
 
@@ -82,7 +88,8 @@ async fn prune_parameters(client: &Client, group: i64, horizon: i64, pause: Dura
                     WHERE p.id <= $7 AND (p.tombstone OR EXISTS (
                         SELECT 1 FROM ferrosync.bucket_parameters n
                         WHERE n.group_id = $1 AND n.lookup = p.lookup AND n.table_id = p.table_id AND n.key = p.key
-                          AND n.id > p.id AND n.id <= $7))),
+                          AND n.id > p.id AND n.id <= $7)
+                      OR NOT EXISTS (SELECT 1 FROM ferrosync.source_tables s WHERE s.id = p.table_id AND s.group_id = $1))),
                  gone AS (
                     DELETE FROM ferrosync.bucket_parameters b USING doomed d
                     WHERE b.group_id = $1 AND b.lookup = d.lookup AND b.table_id = d.table_id AND b.key = d.key AND b.id = d.id
@@ -184,6 +191,46 @@ async fn prune_compaction_markers(client: &Client, pause: Duration) -> Result<u6
         }
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Delete current state of table ids the group has no record of, found by skipping through
+/// the primary key (one probe per table id, not a scan).
+async fn prune_orphan_rows(client: &Client, group: i64, pause: Duration) -> Result<u64, StorageError> {
+    let g = group as i32;
+    let orphans: Vec<i32> = client
+        .query(
+            "WITH RECURSIVE t(table_id) AS (
+                (SELECT table_id FROM ferrosync.current_data WHERE group_id = $1 ORDER BY table_id LIMIT 1)
+                UNION ALL
+                SELECT (SELECT d.table_id FROM ferrosync.current_data d WHERE d.group_id = $1 AND d.table_id > t.table_id
+                        ORDER BY d.table_id LIMIT 1)
+                FROM t WHERE t.table_id IS NOT NULL)
+             SELECT table_id FROM t WHERE table_id IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM ferrosync.source_tables s WHERE s.id = t.table_id AND s.group_id = $2)",
+            &[&g, &group],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut deleted = 0u64;
+    for table_id in orphans {
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM ferrosync.current_data WHERE ctid = ANY (ARRAY(
+                        SELECT ctid FROM ferrosync.current_data WHERE group_id = $1 AND table_id = $2 LIMIT $3))",
+                    &[&g, &table_id, &PAGE_ROWS],
+                )
+                .await?;
+            deleted += n;
+            tokio::time::sleep(pause).await;
+            if (n as i64) < PAGE_ROWS {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]

@@ -14,7 +14,10 @@ async fn setup(cluster: &PgCluster) -> anyhow::Result<(Client, PgStorage)> {
     crate::schema::migrate(&db).await?;
     db.batch_execute(
         "INSERT INTO ferrosync.sync_rules (id, content, state, slot_name, last_checkpoint, last_checkpoint_lsn)
-         VALUES (1, '', 'ACTIVE', 's', 50, '0/200')",
+         VALUES (1, '', 'ACTIVE', 's', 50, '0/200');
+         INSERT INTO ferrosync.source_tables (id, group_id, relation_oid, schema_name, table_name, key_columns)
+         VALUES (1, 1, 100, 'public', 'a', '{id}'), (2, 1, 200, 'public', 'b', '{id}');
+         SELECT setval('ferrosync.source_tables_id_seq', 10);",
     )
     .await?;
     Ok((db, PgStorage::connect(&endpoint, 1).await?))
@@ -132,5 +135,68 @@ async fn compaction_markers_of_buckets_without_ops_go() -> anyhow::Result<()> {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(left, [(1, "live".to_string())]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_tables_without_a_record_go() -> anyhow::Result<()> {
+    let cluster = PgCluster::start(PgOptions::default())?;
+    let (mut db, s) = setup(&cluster).await?;
+    // Table 3 lost its record (a crash between deleting it and removing its rows); table 1
+    // and group 2's table 3 are fine.
+    db.batch_execute(
+        "INSERT INTO ferrosync.source_tables (id, group_id, relation_oid, schema_name, table_name, key_columns)
+         VALUES (3, 2, 300, 'public', 'c', '{id}');
+         INSERT INTO ferrosync.current_data (group_id, table_id, key)
+         SELECT 1, t, md5(t || '/' || g)::uuid FROM generate_series(1, 1200) g, (VALUES (1), (3)) t(t)
+         UNION ALL SELECT 2, 3, md5(g::text)::uuid FROM generate_series(1, 5) g;
+         INSERT INTO ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) VALUES
+           (1, 'L', 1, '00000000-0000-0000-0000-000000000001', 10, '[\"kept\"]'),
+           (1, 'L', 3, '00000000-0000-0000-0000-000000000002', 11, '[\"orphan\"]');",
+    )
+    .await?;
+    let stats = prune(&mut db, 1, &options(35, DAY)).await?;
+    assert_eq!((stats.orphan_rows, stats.parameter_rows), (1200, 1));
+    let left: Vec<(i32, i32, i64)> = db
+        .query(
+            "SELECT group_id, table_id, count(*) FROM ferrosync.current_data GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(left, [(1, 1, 1200), (2, 3, 5)]);
+    assert_eq!(params_at(&s, 35).await?, [("L".to_string(), vec!["[\"kept\"]".to_string()])]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_tables_old_record_stays_until_forgotten() -> anyhow::Result<()> {
+    let cluster = PgCluster::start(PgOptions::default())?;
+    let (db, _) = setup(&cluster).await?;
+    db.execute("UPDATE ferrosync.sync_rules SET lock_owner = 'me'", &[]).await?;
+    let keys = ["id".to_string()];
+    let table = |oid| crate::streams::TableIdentity {
+        oid,
+        schema: "public",
+        name: "a",
+        key_columns: &keys,
+    };
+    let (same, stale) = crate::streams::resolve_table(&db, 1, "me", &table(100)).await?;
+    assert_eq!((same.id, stale.map(|t| t.id)), (1, None));
+    // Re-created: a new record, and the old one to empty.
+    let (new, stale) = crate::streams::resolve_table(&db, 1, "me", &table(101)).await?;
+    assert_eq!(stale.map(|t| t.id), Some(1));
+    // A restart before the old rows were removed finds both again.
+    let (again, stale) = crate::streams::resolve_table(&db, 1, "me", &table(101)).await?;
+    assert_eq!((again.id, stale.map(|t| t.id)), (new.id, Some(1)));
+    crate::streams::forget_table(&db, 1, "me", 1).await?;
+    let (again, stale) = crate::streams::resolve_table(&db, 1, "me", &table(101)).await?;
+    assert_eq!((again.id, stale.map(|t| t.id)), (new.id, None));
+    assert!(
+        crate::streams::forget_table(&db, 1, "someone else", new.id).await.is_err(),
+        "fenced"
+    );
     Ok(())
 }
