@@ -1,7 +1,8 @@
 //! What bucket storage holds and where its bytes are (`ferrosync storage stats`; serialisable so
 //! an admin API can return it as JSON). Cheap on large storage: table sizes and row counts are
 //! catalog estimates, op counts and bytes are sums of the chunks' counters and stored sizes (no
-//! payload is decompressed); exact counts are taken only of index-ordered per-stream rows.
+//! payload is decompressed). Per stream, current rows and parameter rows are exact counts (over
+//! the primary key, whose first column is the stream).
 
 use crate::error::StorageError;
 use ferrosync_rules::{SyncRules, SyncRulesOptions};

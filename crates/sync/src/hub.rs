@@ -308,7 +308,12 @@ impl<S: SyncStorage> CheckpointHub<S> {
         if shared.swept_at.elapsed() >= self.cache_sweep_interval {
             shared.swept_at = Instant::now();
             let dropped = shared.cache.sweep();
-            tracing::debug!(dropped, kept = shared.cache.len(), "dropped cached buckets nobody asked about");
+            tracing::debug!(
+                dropped,
+                kept = shared.cache.len(),
+                watched_users = self.write_checkpoints.len(),
+                "dropped cached buckets nobody asked about"
+            );
         }
         Ok(())
     }
@@ -385,7 +390,8 @@ impl<S: SyncStorage> CheckpointHub<S> {
     }
 
     /// How many users' write checkpoints and buckets' checksums the hub holds.
-    pub fn held(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> (usize, usize) {
         let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
         (self.write_checkpoints.len(), shared.cache.len())
     }
