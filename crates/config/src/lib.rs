@@ -115,10 +115,11 @@ fn parse_healthcheck(v: &Value, warnings: &mut Vec<String>) -> Result<ProbesConf
     Ok(probes)
 }
 
-/// Background compaction of bucket histories (`storage.compaction`, a ferrosync extension).
+/// Background compaction of bucket histories and storage hygiene (`storage.compaction`, a
+/// ferrosync extension).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompactionConfig {
-    /// `enabled`, default true.
+    /// `enabled`, default true (hygiene runs either way).
     pub enabled: bool,
     /// `interval_seconds` between passes, default 300.
     pub interval_seconds: u64,
@@ -127,6 +128,9 @@ pub struct CompactionConfig {
     /// `max_ops_per_pass`: no new bucket is started once a pass has read this many ops,
     /// default 10,000,000.
     pub max_ops_per_pass: u64,
+    /// `write_checkpoint_retention_minutes`: server-generated write checkpoints not renewed for
+    /// this long are deleted, default 10,080 (7 days).
+    pub write_checkpoint_retention_minutes: u64,
 }
 
 impl Default for CompactionConfig {
@@ -136,6 +140,7 @@ impl Default for CompactionConfig {
             interval_seconds: 300,
             pause_ms: 10,
             max_ops_per_pass: 10_000_000,
+            write_checkpoint_retention_minutes: 7 * 24 * 60,
         }
     }
 }
@@ -151,6 +156,9 @@ fn parse_compaction(storage: &Value, warnings: &mut Vec<String>) -> Result<Compa
         interval_seconds: c.u64("interval_seconds")?.unwrap_or(default.interval_seconds).max(1),
         pause_ms: c.u64("pause_ms")?.unwrap_or(default.pause_ms),
         max_ops_per_pass: c.u64("max_ops_per_pass")?.unwrap_or(default.max_ops_per_pass).max(1),
+        write_checkpoint_retention_minutes: c
+            .u64("write_checkpoint_retention_minutes")?
+            .unwrap_or(default.write_checkpoint_retention_minutes),
     };
     c.finish(warnings);
     Ok(config)

@@ -527,12 +527,18 @@ fn storage_compaction_keys() {
     let loaded = load_yaml(STORAGE).unwrap();
     assert_eq!(loaded.config.compaction, ferrosync_config::CompactionConfig::default());
     assert!(loaded.config.compaction.enabled, "on by default");
-    let yaml = format!("{STORAGE}  compaction:\n    enabled: false\n    interval_seconds: 60\n    pause_ms: 0\n    max_ops_per_pass: 5000\n    colour: blue\n");
+    let yaml = format!("{STORAGE}  compaction:\n    enabled: false\n    interval_seconds: 60\n    pause_ms: 0\n    max_ops_per_pass: 5000\n    write_checkpoint_retention_minutes: 90\n    colour: blue\n");
     let loaded = load_yaml(&yaml).unwrap();
     let c = &loaded.config.compaction;
     assert_eq!(
-        (c.enabled, c.interval_seconds, c.pause_ms, c.max_ops_per_pass),
-        (false, 60, 0, 5000)
+        (
+            c.enabled,
+            c.interval_seconds,
+            c.pause_ms,
+            c.max_ops_per_pass,
+            c.write_checkpoint_retention_minutes
+        ),
+        (false, 60, 0, 5000, 90)
     );
     assert_eq!(loaded.warnings, vec!["unknown key `storage.compaction.colour` ignored".to_string()]);
     let bad = format!("{STORAGE}  compaction:\n    interval_seconds: soon\n");

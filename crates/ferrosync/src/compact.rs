@@ -1,12 +1,14 @@
 //! `compact` (passes over the served stream until done, then exit) and the background
-//! compaction the replicator runs while it holds the lease (`storage.compaction`).
+//! maintenance the replicator runs while it holds the lease (`storage.compaction`): compaction
+//! when enabled, and storage hygiene always.
 
 use crate::serve::load;
 use anyhow::{Context, Result};
 use ferrosync_config::CompactionConfig;
 use ferrosync_pgconn::PgEndpoint;
 use ferrosync_storage::compactor::{self, CompactOptions, CompactStats};
-use ferrosync_storage::streams;
+use ferrosync_storage::hygiene::{self, PruneOptions};
+use ferrosync_storage::{streams, StorageError};
 use std::path::Path;
 use std::time::Duration;
 
@@ -69,33 +71,65 @@ pub async fn run_once(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Compact stream `group` every `interval_seconds` until dropped (with the replication it
+/// Maintain stream `group` every `interval_seconds` until dropped (with the replication it
 /// runs beside). Failures are logged and retried at the next interval; replication and
 /// serving never wait for a pass.
 pub async fn background(storage: PgEndpoint, group: i64, config: CompactionConfig) {
-    let options = options(&config);
     let interval = Duration::from_secs(config.interval_seconds);
     let mut client = None;
+    // The checkpoint seen one pass ago: parameter history is pruned up to it, so no
+    // connection (they follow the newest checkpoint within moments) still reads below it.
+    let mut horizon = 0;
     loop {
         tokio::time::sleep(interval).await;
         if client.is_none() {
             match ferrosync_storage::connect(&storage).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %e, "compaction cannot reach bucket storage; next try at the next interval");
+                    tracing::warn!(error = %e, "storage maintenance cannot reach bucket storage; next try at the next interval");
                     continue;
                 }
             }
         }
         let Some(c) = client.as_mut() else { continue };
-        match compactor::compact(c, group, &options).await {
-            Ok(Some(stats)) if stats.buckets > 0 => log_pass(&stats, group),
-            Ok(Some(_)) => {}
-            Ok(None) => tracing::info!(stream = group, "another compaction is running; skipping this pass"),
-            Err(e) => {
-                tracing::warn!(error = %e, "compaction pass failed; retrying at the next interval");
-                client = None;
-            }
+        if let Err(e) = maintain(c, group, &config, &mut horizon).await {
+            tracing::warn!(error = %e, "storage maintenance pass failed; retrying at the next interval");
+            client = None;
         }
     }
+}
+
+async fn maintain(
+    client: &mut tokio_postgres::Client,
+    group: i64,
+    config: &CompactionConfig,
+    horizon: &mut i64,
+) -> Result<(), StorageError> {
+    if config.enabled {
+        match compactor::compact(client, group, &options(config)).await? {
+            Some(stats) if stats.buckets > 0 => log_pass(&stats, group),
+            Some(_) => {}
+            None => tracing::info!(stream = group, "another compaction is running; skipping this pass"),
+        }
+    }
+    let checkpoint = streams::stream_by_id(client, group).await?.map_or(0, |s| s.checkpoint.op_id);
+    let options = PruneOptions {
+        parameter_horizon: *horizon,
+        write_checkpoint_retention: Duration::from_secs(config.write_checkpoint_retention_minutes.saturating_mul(60)),
+        pause: Duration::from_millis(config.pause_ms),
+    };
+    let pruned = hygiene::prune(client, group, &options).await?;
+    if pruned != hygiene::PruneStats::default() {
+        tracing::info!(
+            stream = group,
+            parameter_horizon = *horizon,
+            parameter_rows = pruned.parameter_rows,
+            write_checkpoints = pruned.write_checkpoints,
+            compaction_markers = pruned.compaction_markers,
+            orphan_rows = pruned.orphan_rows,
+            "storage hygiene pass deleted rows"
+        );
+    }
+    *horizon = checkpoint;
+    Ok(())
 }

@@ -2,10 +2,10 @@
 //!
 //! Subcommands: `serve` (replication + sync API), `validate` (config, sync rules and the
 //! source tables they read), `explain` (a user's buckets and why), `compact` (bucket
-//! histories, once), `migrate` (storage schema), `demo` (a local Postgres with a sample todo
-//! app, then serve).
+//! histories, once), `storage stats` (sizes per table, per sync-config version, largest
+//! buckets), `migrate` (storage schema), `demo` (a local Postgres with a sample todo app, then
+//! serve).
 
-mod admin_interim;
 mod compact;
 mod demo;
 mod explain;
@@ -14,6 +14,7 @@ mod metrics;
 mod otlp;
 mod replicator;
 mod serve;
+mod storage_stats;
 mod token;
 mod validate;
 
@@ -85,6 +86,11 @@ enum Command {
         #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
         config: PathBuf,
     },
+    /// Inspect bucket storage.
+    Storage {
+        #[command(subcommand)]
+        command: StorageCommand,
+    },
     /// Apply storage schema migrations and exit.
     Migrate {
         #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
@@ -96,6 +102,21 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 8080)]
         port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Sizes per storage table and per sync-config version, and the largest buckets.
+    Stats {
+        #[arg(long, short, env = "POWERSYNC_CONFIG_PATH")]
+        config: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// How many of the largest buckets to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
 }
 
@@ -158,6 +179,9 @@ fn main() -> ExitCode {
                 claims,
             } => token::run(&config, &user, expires_in, claims.as_deref()),
             Command::Compact { config } => compact::run_once(&config).await,
+            Command::Storage {
+                command: StorageCommand::Stats { config, json, top },
+            } => storage_stats::run(&config, json, top).await,
             Command::Migrate { config } => serve::migrate(&config).await,
             Command::Demo { dir, port } => demo::run(&dir, port).await,
         }

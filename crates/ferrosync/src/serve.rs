@@ -128,7 +128,7 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
     tokio::spawn(ferrosync_api::probes::run(state.clone(), PathBuf::from(".probes")));
     // Sync streams never end on their own, so shutdown does not wait for them: clients
     // reconnect (to another instance) and resume from their positions.
-    let router = routes(state, metrics, storage_endpoint);
+    let router = routes(state, metrics);
     tokio::select! {
         () = ferrosync_api::http_server::serve_all(listeners, router) => {}
         () = shutdown_signal() => tracing::info!("shutting down"),
@@ -143,13 +143,11 @@ pub async fn serve(path: &Path, bind: Option<String>) -> Result<()> {
 }
 
 /// The sync API, the dashboard and the admin routes.
-fn routes(state: Arc<AppState>, metrics: PrometheusHandle, storage: PgEndpoint) -> axum::Router {
-    ferrosync_api::router(state.clone())
-        .merge(ferrosync_api::dashboard::router(Dashboard {
-            app: state.clone(),
-            metrics: Arc::new(move || metrics.render()),
-        }))
-        .merge(crate::admin_interim::router(state, storage))
+fn routes(state: Arc<AppState>, metrics: PrometheusHandle) -> axum::Router {
+    ferrosync_api::router(state.clone()).merge(ferrosync_api::dashboard::router(Dashboard {
+        app: state,
+        metrics: Arc::new(move || metrics.render()),
+    }))
 }
 
 /// Bind every address `addr` resolves to: `localhost`, say, is often both 127.0.0.1 and ::1,

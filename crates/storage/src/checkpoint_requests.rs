@@ -35,7 +35,8 @@ impl PgStorage {
                      WHEN excluded.write_checkpoint > w.write_checkpoint THEN now()
                      WHEN excluded.write_checkpoint = w.write_checkpoint AND w.requested_at IS NOT NULL THEN now()
                      ELSE w.requested_at END,
-                   write_checkpoint = greatest(w.write_checkpoint, excluded.write_checkpoint)
+                   write_checkpoint = greatest(w.write_checkpoint, excluded.write_checkpoint),
+                   updated_at = now()
                  RETURNING w.write_checkpoint",
                 &[&user_key, &id, &lsn_to_text(head)],
             )

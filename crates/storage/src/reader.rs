@@ -56,6 +56,8 @@ pub trait SyncStorage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<HashMap<String, Vec<String>>, StorageError>> + Send;
     /// Write checkpoints created or updated after `seq`, in seq order.
     fn write_checkpoints_since(&self, seq: i64) -> impl Future<Output = Result<Vec<WriteCheckpoint>, StorageError>> + Send;
+    /// The stored write checkpoint of `user_key`, if any.
+    fn write_checkpoint_of(&self, user_key: &str) -> impl Future<Output = Result<Option<WriteCheckpoint>, StorageError>> + Send;
     /// Store a new write checkpoint for `user_key` at source position `head`; returns its id
     /// (one more than the stored one, which it turns into a server-generated id that never
     /// expires; see [`crate::checkpoint_requests`]).
@@ -276,17 +278,19 @@ impl SyncStorage for PgStorage {
                 &[&seq],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                let lsn: String = r.get(2);
-                Ok(WriteCheckpoint {
-                    user_key: r.get(0),
-                    write_checkpoint: r.get(1),
-                    lsn: lsn_from_text(&lsn).ok_or_else(|| StorageError::Corrupt(format!("bad lsn {lsn}")))?,
-                    seq: r.get(3),
-                })
-            })
-            .collect()
+        rows.iter().map(write_checkpoint_from_row).collect()
+    }
+
+    async fn write_checkpoint_of(&self, user_key: &str) -> Result<Option<WriteCheckpoint>, StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT user_key, write_checkpoint, lsn::text, seq FROM ferrosync.write_checkpoints WHERE user_key = $1",
+                &[&user_key],
+            )
+            .await?;
+        row.as_ref().map(write_checkpoint_from_row).transpose()
     }
 
     async fn create_write_checkpoint(&self, user_key: &str, head: u64) -> Result<i64, StorageError> {
@@ -294,14 +298,28 @@ impl SyncStorage for PgStorage {
             .client()
             .await?
             .query_one(
+                // A new row continues above every pruned id (1 until something was pruned);
+                // the key share lock makes a concurrent prune either wait for this write or
+                // finish first and raise the floor (see crate::hygiene).
                 "INSERT INTO ferrosync.write_checkpoints (user_key, write_checkpoint, lsn, seq)
-                 VALUES ($1, 1, $2::text::pg_lsn, nextval('ferrosync.write_checkpoint_seq'))
+                 VALUES ($1, (SELECT pruned_to + 1 FROM ferrosync.write_checkpoint_floor FOR KEY SHARE),
+                         $2::text::pg_lsn, nextval('ferrosync.write_checkpoint_seq'))
                  ON CONFLICT (user_key) DO UPDATE SET write_checkpoint = ferrosync.write_checkpoints.write_checkpoint + 1,
-                   lsn = excluded.lsn, seq = excluded.seq, requested_at = NULL
+                   lsn = excluded.lsn, seq = excluded.seq, requested_at = NULL, updated_at = now()
                  RETURNING write_checkpoint",
                 &[&user_key, &lsn_to_text(head)],
             )
             .await?;
         Ok(row.get(0))
     }
+}
+
+fn write_checkpoint_from_row(r: &tokio_postgres::Row) -> Result<WriteCheckpoint, StorageError> {
+    let lsn: String = r.get(2);
+    Ok(WriteCheckpoint {
+        user_key: r.get(0),
+        write_checkpoint: r.get(1),
+        lsn: lsn_from_text(&lsn).ok_or_else(|| StorageError::Corrupt(format!("bad lsn {lsn}")))?,
+        seq: r.get(3),
+    })
 }

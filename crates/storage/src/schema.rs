@@ -154,6 +154,21 @@ CREATE TABLE ferrosync.bucket_compaction (
 );
 "#,
     ),
+    (
+        8,
+        // Write checkpoint retention (see hygiene.rs): when a row was last written, and the
+        // largest server-generated id ever pruned, above which a key's new row starts so its
+        // ids stay monotone across a prune.
+        r#"
+ALTER TABLE ferrosync.write_checkpoints ADD COLUMN updated_at timestamptz NOT NULL DEFAULT now();
+CREATE INDEX write_checkpoints_generated_updated_at ON ferrosync.write_checkpoints (updated_at) WHERE requested_at IS NULL;
+CREATE TABLE ferrosync.write_checkpoint_floor (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    pruned_to bigint NOT NULL
+);
+INSERT INTO ferrosync.write_checkpoint_floor (pruned_to) VALUES (0);
+"#,
+    ),
 ];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several

@@ -108,7 +108,9 @@ pub struct TableIdentity<'a> {
 const OWNED: &str = "EXISTS (SELECT 1 FROM ferrosync.sync_rules WHERE id = $1 AND lock_owner = $2 FOR SHARE)";
 
 /// The stream's record of a source table, creating it if new. A table whose oid or key
-/// columns changed gets a fresh record; the stale one is returned second so its rows can be removed.
+/// columns changed gets a fresh record; the stale one is returned second so its rows can be
+/// removed, and is kept until [`forget_table`] (a restart in between finds it again, so no
+/// rows are left behind that nothing refers to).
 pub async fn resolve_table(
     client: &Client,
     group: i64,
@@ -123,7 +125,7 @@ pub async fn resolve_table(
             &[&group, &table.schema, &table.name, &oid],
         )
         .await?;
-    let mut stale = None;
+    let (mut current, mut stale) = (None, None);
     for r in rows {
         let record = table_from_row(&r);
         if record.relation_oid == table.oid
@@ -131,22 +133,15 @@ pub async fn resolve_table(
             && record.name == table.name
             && record.key_columns == table.key_columns
         {
-            return Ok((record, None));
+            current = Some(record);
+        } else {
+            stale = Some(record);
         }
-        stale = Some(record);
+    }
+    if let Some(record) = current {
+        return Ok((record, stale));
     }
     let fenced = || StorageError::LeaseLost(format!("another process took over replication stream {group}"));
-    if let Some(old) = &stale {
-        let deleted = client
-            .execute(
-                &format!("DELETE FROM ferrosync.source_tables WHERE id = $3 AND {OWNED}"),
-                &[&group, &owner, &old.id],
-            )
-            .await?;
-        if deleted == 0 {
-            return Err(fenced());
-        }
-    }
     let r = client
         .query_opt(
             &format!(
@@ -159,6 +154,22 @@ pub async fn resolve_table(
         .await?
         .ok_or_else(fenced)?;
     Ok((table_from_row(&r), stale))
+}
+
+/// Delete a stale table record once its rows are gone (see [`resolve_table`]).
+pub async fn forget_table(client: &Client, group: i64, owner: &str, table_id: i64) -> Result<(), StorageError> {
+    let deleted = client
+        .execute(
+            &format!("DELETE FROM ferrosync.source_tables WHERE id = $3 AND {OWNED}"),
+            &[&group, &owner, &table_id],
+        )
+        .await?;
+    if deleted == 0 {
+        return Err(StorageError::LeaseLost(format!(
+            "another process took over replication stream {group}"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn table_from_row(r: &Row) -> SourceTableRecord {

@@ -5,6 +5,7 @@
 
 use ferrosync_storage::{BucketChecksum, OpType, OplogEntry};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Recent ops kept per bucket; older ones are dropped (connections that far behind read storage).
@@ -18,6 +19,8 @@ struct Entry {
     /// Every op of the bucket with `ops_from < op_id <= checkpoint`, ascending.
     ops: Vec<Arc<OplogEntry>>,
     ops_from: i64,
+    /// A connection read the entry since the last [`BucketCache::sweep`] (set under the read lock).
+    used: AtomicBool,
 }
 
 /// Checksums and recent ops for the buckets connections asked about, at `checkpoint`.
@@ -55,7 +58,29 @@ impl BucketCache {
     }
 
     pub fn checksum(&self, bucket: &str) -> Option<BucketChecksum> {
-        self.entries.get(bucket).map(|e| e.checksum)
+        self.entries.get(bucket).map(|e| {
+            e.used.store(true, Ordering::Relaxed);
+            e.checksum
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Drop the buckets no connection read since the last sweep; returns how many.
+    pub fn sweep(&mut self) -> usize {
+        let before = self.entries.len();
+        let mut dropped_ops = 0;
+        self.entries.retain(|_, e| {
+            let keep = e.used.swap(false, Ordering::Relaxed);
+            if !keep {
+                dropped_ops += e.ops.len();
+            }
+            keep
+        });
+        self.total_ops -= dropped_ops;
+        before - self.entries.len()
     }
 
     /// Add a bucket whose checksum at the current checkpoint was read from storage.
@@ -65,6 +90,7 @@ impl BucketCache {
             checksum,
             ops: Vec::new(),
             ops_from,
+            used: AtomicBool::new(true),
         });
     }
 
@@ -72,6 +98,7 @@ impl BucketCache {
     /// them (`None`: read storage).
     pub fn ops_after(&self, bucket: &str, position: i64) -> Option<Vec<Arc<OplogEntry>>> {
         let entry = self.entries.get(bucket)?;
+        entry.used.store(true, Ordering::Relaxed);
         if position < entry.ops_from {
             return None;
         }
@@ -207,6 +234,25 @@ mod tests {
         clear.op = OpType::Clear;
         cache.advance(12, &changed, Step::Ops([("b".to_string(), vec![clear, op(12, 2)])].into()));
         assert_eq!(cache.checksum("b"), Some(BucketChecksum { checksum: 102, count: 2 }));
+    }
+
+    #[test]
+    fn a_sweep_drops_buckets_nobody_read_since_the_last_one() {
+        let mut cache = BucketCache::default();
+        cache.reset(1, 0);
+        for b in ["read", "idle", "ops"] {
+            cache.insert(b.into(), BucketChecksum::default());
+        }
+        let changed: HashSet<String> = ["ops".to_string()].into();
+        cache.advance(2, &changed, Step::Ops([("ops".to_string(), vec![op(1, 1), op(2, 1)])].into()));
+        // Just inserted: all read by the connection that asked.
+        assert_eq!(cache.sweep(), 0);
+        assert!(cache.checksum("read").is_some());
+        assert!(cache.ops_after("ops", 0).is_some());
+        assert_eq!(cache.sweep(), 1);
+        assert!(!cache.contains("idle"));
+        assert_eq!(cache.sweep(), 2, "nobody read the others since");
+        assert_eq!((cache.len(), cache.total_ops), (0, 0));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::lines::{
 };
 use crate::output::{ChunkStream, Output};
 use crate::stats::ConnectionStats;
+use crate::write_checkpoints::WriteCheckpointWatch;
 use bytes::Bytes;
 use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest};
 use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
@@ -130,6 +131,8 @@ struct Connection<S> {
     /// The checkpoint `dynamic` is valid at.
     resolved_at: i64,
     write_checkpoint: Option<i64>,
+    /// Keeps this user's write checkpoint in the hub while the connection lives.
+    write_checkpoint_watch: Option<WriteCheckpointWatch>,
     /// The last checkpoint announced was not completed: compaction rewrote ops it sent
     /// against newer ones. A later checkpoint gets a line (if need be an empty diff) and its
     /// `checkpoint_complete`.
@@ -167,6 +170,7 @@ pub fn connection_stream<S: SyncStorage>(
         fetched: Vec::new(),
         resolved_at: 0,
         write_checkpoint: None,
+        write_checkpoint_watch: None,
         incomplete: false,
     };
     let chunks = ChunkStream::new(
@@ -220,6 +224,7 @@ impl<S: SyncStorage> Connection<S> {
         if self.seconds_left() <= 0 {
             return self.token_expired().await;
         }
+        self.write_checkpoint_watch = Some(storage(self.hub.watch_write_checkpoints(&self.req.user_key).await)?);
         let mut group = None;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         let warn_at = tokio::time::Instant::now() + Duration::from_secs((self.seconds_left() - 20).max(0) as u64);

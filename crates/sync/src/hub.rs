@@ -1,21 +1,30 @@
 //! The per-process checkpoint hub: one task follows storage checkpoints (push via LISTEN, no
 //! polling) and maintains what every connection needs, computed once: the current checkpoint,
 //! bucket checksums at it and the ops each bucket received recently (updated incrementally from
-//! the buckets that changed), recently changed parameter lookups, and write checkpoints.
+//! the buckets that changed), recently changed parameter lookups, and the write checkpoints of
+//! connected users. What it holds follows what connections use: cached buckets nobody asked
+//! about for a while are dropped, and so are the write checkpoints of users who disconnected.
 
 use crate::cache::{BucketCache, Step};
 use crate::misses::MissBatcher;
 use crate::stats::FanOut;
+use crate::write_checkpoints::{WriteCheckpointWatch, WriteCheckpoints};
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// How many recent checkpoints' lookup changes are kept for connections that fall behind.
+/// How many recent checkpoints' lookup changes are kept for connections that fall behind, and
+/// how many lookups in all (a checkpoint that touched a huge number of them would otherwise be
+/// held for 256 checkpoints); older history reads as "changed".
 const LOOKUP_HISTORY: usize = 256;
+const LOOKUP_HISTORY_KEYS: usize = 100_000;
+/// Cached buckets no connection asked about for this long are dropped (users who left, buckets
+/// that no longer exist); a later request reads storage again.
+const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
 /// While no checkpoint arrives, how often the LISTEN connection is checked, and how long it
 /// may take to answer: storage that went silent is reported (and streams refused) within
 /// about these two together.
@@ -38,8 +47,9 @@ struct Shared {
     cache: BucketCache,
     /// (from, to, lookups changed in (from, to]), oldest first.
     lookup_history: VecDeque<(i64, i64, HashSet<String>)>,
-    /// user_key -> (write checkpoint id, source lsn it needs).
-    write_checkpoints: HashMap<String, (i64, u64)>,
+    /// Lookups in `lookup_history`, counted with repeats.
+    lookup_history_keys: usize,
+    swept_at: Instant,
 }
 
 fn is_newer(checkpoint: Checkpoint, than: Checkpoint) -> bool {
@@ -56,6 +66,8 @@ pub struct CheckpointHub<S> {
     storage_error: Mutex<Option<String>>,
     /// (stream, op): see [`CheckpointHub::note_compaction`].
     compaction_floor: Mutex<(i64, i64)>,
+    write_checkpoints: Arc<WriteCheckpoints>,
+    cache_sweep_interval: Duration,
 }
 
 impl<S: SyncStorage> CheckpointHub<S> {
@@ -88,6 +100,14 @@ impl<S: SyncStorage> CheckpointHub<S> {
 
     /// A hub that follows nothing yet, and the sender of its states.
     pub(crate) fn new(storage: Arc<S>) -> (Arc<CheckpointHub<S>>, watch::Sender<Option<HubState>>) {
+        Self::with_sweep_interval(storage, CACHE_SWEEP_INTERVAL)
+    }
+
+    /// [`CheckpointHub::new`], dropping unused cached buckets every `cache_sweep_interval`.
+    pub(crate) fn with_sweep_interval(
+        storage: Arc<S>,
+        cache_sweep_interval: Duration,
+    ) -> (Arc<CheckpointHub<S>>, watch::Sender<Option<HubState>>) {
         let (tx, rx) = watch::channel(None);
         let hub = Arc::new(CheckpointHub {
             misses: MissBatcher::start(storage.clone()),
@@ -96,10 +116,13 @@ impl<S: SyncStorage> CheckpointHub<S> {
             shared: RwLock::new(Shared {
                 cache: BucketCache::default(),
                 lookup_history: VecDeque::new(),
-                write_checkpoints: HashMap::new(),
+                lookup_history_keys: 0,
+                swept_at: Instant::now(),
             }),
             storage_error: Mutex::new(None),
             compaction_floor: Mutex::new((0, 0)),
+            write_checkpoints: Arc::default(),
+            cache_sweep_interval,
         });
         (hub, tx)
     }
@@ -238,6 +261,7 @@ impl<S: SyncStorage> CheckpointHub<S> {
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         shared.cache.reset(group, checkpoint);
         shared.lookup_history.clear();
+        shared.lookup_history_keys = 0;
     }
 
     /// Move the cache from `from` to `to`: only cached buckets written in between are read,
@@ -273,9 +297,23 @@ impl<S: SyncStorage> CheckpointHub<S> {
         };
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         shared.cache.advance(to, &changes.buckets, step);
+        shared.lookup_history_keys += changes.lookups.len();
         shared.lookup_history.push_back((from, to, changes.lookups));
-        if shared.lookup_history.len() > LOOKUP_HISTORY {
-            shared.lookup_history.pop_front();
+        while shared.lookup_history.len() > LOOKUP_HISTORY || shared.lookup_history_keys > LOOKUP_HISTORY_KEYS {
+            let Some((_, _, dropped)) = shared.lookup_history.pop_front() else {
+                break;
+            };
+            shared.lookup_history_keys -= dropped.len();
+        }
+        if shared.swept_at.elapsed() >= self.cache_sweep_interval {
+            shared.swept_at = Instant::now();
+            let dropped = shared.cache.sweep();
+            tracing::debug!(
+                dropped,
+                kept = shared.cache.len(),
+                watched_users = self.write_checkpoints.len(),
+                "dropped cached buckets nobody asked about"
+            );
         }
         Ok(())
     }
@@ -331,15 +369,31 @@ impl<S: SyncStorage> CheckpointHub<S> {
         }
     }
 
-    async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {
+    pub(crate) async fn refresh_write_checkpoints(&self, seq: i64) -> Result<i64, StorageError> {
         let rows = self.storage.write_checkpoints_since(seq).await?;
-        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         let mut max = seq;
         for wc in rows {
             max = max.max(wc.seq);
-            shared.write_checkpoints.insert(wc.user_key, (wc.write_checkpoint, wc.lsn));
+            self.write_checkpoints.update(&wc);
         }
         Ok(max)
+    }
+
+    /// Keep `user_key`'s write checkpoint current while the returned watch lives (one per
+    /// connection).
+    pub async fn watch_write_checkpoints(&self, user_key: &str) -> Result<WriteCheckpointWatch, StorageError> {
+        let watch = self.write_checkpoints.watch(user_key);
+        if let Some(wc) = self.storage.write_checkpoint_of(user_key).await? {
+            self.write_checkpoints.update(&wc);
+        }
+        Ok(watch)
+    }
+
+    /// How many users' write checkpoints and buckets' checksums the hub holds.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
+        (self.write_checkpoints.len(), shared.cache.len())
     }
 
     /// Checksums for `buckets` at `checkpoint` (which must be the hub's current one); misses
@@ -405,13 +459,9 @@ impl<S: SyncStorage> CheckpointHub<S> {
         }
     }
 
-    /// The write checkpoint for `user_key` that is visible at source position `lsn`.
+    /// The write checkpoint for `user_key` that is visible at source position `lsn`; `None`
+    /// also when no connection of this process watches the key.
     pub fn write_checkpoint(&self, user_key: &str, lsn: u64) -> Option<i64> {
-        let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
-        shared
-            .write_checkpoints
-            .get(user_key)
-            .filter(|(_, at)| *at <= lsn)
-            .map(|(id, _)| *id)
+        self.write_checkpoints.visible(user_key, lsn)
     }
 }

@@ -8,6 +8,8 @@ mod cache;
 pub mod connection;
 pub mod hub;
 #[cfg(test)]
+mod hub_tests;
+#[cfg(test)]
 mod interrupt_tests;
 mod interrupts;
 pub mod lines;
@@ -16,8 +18,10 @@ mod output;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+mod write_checkpoints;
 
 pub use connection::{connection_stream, ConnectionRequest, Limits, SyncError};
 pub use hub::CheckpointHub;
 pub use lines::LineFormat;
 pub use stats::ConnectionStats;
+pub use write_checkpoints::WriteCheckpointWatch;

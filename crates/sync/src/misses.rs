@@ -138,6 +138,9 @@ mod tests {
         async fn write_checkpoints_since(&self, _: i64) -> Result<Vec<WriteCheckpoint>, StorageError> {
             Ok(Vec::new())
         }
+        async fn write_checkpoint_of(&self, _: &str) -> Result<Option<WriteCheckpoint>, StorageError> {
+            Ok(None)
+        }
         async fn create_write_checkpoint(&self, _: &str, _: u64) -> Result<i64, StorageError> {
             Ok(1)
         }

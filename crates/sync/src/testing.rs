@@ -23,6 +23,9 @@ struct Log {
     ops: BTreeMap<String, Vec<OplogEntry>>,
     /// What reads report as [`OpBatch::target_op`].
     target_op: i64,
+    /// By user key; `seq` grows with every write.
+    write_checkpoints: BTreeMap<String, WriteCheckpoint>,
+    write_seq: i64,
 }
 
 /// Every bucket's ops in memory. Appended ops become visible at [`MemStorage::commit`].
@@ -60,6 +63,19 @@ impl MemStorage {
             };
             log.ops.entry(bucket.to_string()).or_default().push(op);
         }
+    }
+
+    /// Store `user_key`'s write checkpoint `id`, visible from source position `lsn`.
+    pub fn set_write_checkpoint(&self, user_key: &str, id: i64, lsn: u64) {
+        let mut log = self.log();
+        log.write_seq += 1;
+        let wc = WriteCheckpoint {
+            user_key: user_key.into(),
+            write_checkpoint: id,
+            lsn,
+            seq: log.write_seq,
+        };
+        log.write_checkpoints.insert(user_key.into(), wc);
     }
 
     /// From now on, reads report ops compacted against op `target_op`.
@@ -163,8 +179,15 @@ impl SyncStorage for MemStorage {
         Ok(HashMap::new())
     }
 
-    async fn write_checkpoints_since(&self, _: i64) -> Result<Vec<WriteCheckpoint>, StorageError> {
-        Ok(Vec::new())
+    async fn write_checkpoints_since(&self, seq: i64) -> Result<Vec<WriteCheckpoint>, StorageError> {
+        let log = self.log();
+        let mut rows: Vec<WriteCheckpoint> = log.write_checkpoints.values().filter(|w| w.seq > seq).cloned().collect();
+        rows.sort_by_key(|w| w.seq);
+        Ok(rows)
+    }
+
+    async fn write_checkpoint_of(&self, user_key: &str) -> Result<Option<WriteCheckpoint>, StorageError> {
+        Ok(self.log().write_checkpoints.get(user_key).cloned())
     }
 
     async fn create_write_checkpoint(&self, _: &str, _: u64) -> Result<i64, StorageError> {
@@ -178,18 +201,25 @@ pub struct TestHub {
     pub storage: Arc<MemStorage>,
     tx: watch::Sender<Option<HubState>>,
     current: Option<HubState>,
+    write_seq: i64,
 }
 
 impl TestHub {
     /// A hub serving `storage`'s rules at its first checkpoint (everything appended so far).
     pub async fn start(storage: MemStorage) -> TestHub {
+        TestHub::with_sweep_interval(storage, std::time::Duration::from_secs(600)).await
+    }
+
+    /// [`TestHub::start`] with a hub that drops unused cached buckets every `interval`.
+    pub async fn with_sweep_interval(storage: MemStorage, interval: std::time::Duration) -> TestHub {
         let storage = Arc::new(storage);
-        let (hub, tx) = CheckpointHub::new(storage.clone());
+        let (hub, tx) = CheckpointHub::with_sweep_interval(storage.clone(), interval);
         let mut test = TestHub {
             hub,
             storage,
             tx,
             current: None,
+            write_seq: 0,
         };
         test.publish().await;
         test
@@ -198,6 +228,9 @@ impl TestHub {
     /// Commit what was appended and let the hub follow; returns the new checkpoint.
     pub async fn publish(&mut self) -> i64 {
         let checkpoint = self.storage.commit();
+        let refreshed = self.hub.refresh_write_checkpoints(self.write_seq).await;
+        assert!(refreshed.is_ok(), "in-memory storage does not fail");
+        self.write_seq = refreshed.unwrap_or_default();
         let reload = self.hub.reload(&mut self.current, &self.tx, &SyncRulesOptions::default()).await;
         assert!(reload.is_ok(), "in-memory storage does not fail");
         checkpoint
@@ -205,9 +238,14 @@ impl TestHub {
 
     /// A fresh client's NDJSON stream (no buckets yet).
     pub fn connect(&self) -> impl Stream<Item = Bytes> + Unpin {
+        self.connect_as("u1")
+    }
+
+    /// A fresh client of user `sub` (client id `c1`).
+    pub fn connect_as(&self, sub: &str) -> impl Stream<Item = Bytes> + Unpin {
         let req = ConnectionRequest {
-            user_key: "u1/c1".into(),
-            parameters: RequestParameters::new(serde_json::json!({"sub": "u1"}), None),
+            user_key: format!("{sub}/c1"),
+            parameters: RequestParameters::new(serde_json::json!({"sub": sub}), None),
             streams: StreamsRequest::default(),
             buckets: Vec::new(),
             expires_at: i64::MAX / 2,
@@ -282,6 +320,12 @@ impl Client {
             assert_eq!(op_id(&complete["last_op_id"]), self.last_op_id);
             self.validate(|_| true);
             self.completed = Some(self.last_op_id);
+            // A client then holds every op up to the checkpoint in each bucket, and states
+            // that position (as the service assumes from here on).
+            for bucket in self.buckets.keys() {
+                let position = self.positions.entry(bucket.clone()).or_default();
+                *position = (*position).max(self.last_op_id);
+            }
         }
         0
     }

@@ -1,7 +1,8 @@
 //! The admin API (protocol.md §2.7): the reference's `/api/admin/v1/*` and
 //! `/api/sync-rules/v1/*` routes with its request and response shapes, so PowerSync tooling
-//! works, plus ferrosync's `/api/admin/v1/inspect`. Every route takes an `api.tokens` token;
-//! bodies are JSON (the sync-rules routes also take YAML) of at most [`ADMIN_BODY_LIMIT`].
+//! works, plus ferrosync's `/api/admin/v1/inspect` and `/api/admin/v1/storage-stats`. Every
+//! route takes an `api.tokens` token; bodies are JSON (the sync-rules routes also take YAML)
+//! of at most [`ADMIN_BODY_LIMIT`].
 
 mod auth;
 mod diagnostics;
@@ -10,6 +11,7 @@ mod inspect;
 mod reprocess;
 mod schema;
 mod status;
+mod storage_stats;
 mod sync_rules;
 mod validate;
 
@@ -56,6 +58,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/api/admin/v1/reprocess", post(reprocess::reprocess))
         .route("/api/admin/v1/execute-sql", post(execute_sql::execute_sql))
         .route("/api/admin/v1/inspect", post(inspect::inspect))
+        .route("/api/admin/v1/storage-stats", get(storage_stats::storage_stats))
         .route("/api/sync-rules/v1/deploy", post(sync_rules::deploy))
         .route("/api/sync-rules/v1/validate", post(sync_rules::validate))
         .route("/api/sync-rules/v1/current", get(sync_rules::current))

@@ -57,20 +57,15 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
         }
         repl.stream_changes().await
     };
-    // Compaction runs beside replication while this process holds the lease, so two
-    // processes never compact at once; it ends with the attempt.
-    let compaction = async {
-        match config.compaction.enabled {
-            true => crate::compact::background(config.storage.clone(), id, config.compaction.clone()).await,
-            false => std::future::pending().await,
-        }
-    };
+    // Compaction and hygiene run beside replication while this process holds the lease, so
+    // two processes never compact at once; they end with the attempt.
+    let compaction = crate::compact::background(config.storage.clone(), id, config.compaction.clone());
     // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
     tokio::select! {
         result = replication => result,
         result = watch_versions(config, storage, id) => result,
         error = watch_slot(config, slot.clone()) => Err(error),
-        () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
+        () = compaction => Err(anyhow::anyhow!("background storage maintenance stopped")),
     }
 }
 

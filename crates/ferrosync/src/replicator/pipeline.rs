@@ -89,6 +89,8 @@ impl Replication {
                     store_image: true,
                 }))
                 .await?;
+            // The removal is committed when truncate returns: only now may the record go.
+            streams::forget_table(self.writer.client(), group, &self.config.owner, old.id).await?;
         }
         let handle = Arc::new(TableHandle {
             id: record.id,

@@ -17,6 +17,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/api/admin/v1/reprocess", "{}"),
     ("POST", "/api/admin/v1/execute-sql", r#"{"sql": {"query": "SELECT 1", "args": []}}"#),
     ("POST", "/api/admin/v1/inspect", r#"{"claims": {"sub": "u1"}}"#),
+    ("GET", "/api/admin/v1/storage-stats", ""),
     ("POST", "/api/sync-rules/v1/deploy", r#"{"content": "bucket_definitions: {}"}"#),
     ("POST", "/api/sync-rules/v1/validate", r#"{"content": "bucket_definitions: {}"}"#),
     ("GET", "/api/sync-rules/v1/current", ""),
@@ -329,6 +330,24 @@ async fn admin_routes_with_the_config_files_sync_config() -> Result<()> {
     ensure!(
         i["data"]["claims_verified"] == false && bucket(&i, "user_todos[\"u9\"]")?["rows"] == 0,
         "{i}"
+    );
+    // storage-stats: the storage tables, the served version, u1's bucket among the largest.
+    let s = admin(&url, "GET", "/api/admin/v1/storage-stats?top=5", json!({})).await?;
+    let tables = s["data"]["tables"].as_array().map_or(0, Vec::len);
+    ensure!(tables >= 5, "{s}");
+    let served = i["data"]["sync_rules_id"].clone();
+    let stream = s["data"]["streams"]
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["id"] == served))
+        .cloned();
+    ensure!(stream.as_ref().is_some_and(|x| x["ops"].as_i64() >= Some(5)), "{s}");
+    let largest = s["data"]["largest_buckets"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        largest.len() <= 5
+            && largest
+                .iter()
+                .any(|b| b["bucket"].as_str().is_some_and(|n| n.ends_with("user_todos[\"u1\"]")) && b["ops"] == 3),
+        "{s}"
     );
     let (status, v) = call(
         &url,

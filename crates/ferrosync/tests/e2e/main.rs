@@ -10,6 +10,7 @@ mod compression;
 mod dashboard;
 mod failover;
 mod harness;
+mod hygiene;
 mod kill;
 mod large_download;
 mod limits;

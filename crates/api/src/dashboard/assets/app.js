@@ -147,7 +147,7 @@
   // the page's (status already reports storage and replication).
   async function refreshBuckets() {
     try {
-      renderBuckets(await api("/api/admin/v1/storage-stats"));
+      renderBuckets((await api("/api/admin/v1/storage-stats")).data);
     } catch (e) {
       if (e instanceof AuthError) throw e;
       $("buckets-note").textContent = `Not available: ${e.message}`;
