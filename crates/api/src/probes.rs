@@ -1,12 +1,15 @@
 //! Health probes (`/probes/*`): started once serving; ready once a sync config is active and
 //! bucket storage answers. Every probe's body also says what replication is doing and why it
-//! is degraded, so an operator sees "storage unreachable: ..." rather than a bare 400.
+//! is degraded, so an operator sees "storage unreachable: ..." rather than a bare 400, and
+//! lists each replication stream the process works on: during a deploy, the new PROCESSING
+//! stream snapshots beside the ACTIVE one, which keeps serving (and readiness stays true).
 
 use crate::server::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,40 +17,77 @@ use std::sync::{Arc, Mutex};
 #[derive(Default)]
 pub struct ProbeState {
     pub started: AtomicBool,
-    replication: Mutex<ReplicationStatus>,
+    /// Per replication stream this process works on (by id, so oldest first).
+    streams: Mutex<BTreeMap<i64, StreamStatus>>,
 }
 
 #[derive(Clone)]
-struct ReplicationStatus {
-    /// `disabled` (no source), `standby`, `snapshot`, `streaming` or `retrying`.
+struct StreamStatus {
+    /// The stream's lifecycle state in storage (`PROCESSING`, `ACTIVE`, `STOP`...).
     state: &'static str,
+    /// What this process does for it: `standby`, `snapshot`, `streaming`, `retrying`, `cleanup`.
+    phase: &'static str,
     error: Option<String>,
     since: u64,
 }
 
-impl Default for ReplicationStatus {
-    fn default() -> Self {
-        ReplicationStatus {
-            state: "disabled",
-            error: None,
-            since: 0,
-        }
+impl StreamStatus {
+    fn json(&self) -> serde_json::Value {
+        json!({ "state": self.phase, "since": self.since, "error": self.error })
     }
 }
 
 impl ProbeState {
-    /// Record what replication is doing (`error`: why it is retrying).
-    pub fn set_replication(&self, state: &'static str, error: Option<String>) {
-        let mut status = self.replication.lock().unwrap_or_else(|e| e.into_inner());
-        if status.state != state {
+    /// Record what this process does for `stream` (`error`: why it is retrying).
+    pub fn set_replication(&self, stream: i64, phase: &'static str, error: Option<String>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let status = streams.entry(stream).or_insert_with(|| StreamStatus {
+            state: "",
+            phase: "",
+            error: None,
+            since: 0,
+        });
+        if status.phase != phase {
             status.since = unix_now();
         }
-        status.state = state;
+        status.phase = phase;
         status.error = error;
     }
 
-    fn replication(&self) -> ReplicationStatus {
-        self.replication.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The streams this process works on and their lifecycle states; others are forgotten.
+    pub fn set_streams(&self, states: &[(i64, &'static str)]) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.retain(|id, _| states.iter().any(|(s, _)| s == id));
+        for (id, state) in states {
+            let status = streams.entry(*id).or_insert_with(|| StreamStatus {
+                state,
+                phase: "starting",
+                error: None,
+                since: unix_now(),
+            });
+            status.state = state;
+        }
+    }
+
+    /// `replication`: what this process does for the served (ACTIVE) stream, else for the
+    /// oldest one it works on; `streams`: every stream it works on, a deploy in progress included.
+    fn replication(&self) -> (serde_json::Value, serde_json::Value) {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let main = streams
+            .values()
+            .find(|s| s.state == "ACTIVE")
+            .or_else(|| streams.values().next())
+            .map_or_else(|| json!({ "state": "disabled", "since": 0, "error": null }), StreamStatus::json);
+        let list = streams
+            .iter()
+            .map(|(id, s)| {
+                let mut entry = s.json();
+                entry["id"] = json!(id);
+                entry["stream_state"] = json!(s.state);
+                entry
+            })
+            .collect();
+        (main, serde_json::Value::Array(list))
     }
 }
 
@@ -56,7 +96,7 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
     let active = state.hub.subscribe().borrow().is_some();
     let storage_error = state.hub.storage_error();
     let ready = active && storage_error.is_none();
-    let replication = state.probes.replication();
+    let (replication, streams) = state.probes.replication();
     (
         ready,
         json!({
@@ -64,7 +104,8 @@ fn body(state: &AppState) -> (bool, serde_json::Value) {
             "ready": ready,
             "touched_at": unix_now().to_string(),
             "storage": { "ok": storage_error.is_none(), "error": storage_error },
-            "replication": { "state": replication.state, "since": replication.since, "error": replication.error },
+            "replication": replication,
+            "streams": streams,
         }),
     )
 }

@@ -12,6 +12,7 @@ pub mod compact;
 pub mod compactor;
 pub mod error;
 pub mod lease;
+pub mod lifecycle;
 pub mod model;
 pub mod notify;
 pub mod reader;

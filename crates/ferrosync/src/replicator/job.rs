@@ -20,11 +20,12 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     setup::check_source(&source).await?;
     let mut options = config.rules_options.clone();
     options.sync_rules_id = stream.id as u64;
-    let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
+    // The stream's own config, not the file's: it may have been deployed by another process.
+    let rules = Arc::new(SyncRules::parse(&stream.content, &options)?);
     let slot = stream.slot_name.clone();
     let snapshot_done = stream.snapshot_done;
     let health = slot_health(&source, &slot).await?;
-    tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
+    tracing::info!(stream = stream.id, state = stream.state.as_str(), slot = %slot, snapshot_done, "replication starting");
     let usable = health.as_ref().is_some_and(|h| !h.is_lost());
     if snapshot_done && !usable {
         return Err(rebuild_stream(config, storage, &source, id, &slot, health.is_some()).await);
@@ -48,7 +49,7 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     );
     let replication = async {
         if !snapshot_done {
-            config.status.set_replication("snapshot", None);
+            config.status.set_replication(id, "snapshot", None);
             repl.initial_snapshot().await?;
         }
         repl.stream_changes().await
