@@ -107,3 +107,7 @@ pub fn count_states(streams: &[StreamRecord]) -> [(StreamState, usize); 4] {
     ]
     .map(|state| (state, streams.iter().filter(|s| s.state == state).count()))
 }
+
+#[cfg(test)]
+#[path = "lifecycle_tests.rs"]
+mod tests;
