@@ -6,6 +6,7 @@ mod chaos;
 mod checkpoint_requests;
 mod compaction;
 mod compression;
+mod deploy;
 mod failover;
 mod harness;
 mod kill;
