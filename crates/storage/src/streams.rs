@@ -70,7 +70,7 @@ pub async fn stream_for_content(client: &mut Client, content: &str, slot_prefix:
         )
         .await?;
     tx.commit().await?;
-    tracing::info!(stream = id, slot = %slot, superseded = ?stopped, "sync config deployed: new replication stream PROCESSING (replicates beside the served one until caught up)");
+    tracing::info!(stream = id, slot = %slot, superseded = ?stopped, "sync config deployed: new replication stream PROCESSING");
     stream_from_row(&row)
 }
 

@@ -19,6 +19,7 @@ const HELD_POLL: Duration = Duration::from_secs(1);
 
 /// Clean up STOP stream `id`; returns once it is TERMINATED (here or elsewhere).
 pub(super) async fn clean_up(config: ReplicatorConfig, id: i64) {
+    config.status.set_replication(id, "cleanup", None);
     tokio::time::sleep(GRACE).await;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
@@ -45,7 +46,6 @@ async fn attempt(config: &ReplicatorConfig, id: i64) -> Result<bool> {
     let stream = streams::stream_by_id(lease.client(), id)
         .await?
         .context("replication stream vanished")?;
-    config.status.set_replication(id, "cleanup", None);
     let source = connect_source(config).await?;
     // A walsender still attached (its replicator elsewhere has not noticed the stop yet, or
     // is just disconnecting) makes this fail: the slot is dropped on a later attempt.

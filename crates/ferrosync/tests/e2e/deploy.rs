@@ -320,8 +320,12 @@ async fn deploy_under_load() -> Result<()> {
     let states = stream_states(&a).await?;
     assert_eq!(states, vec![(old_id, "TERMINATED".to_string()), (new_id, "ACTIVE".to_string())]);
     let all = logs();
-    for line in ["new replication stream PROCESSING", "is now ACTIVE", "TERMINATED: slot dropped"] {
+    let transitions = ["new replication stream PROCESSING", "is now ACTIVE", "TERMINATED: slot dropped"];
+    for line in transitions {
         assert!(all.contains(line), "no {line:?} in the logs:\n{all}");
+    }
+    for line in all.lines().filter(|l| transitions.iter().any(|t| l.contains(t))) {
+        eprintln!("DEPLOY LOG: {line}");
     }
 
     // A goes away (as in a rolling deploy); B carries on alone.
@@ -387,6 +391,8 @@ async fn a_newer_deploy_while_one_is_processing_replaces_it() -> Result<()> {
     std::fs::write(c.dir.path().join("sync-rules.yaml"), c3())?;
     c.start().await?;
     let logs = || format!("A:\n{}\nB:\n{}\nC:\n{}", a.log(), b.log(), c.log());
+    // C answers HTTP before its deploy is necessarily committed.
+    wait_state(&a, 3, "PROCESSING", T, logs).await?;
     let states = stream_states(&a).await?;
     assert_eq!(
         states,
