@@ -134,3 +134,33 @@ pub async fn readiness(State(state): State<Arc<AppState>>) -> (StatusCode, Json<
     let (ready, body) = body(&state);
     (if ready { StatusCode::OK } else { StatusCode::BAD_REQUEST }, Json(body))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deploy_shows_as_a_second_stream_and_the_served_one_stays_the_summary() {
+        let probes = ProbeState::default();
+        assert_eq!(probes.replication().0["state"], "disabled");
+        probes.set_streams(&[(1, "ACTIVE")]);
+        probes.set_replication(1, "streaming", None);
+        probes.set_streams(&[(1, "ACTIVE"), (2, "PROCESSING")]);
+        probes.set_replication(2, "snapshot", None);
+        let (summary, streams) = probes.replication();
+        assert_eq!(summary["state"], "streaming", "the served stream's replication: {summary}");
+        assert_eq!(streams[1]["id"], 2);
+        assert_eq!(streams[1]["stream_state"], "PROCESSING");
+        assert_eq!(streams[1]["state"], "snapshot");
+
+        // The switch: 2 serves, 1 awaits clean-up; once 1 is gone it is no longer listed.
+        probes.set_streams(&[(1, "STOP"), (2, "ACTIVE")]);
+        probes.set_replication(2, "streaming", None);
+        probes.set_replication(1, "cleanup", None);
+        assert_eq!(probes.replication().0["state"], "streaming");
+        probes.set_streams(&[(2, "ACTIVE")]);
+        let (_, streams) = probes.replication();
+        assert_eq!(streams.as_array().map(Vec::len), Some(1), "{streams}");
+        assert_eq!(streams[0]["id"], 2);
+    }
+}
