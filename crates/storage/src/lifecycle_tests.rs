@@ -73,10 +73,10 @@ async fn a_lost_slot_of_the_served_stream_gets_no_second_replacement_while_one_d
     activate_now(&mut client, c1.id).await?;
     let c2 = stream_for_content(&mut client, "c2", "p_").await?;
     client.execute("UPDATE ferrosync.sync_rules SET lock_owner = 'me'", &[]).await?;
-    assert!(restart_replication(&client, c1.id, "me", "p_").await?.is_none());
+    assert!(restart_replication(&mut client, c1.id, "me", "p_").await?.is_none());
     assert_eq!(states(&client).await?, expect(&[(c1.id, "ERRORED"), (c2.id, "PROCESSING")]));
     // The deploying stream itself losing its slot is replaced by a fresh copy.
-    let copy = restart_replication(&client, c2.id, "me", "p_").await?.expect("a replacement");
+    let copy = restart_replication(&mut client, c2.id, "me", "p_").await?.expect("a replacement");
     assert_eq!((copy.content.as_str(), copy.state), ("c2", StreamState::Processing));
     assert_eq!(
         states(&client).await?,

@@ -4,7 +4,7 @@
 use crate::error::StorageError;
 use crate::model::{Checkpoint, SourceTableRecord, StreamRecord, StreamState};
 use crate::writer::lsn_from_text;
-use tokio_postgres::{Client, GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
 
@@ -29,17 +29,24 @@ pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
     })
 }
 
-/// Advisory-lock key serialising deploys: two processes starting with the same new config at
-/// once must create one stream, not two.
+/// Advisory-lock key serialising changes to which streams exist: two processes starting with
+/// the same new config at once must create one stream, not two, and a stream replacing one
+/// that lost its slot must not race a deploy into two PROCESSING streams.
 const DEPLOY_LOCK: i64 = 0x6673_796e_6465_706c;
+
+/// A transaction holding [`DEPLOY_LOCK`] (until it ends).
+async fn deploy_transaction(client: &mut Client) -> Result<Transaction<'_>, StorageError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DEPLOY_LOCK]).await?;
+    Ok(tx)
+}
 
 /// Deploy `content` (once, at process start): the existing PROCESSING/ACTIVE stream with the
 /// same content, or a new PROCESSING stream beside the served one (older PROCESSING ones are
 /// stopped: a newer config supersedes them). A process starting with an older config than a
 /// deploy in progress finds its content ACTIVE and leaves the deploy be.
 pub async fn stream_for_content(client: &mut Client, content: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DEPLOY_LOCK]).await?;
+    let tx = deploy_transaction(client).await?;
     let existing = tx
         .query_opt(
             &format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE content = $1 AND state IN ('PROCESSING', 'ACTIVE') ORDER BY id DESC LIMIT 1"),
@@ -100,9 +107,15 @@ pub async fn active_stream(client: &Client) -> Result<Option<StreamRecord>, Stor
 /// with the same content (new id, new slot, fresh snapshot). No replacement is made for a
 /// served stream while another stream is PROCESSING: that one replaces it when it activates
 /// (§5.3). Only the lease holder `owner` may do this; returns the replacement, if any.
-pub async fn restart_replication(client: &Client, id: i64, owner: &str, slot_prefix: &str) -> Result<Option<StreamRecord>, StorageError> {
-    let (replacement, slot) = new_stream_identity(client, slot_prefix).await?;
-    let row = client
+pub async fn restart_replication(
+    client: &mut Client,
+    id: i64,
+    owner: &str,
+    slot_prefix: &str,
+) -> Result<Option<StreamRecord>, StorageError> {
+    let tx = deploy_transaction(client).await?;
+    let (replacement, slot) = new_stream_identity(&tx, slot_prefix).await?;
+    let row = tx
         .query_one(
             "WITH old AS (
                     UPDATE ferrosync.sync_rules SET state = CASE state WHEN 'ACTIVE' THEN 'ERRORED' ELSE 'STOP' END
@@ -122,14 +135,16 @@ pub async fn restart_replication(client: &Client, id: i64, owner: &str, slot_pre
             "stream {id} is no longer replicated by this process"
         )));
     }
-    match row.get::<_, Option<i64>>(1) {
-        Some(new_id) => stream_by_id(client, new_id).await,
-        None => Ok(None),
-    }
+    let replaced = match row.get::<_, Option<i64>>(1) {
+        Some(new_id) => stream_by_id(&tx, new_id).await?,
+        None => None,
+    };
+    tx.commit().await?;
+    Ok(replaced)
 }
 
 /// The stream with id `id`, as stored now.
-pub async fn stream_by_id(client: &Client, id: i64) -> Result<Option<StreamRecord>, StorageError> {
+pub async fn stream_by_id(client: &impl GenericClient, id: i64) -> Result<Option<StreamRecord>, StorageError> {
     let row = client
         .query_opt(&format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE id = $1"), &[&id])
         .await?;

@@ -28,7 +28,7 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     tracing::info!(stream = stream.id, state = stream.state.as_str(), slot = %slot, snapshot_done, "replication starting");
     let usable = health.as_ref().is_some_and(|h| !h.is_lost());
     if snapshot_done && !usable {
-        return Err(rebuild_stream(config, storage, &source, id, &slot, health.is_some()).await);
+        return Err(rebuild_stream(config, &source, id, &slot, health.is_some()).await);
     }
     let stream = if !usable {
         // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
