@@ -361,10 +361,14 @@ async fn snapshot_rows(svc: &Service, id: i64) -> Result<i64> {
         .get(0))
 }
 
-/// Wait until stream `id` is part-way through copying a table.
+/// Rows of a snapshot chunk (the service saves progress once per chunk).
+const SNAPSHOT_CHUNK: i64 = 10_000;
+
+/// Wait until stream `id` is part-way through copying a table (a chunk of it saved: the small
+/// tables, copied in one chunk, do not count).
 async fn snapshot_under_way(svc: &Service, id: i64, logs: impl Fn() -> String) -> Result<()> {
     let deadline = Instant::now() + T;
-    while snapshot_rows(svc, id).await? == 0 {
+    while snapshot_rows(svc, id).await? < SNAPSHOT_CHUNK {
         if Instant::now() > deadline {
             bail!("stream {id} copied nothing within {T:?}\n{}", logs());
         }
