@@ -17,6 +17,8 @@ use tokio_postgres::Client;
 
 /// How often the streams are listed: a deploy, a switch or a stop is acted on within this.
 const POLL: Duration = Duration::from_millis(500);
+/// A listing unanswered this long means a silent network: reconnect.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a stream needs from this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +93,10 @@ async fn list(config: &ReplicatorConfig, client: &mut Option<Client>) -> Result<
         *client = Some(ferrosync_storage::connect(&config.storage).await?);
     }
     let Some(c) = client.as_ref() else { return Ok(Vec::new()) };
-    Ok(lifecycle::live_streams(c).await?)
+    match tokio::time::timeout(LIST_TIMEOUT, lifecycle::live_streams(c)).await {
+        Ok(streams) => Ok(streams?),
+        Err(_) => anyhow::bail!("bucket storage did not answer within {} s", LIST_TIMEOUT.as_secs()),
+    }
 }
 
 /// Start the tasks streams need and end those no longer needed.
