@@ -8,7 +8,9 @@
 //! answers, and, while this process replicates, the checkpoint served is not more than
 //! [`STALE_AFTER`] behind the last one replication committed (a checkpoint listener that stopped
 //! following would otherwise serve stale data while looking healthy). Every probe's body also
-//! says what replication is doing and why it is degraded.
+//! says what replication is doing and why it is degraded, and lists each replication stream the
+//! process works on: during a deploy, the new PROCESSING stream snapshots beside the ACTIVE
+//! one, which keeps serving (and readiness stays true).
 
 use crate::server::AppState;
 use axum::extract::State;
@@ -16,7 +18,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use ferrosync_config::ProbesConfig;
 use serde_json::{json, Value};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,28 +36,30 @@ pub struct ProbeState {
     pub config: ProbesConfig,
     pub started: AtomicBool,
     touched_at: AtomicI64,
-    replication: Mutex<ReplicationStatus>,
-    /// Checkpoints this process's replicator committed that were not seen served yet.
-    committed: Mutex<Committed>,
-}
-
-/// Committed checkpoints of one stream, oldest first: (op id, when).
-#[derive(Default)]
-struct Committed {
-    stream: i64,
-    pending: VecDeque<(i64, Instant)>,
+    /// Per replication stream this process works on (by id, so oldest first).
+    streams: Mutex<BTreeMap<i64, StreamStatus>>,
+    /// Per stream: checkpoints this process's replicator committed that were not seen served
+    /// yet, oldest first (op id, when).
+    committed: Mutex<HashMap<i64, VecDeque<(i64, Instant)>>>,
 }
 
 /// Pending checkpoints remembered at most; only the oldest matters, so newer ones are dropped.
 const MAX_PENDING: usize = 1024;
 
 #[derive(Clone)]
-struct ReplicationStatus {
-    /// `disabled` (no source), `idle` (nothing deployed), `standby`, `snapshot`, `streaming`
-    /// or `retrying`.
+struct StreamStatus {
+    /// The stream's lifecycle state in storage (`PROCESSING`, `ACTIVE`, `STOP`...).
     state: &'static str,
+    /// What this process does for it: `standby`, `snapshot`, `streaming`, `retrying`, `cleanup`.
+    phase: &'static str,
     error: Option<String>,
     since: u64,
+}
+
+impl StreamStatus {
+    fn json(&self) -> Value {
+        json!({ "state": self.phase, "since": self.since, "error": self.error })
+    }
 }
 
 impl Default for ProbeState {
@@ -70,45 +74,79 @@ impl ProbeState {
             config,
             started: AtomicBool::new(false),
             touched_at: AtomicI64::new(unix_millis()),
-            replication: Mutex::new(ReplicationStatus {
-                state: "disabled",
-                error: None,
-                since: 0,
-            }),
+            streams: Mutex::default(),
             committed: Mutex::default(),
         }
     }
 
-    /// Record what replication is doing (`error`: why it is retrying).
-    pub fn set_replication(&self, state: &'static str, error: Option<String>) {
-        let mut status = self.replication.lock().unwrap_or_else(|e| e.into_inner());
-        if status.state != state {
+    /// Record what this process does for `stream` (`error`: why it is retrying).
+    pub fn set_replication(&self, stream: i64, phase: &'static str, error: Option<String>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let status = streams.entry(stream).or_insert_with(|| StreamStatus {
+            state: "",
+            phase: "",
+            error: None,
+            since: 0,
+        });
+        if status.phase != phase {
             status.since = unix_millis() as u64 / 1000;
         }
-        status.state = state;
+        status.phase = phase;
         status.error = error;
+    }
+
+    /// The streams this process works on and their lifecycle states; others are forgotten.
+    pub fn set_streams(&self, states: &[(i64, &'static str)]) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.retain(|id, _| states.iter().any(|(s, _)| s == id));
+        for (id, state) in states {
+            let status = streams.entry(*id).or_insert_with(|| StreamStatus {
+                state,
+                phase: "starting",
+                error: None,
+                since: unix_millis() as u64 / 1000,
+            });
+            status.state = state;
+        }
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        committed.retain(|id, _| states.iter().any(|(s, _)| s == id));
     }
 
     /// Replication committed checkpoint `op_id` of `stream`.
     pub fn checkpoint_committed(&self, stream: i64, op_id: i64) {
         let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
-        if committed.stream != stream {
-            committed.stream = stream;
-            committed.pending.clear();
-        }
-        if committed.pending.len() < MAX_PENDING {
-            committed.pending.push_back((op_id, Instant::now()));
+        let pending = committed.entry(stream).or_default();
+        if pending.len() < MAX_PENDING {
+            pending.push_back((op_id, Instant::now()));
         }
     }
 
-    /// Why replication is failing, while it is.
-    pub fn replication_error(&self) -> Option<String> {
-        let status = self.replication.lock().unwrap_or_else(|e| e.into_inner());
-        status.error.clone().filter(|_| status.state == "retrying")
+    /// Why replication of `stream` is failing, while it is.
+    pub fn replication_error(&self, stream: i64) -> Option<String> {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let status = streams.get(&stream)?;
+        status.error.clone().filter(|_| status.phase == "retrying")
     }
 
-    fn replication(&self) -> ReplicationStatus {
-        self.replication.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// `replication`: what this process does for the served (ACTIVE) stream, else for the
+    /// oldest one it works on; `streams`: every stream it works on, a deploy in progress included.
+    fn replication(&self) -> (Value, Value) {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let main = streams
+            .values()
+            .find(|s| s.state == "ACTIVE")
+            .or_else(|| streams.values().next())
+            .map_or_else(|| json!({ "state": "disabled", "since": 0, "error": null }), StreamStatus::json);
+        let list = streams
+            .iter()
+            .map(|(id, s)| {
+                let mut entry = s.json();
+                entry["id"] = json!(id);
+                entry["stream_state"] = json!(s.state);
+                entry
+            })
+            .collect();
+        (main, Value::Array(list))
     }
 
     fn touch(&self) {
@@ -116,16 +154,15 @@ impl ProbeState {
     }
 
     /// Whether the served checkpoint (`served`: stream and op) lags a committed one for long.
+    /// Only the served stream counts: a version still being built is not "stale".
     fn stale(&self, served: Option<(i64, i64)>) -> bool {
         let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
         let Some((stream, op)) = served else { return false };
-        if stream != committed.stream {
-            return false; // A version not served yet (still snapshotting) is not "stale".
+        let Some(pending) = committed.get_mut(&stream) else { return false };
+        while pending.front().is_some_and(|(o, _)| *o <= op) {
+            pending.pop_front();
         }
-        while committed.pending.front().is_some_and(|(o, _)| *o <= op) {
-            committed.pending.pop_front();
-        }
-        committed.pending.front().is_some_and(|(_, at)| at.elapsed() > STALE_AFTER)
+        pending.front().is_some_and(|(_, at)| at.elapsed() > STALE_AFTER)
     }
 }
 
@@ -137,14 +174,15 @@ pub(crate) fn evaluate(state: &AppState) -> (bool, bool, Value) {
     let storage_error = state.hub.storage_error();
     let stale = probes.stale(served);
     let ready = started && served.is_some() && storage_error.is_none() && !stale;
-    let replication = probes.replication();
+    let (replication, streams) = probes.replication();
     let touched_at = probes.touched_at.load(Ordering::Relaxed);
     let body = json!({
         "started": started,
         "ready": ready,
         "touched_at": ferrosync_rules::iso8601_millis(touched_at),
         "storage": { "ok": storage_error.is_none(), "error": storage_error },
-        "replication": { "state": replication.state, "since": replication.since, "error": replication.error },
+        "replication": replication,
+        "streams": streams,
         "checkpoint": {
             "served": served.map(|(_, op)| op.to_string()),
             "stale": stale,
@@ -227,6 +265,14 @@ async fn write_files(dir: &Path, ready: bool, was_ready: bool) {
 mod tests {
     use super::*;
 
+    fn pending(probes: &ProbeState, stream: i64) -> usize {
+        probes
+            .committed
+            .lock()
+            .map(|c| c.get(&stream).map_or(0, VecDeque::len))
+            .unwrap_or(0)
+    }
+
     #[test]
     fn committed_checkpoints_are_forgotten_once_served() {
         let probes = ProbeState::default();
@@ -234,23 +280,51 @@ mod tests {
         probes.checkpoint_committed(1, 5);
         probes.checkpoint_committed(1, 7);
         assert!(!probes.stale(Some((1, 5))), "committed a moment ago");
-        assert_eq!(probes.committed.lock().map(|c| c.pending.len()).ok(), Some(1));
+        assert_eq!(pending(&probes, 1), 1);
         assert!(!probes.stale(Some((1, 9))));
-        assert_eq!(probes.committed.lock().map(|c| c.pending.len()).ok(), Some(0));
+        assert_eq!(pending(&probes, 1), 0);
         // A version being built is not compared with the one served.
         probes.checkpoint_committed(2, 3);
         assert!(!probes.stale(Some((1, 9))));
-        assert_eq!(probes.committed.lock().map(|c| c.pending.len()).ok(), Some(1));
+        assert_eq!(pending(&probes, 2), 1);
     }
 
     #[test]
     fn an_old_unserved_commit_is_stale() {
         let probes = ProbeState::default();
         probes.checkpoint_committed(1, 5);
+        // A deploy's commits in between do not hide the served stream's.
+        probes.checkpoint_committed(2, 100);
         if let Ok(mut c) = probes.committed.lock() {
-            c.pending[0].1 = Instant::now() - STALE_AFTER - Duration::from_secs(1);
+            if let Some(p) = c.get_mut(&1) {
+                p[0].1 = Instant::now() - STALE_AFTER - Duration::from_secs(1);
+            }
         }
         assert!(probes.stale(Some((1, 4))));
         assert!(!probes.stale(Some((1, 5))));
+    }
+    #[test]
+    fn a_deploy_shows_as_a_second_stream_and_the_served_one_stays_the_summary() {
+        let probes = ProbeState::default();
+        assert_eq!(probes.replication().0["state"], "disabled");
+        probes.set_streams(&[(1, "ACTIVE")]);
+        probes.set_replication(1, "streaming", None);
+        probes.set_streams(&[(1, "ACTIVE"), (2, "PROCESSING")]);
+        probes.set_replication(2, "snapshot", None);
+        let (summary, streams) = probes.replication();
+        assert_eq!(summary["state"], "streaming", "the served stream's replication: {summary}");
+        assert_eq!(streams[1]["id"], 2);
+        assert_eq!(streams[1]["stream_state"], "PROCESSING");
+        assert_eq!(streams[1]["state"], "snapshot");
+
+        // The switch: 2 serves, 1 awaits clean-up; once 1 is gone it is no longer listed.
+        probes.set_streams(&[(1, "STOP"), (2, "ACTIVE")]);
+        probes.set_replication(2, "streaming", None);
+        probes.set_replication(1, "cleanup", None);
+        assert_eq!(probes.replication().0["state"], "streaming");
+        probes.set_streams(&[(2, "ACTIVE")]);
+        let (_, streams) = probes.replication();
+        assert_eq!(streams.as_array().map(Vec::len), Some(1), "{streams}");
+        assert_eq!(streams[0]["id"], 2);
     }
 }

@@ -32,6 +32,7 @@ pub const STREAM_LAG_SECONDS: &str = "ferrosync_replication_lag_seconds";
 pub const SNAPSHOT_ROWS: &str = "ferrosync_snapshot_rows";
 pub const SNAPSHOT_ROWS_ESTIMATED: &str = "ferrosync_snapshot_rows_estimated";
 pub const CHECKPOINT_FANOUT: &str = "ferrosync_checkpoint_fanout_seconds";
+pub const SYNC_CONFIG_STREAMS: &str = "ferrosync_sync_config_streams";
 
 /// Histogram buckets of [`CHECKPOINT_FANOUT`], in seconds: a checkpoint normally reaches every
 /// connection in milliseconds; seconds mean clients are waiting on a slow download or storage.
@@ -125,6 +126,11 @@ pub fn snapshot_progress(table: &str, rows: u64, estimated: u64) {
     metrics::gauge!(SNAPSHOT_ROWS_ESTIMATED, "table" => table.to_string()).set(estimated as f64);
 }
 
+/// Replication streams (deployed sync configs) in `state`, as the replicator last listed them.
+pub fn sync_config_streams(state: &'static str, count: usize) {
+    metrics::gauge!(SYNC_CONFIG_STREAMS, "state" => state).set(count as f64);
+}
+
 /// Counts an open sync stream (in total and by transport) for as long as it lives.
 pub struct ConnectionGauge(Transport);
 
@@ -180,6 +186,10 @@ pub fn describe() {
     );
     describe_gauge!(SNAPSHOT_ROWS, "Rows copied by the initial snapshot, by table");
     describe_gauge!(SNAPSHOT_ROWS_ESTIMATED, "Estimated rows of a table being snapshotted");
+    describe_gauge!(
+        SYNC_CONFIG_STREAMS,
+        "Replication streams (deployed sync config versions) by state: PROCESSING, ACTIVE, ERRORED, STOP"
+    );
     describe_histogram!(
         CHECKPOINT_FANOUT,
         Unit::Seconds,

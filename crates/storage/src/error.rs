@@ -13,6 +13,9 @@ pub enum StorageError {
     /// writes are refused and it must stand by.
     #[error("[PSYNC_S1003] replication lease lost: {0}")]
     LeaseLost(String),
+    /// The stream left the replicated states (a newer deploy stopped it): its replicator must end.
+    #[error("[PSYNC_S1003] replication stream {0} was stopped: a newer sync config replaced it")]
+    Stopped(i64),
     /// A query made on behalf of several callers failed (the message of the original error).
     #[error("[PSYNC_S2401] bucket storage query failed: {0}")]
     QueryFailed(String),

@@ -41,6 +41,17 @@ impl LeaseConnection {
     /// process does. Taking it makes `owner` the stream's fencing token, so the previous
     /// holder's writes fail from now on.
     pub async fn try_acquire(&self, stream: i64, owner: &str) -> Result<bool, StorageError> {
+        self.acquire_in(stream, owner, &["PROCESSING", "ACTIVE"]).await
+    }
+
+    /// Take the lease on a STOP stream, to clean it up: `false` while anyone holds it (its last
+    /// replicator may not have noticed the stop yet, or another process is cleaning it up).
+    pub async fn try_acquire_stopped(&self, stream: i64, owner: &str) -> Result<bool, StorageError> {
+        self.acquire_in(stream, owner, &["STOP"]).await
+    }
+
+    /// Take the lease on `stream` while it is in one of `states`.
+    async fn acquire_in(&self, stream: i64, owner: &str, states: &[&str]) -> Result<bool, StorageError> {
         let key = i32::try_from(stream).map_err(|_| StorageError::Corrupt(format!("stream id {stream} exceeds int4")))?;
         let got: bool = self
             .client
@@ -50,15 +61,15 @@ impl LeaseConnection {
         if !got {
             return Ok(false);
         }
-        // Only a stream that still replicates; and never over an unexpired lease of a process
+        // Only a stream in the expected state; and never over an unexpired lease of a process
         // of the previous (time-based) lease scheme, which does not check the fencing token.
         let taken = self
             .client
             .execute(
                 "UPDATE ferrosync.sync_rules SET lock_owner = $2, lock_expires_at = NULL
-                 WHERE id = $1 AND state IN ('PROCESSING', 'ACTIVE')
+                 WHERE id = $1 AND state = ANY ($3)
                    AND (lock_expires_at IS NULL OR lock_expires_at < now() OR lock_owner = $2)",
-                &[&stream, &owner],
+                &[&stream, &owner, &states],
             )
             .await?;
         if taken == 0 {

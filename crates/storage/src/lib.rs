@@ -13,6 +13,7 @@ pub mod compactor;
 pub mod error;
 pub mod hygiene;
 pub mod lease;
+pub mod lifecycle;
 pub mod model;
 pub mod notify;
 pub mod reader;

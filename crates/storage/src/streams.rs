@@ -4,7 +4,7 @@
 use crate::error::StorageError;
 use crate::model::{Checkpoint, SourceTableRecord, StreamRecord, StreamState};
 use crate::writer::lsn_from_text;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
 
@@ -29,23 +29,67 @@ pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
     })
 }
 
-/// The stream for `content`: the existing PROCESSING/ACTIVE one with the same content, or a new
-/// PROCESSING stream (older PROCESSING ones are stopped: a newer config supersedes them).
-pub async fn stream_for_content(client: &Client, content: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
-    let existing = client
+/// Advisory-lock key serialising changes to which streams exist: two processes starting with
+/// the same new config at once must create one stream, not two, and a stream replacing one
+/// that lost its slot must not race a deploy into two PROCESSING streams.
+const DEPLOY_LOCK: i64 = 0x6673_796e_6465_706c;
+
+/// A transaction holding [`DEPLOY_LOCK`] (until it ends).
+pub(crate) async fn deploy_transaction(client: &mut Client) -> Result<Transaction<'_>, StorageError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DEPLOY_LOCK]).await?;
+    Ok(tx)
+}
+
+/// Deploy `content` (once, at process start): the existing PROCESSING/ACTIVE stream with the
+/// same content, or a new PROCESSING stream beside the served one (older PROCESSING ones are
+/// stopped: a newer config supersedes them). A process starting with an older config than a
+/// deploy in progress finds its content ACTIVE and leaves the deploy be.
+pub async fn stream_for_content(client: &mut Client, content: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
+    let tx = deploy_transaction(client).await?;
+    let existing = tx
         .query_opt(
             &format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE content = $1 AND state IN ('PROCESSING', 'ACTIVE') ORDER BY id DESC LIMIT 1"),
             &[&content],
         )
         .await?;
     if let Some(r) = existing {
+        tx.commit().await?;
         return stream_from_row(&r);
     }
-    crate::versions::deploy(client, content, slot_prefix).await
+    let stream = insert_version(&tx, content, slot_prefix).await?;
+    tx.commit().await?;
+    Ok(stream)
+}
+
+/// Insert `content` as a new PROCESSING version (older PROCESSING ones stop: it supersedes
+/// them). Call inside a [`deploy_transaction`].
+pub(crate) async fn insert_version(tx: &Transaction<'_>, content: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
+    let (id, slot) = new_stream_identity(tx, slot_prefix).await?;
+    let stopped: Vec<i64> = tx
+        .query(
+            "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state = 'PROCESSING' RETURNING id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let row = tx
+        .query_one(
+            &format!(
+                "INSERT INTO ferrosync.sync_rules (id, content, state, slot_name) VALUES ($1, $2, 'PROCESSING', $3)
+                 RETURNING {STREAM_COLUMNS}"
+            ),
+            &[&id, &content, &slot],
+        )
+        .await?;
+    tracing::info!(stream = id, slot = %slot, superseded = ?stopped, "sync config deployed: new replication stream PROCESSING");
+    stream_from_row(&row)
 }
 
 /// A new stream's id and slot name (`<prefix><id>_<4 hex>`), so it is inserted whole.
-pub(crate) async fn new_stream_identity(client: &Client, slot_prefix: &str) -> Result<(i64, String), StorageError> {
+async fn new_stream_identity(client: &impl GenericClient, slot_prefix: &str) -> Result<(i64, String), StorageError> {
     let id: i64 = client
         .query_one("SELECT nextval(pg_get_serial_sequence('ferrosync.sync_rules', 'id'))", &[])
         .await?
@@ -55,7 +99,7 @@ pub(crate) async fn new_stream_identity(client: &Client, slot_prefix: &str) -> R
 }
 
 /// The stream clients are served from (an ERRORED one keeps serving until its replacement is ready).
-pub async fn active_stream(client: &Client) -> Result<Option<StreamRecord>, StorageError> {
+pub async fn active_stream(client: &impl GenericClient) -> Result<Option<StreamRecord>, StorageError> {
     let row = client
         .query_opt(
             &format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE state IN ('ACTIVE', 'ERRORED') ORDER BY id DESC LIMIT 1"),
@@ -66,29 +110,48 @@ pub async fn active_stream(client: &Client) -> Result<Option<StreamRecord>, Stor
 }
 
 /// Stream `id` lost its slot, so its history cannot continue: it keeps serving clients as
-/// ERRORED (or stops, if it never served) and a new stream with the same content (new id, new
-/// slot, fresh snapshot) is returned, in one statement. Only the lease holder `owner` may do this.
-pub async fn restart_replication(client: &Client, id: i64, owner: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
-    let (new_id, slot) = new_stream_identity(client, slot_prefix).await?;
-    let row = client
-        .query_opt(
-            &format!(
-                "WITH old AS (
+/// ERRORED (or stops, if it never served), in one statement with its replacement: a new stream
+/// with the same content (new id, new slot, fresh snapshot). No replacement is made for a
+/// served stream while another stream is PROCESSING: that one replaces it when it activates
+/// (§5.3). Only the lease holder `owner` may do this; returns the replacement, if any.
+pub async fn restart_replication(
+    client: &mut Client,
+    id: i64,
+    owner: &str,
+    slot_prefix: &str,
+) -> Result<Option<StreamRecord>, StorageError> {
+    let tx = deploy_transaction(client).await?;
+    let (replacement, slot) = new_stream_identity(&tx, slot_prefix).await?;
+    let row = tx
+        .query_one(
+            "WITH old AS (
                     UPDATE ferrosync.sync_rules SET state = CASE state WHEN 'ACTIVE' THEN 'ERRORED' ELSE 'STOP' END
-                    WHERE id = $1 AND lock_owner = $2 AND state IN ('ACTIVE', 'PROCESSING') RETURNING content)
-                 INSERT INTO ferrosync.sync_rules (id, content, state, slot_name)
-                 SELECT $3, content, 'PROCESSING', $4 FROM old
-                 RETURNING {STREAM_COLUMNS}"
-            ),
-            &[&id, &owner, &new_id, &slot],
+                    WHERE id = $1 AND lock_owner = $2 AND state IN ('ACTIVE', 'PROCESSING') RETURNING content, state),
+                 new AS (
+                    INSERT INTO ferrosync.sync_rules (id, content, state, slot_name)
+                    SELECT $3, content, 'PROCESSING', $4 FROM old
+                    WHERE old.state = 'STOP' OR NOT EXISTS (
+                        SELECT 1 FROM ferrosync.sync_rules WHERE state = 'PROCESSING' AND id <> $1)
+                    RETURNING id)
+                 SELECT (SELECT count(*) FROM old), (SELECT id FROM new)",
+            &[&id, &owner, &replacement, &slot],
         )
-        .await?
-        .ok_or_else(|| StorageError::LeaseLost(format!("stream {id} is no longer replicated by this process")))?;
-    stream_from_row(&row)
+        .await?;
+    if row.get::<_, i64>(0) == 0 {
+        return Err(StorageError::LeaseLost(format!(
+            "stream {id} is no longer replicated by this process"
+        )));
+    }
+    let replaced = match row.get::<_, Option<i64>>(1) {
+        Some(new_id) => stream_by_id(&tx, new_id).await?,
+        None => None,
+    };
+    tx.commit().await?;
+    Ok(replaced)
 }
 
 /// The stream with id `id`, as stored now.
-pub async fn stream_by_id(client: &Client, id: i64) -> Result<Option<StreamRecord>, StorageError> {
+pub async fn stream_by_id(client: &impl GenericClient, id: i64) -> Result<Option<StreamRecord>, StorageError> {
     let row = client
         .query_opt(&format!("SELECT {STREAM_COLUMNS} FROM ferrosync.sync_rules WHERE id = $1"), &[&id])
         .await?;
@@ -204,21 +267,7 @@ pub async fn save_table_progress(
 
 /// Delete everything a stream replicated (a snapshot that must restart from scratch).
 pub async fn clear_group(client: &Client, group: i64) -> Result<(), StorageError> {
-    let g = group as i32;
-    for table in [
-        "op_chunks",
-        "current_data",
-        "bucket_parameters",
-        "bucket_changes",
-        "bucket_compaction",
-    ] {
-        client
-            .execute(&format!("DELETE FROM ferrosync.{table} WHERE group_id = $1"), &[&g])
-            .await?;
-    }
-    client
-        .execute("DELETE FROM ferrosync.source_tables WHERE group_id = $1", &[&group])
-        .await?;
+    crate::lifecycle::delete_group_rows(client, group).await?;
     client
         .execute(
             "UPDATE ferrosync.sync_rules SET snapshot_done = false, last_checkpoint = 0, last_checkpoint_lsn = NULL, no_checkpoint_before = NULL WHERE id = $1",

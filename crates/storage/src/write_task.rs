@@ -91,14 +91,15 @@ pub(crate) async fn run(
                 if let Some(batch) = batch {
                     write_batch(&tx, group, &owner, *batch).await?;
                 }
-                if let Some(cp) = &checkpoint {
-                    write_checkpoint(&tx, group, &owner, cp).await?;
-                }
+                let stopped = match &checkpoint {
+                    Some(cp) => write_checkpoint(&tx, group, &owner, cp).await?,
+                    None => Vec::new(),
+                };
                 tx.commit().await?;
                 committed.send_replace(seq);
                 if let Some(cp) = checkpoint {
                     if cp.activate {
-                        tracing::info!(stream = group, "replication stream is now ACTIVE");
+                        tracing::info!(stream = group, op_id = cp.checkpoint.op_id, stopped = ?stopped, "replication stream is now ACTIVE: clients switch to it; the streams it replaced are STOP until cleaned up");
                     }
                     durable.send_if_modified(|d| raise(d, cp.checkpoint.lsn));
                     pruner.after_checkpoint(&mut client, group, cp.checkpoint.op_id).await?;
@@ -329,7 +330,8 @@ pub(crate) fn check_lease(updated: u64, group: i64) -> Result<(), StorageError> 
     }
 }
 
-async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &NewCheckpoint) -> Result<(), StorageError> {
+/// Store a checkpoint (and activate the stream if asked); returns the streams activation stopped.
+async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &NewCheckpoint) -> Result<Vec<i64>, StorageError> {
     let lsn_text = lsn_to_text(new.checkpoint.lsn);
     let fenced = tx
         .execute(
@@ -338,19 +340,14 @@ async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &N
         )
         .await?;
     check_lease(fenced, group)?;
-    if new.activate {
-        tx.execute(
-            "UPDATE ferrosync.sync_rules SET state = 'STOP' WHERE state IN ('ACTIVE', 'ERRORED') AND id <> $1",
-            &[&group],
-        )
-        .await?;
-        tx.execute("UPDATE ferrosync.sync_rules SET state = 'ACTIVE' WHERE id = $1", &[&group])
-            .await?;
-    }
+    let stopped = match new.activate {
+        true => crate::lifecycle::activate(tx, group).await?,
+        false => Vec::new(),
+    };
     // Delivered at commit: listeners never see a checkpoint before its ops.
     let payload = format!("{}:{}:{}", group, new.checkpoint.op_id, lsn_text);
     tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
-    Ok(())
+    Ok(stopped)
 }
 
 #[cfg(test)]

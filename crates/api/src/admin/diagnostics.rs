@@ -45,19 +45,16 @@ pub(super) async fn diagnostics(
         "errors": errors,
     });
     let storage = admin.storage().await?;
-    let active = streams::active_stream(&storage).await.map_err(super::storage_error)?;
-    let deploying = versions::deploying(&storage).await.map_err(super::storage_error)?;
-    // The version this process replicates: the deploying one while there is one.
-    let replication_error = state.probes.replication_error();
+    let active = streams::active_stream(&*storage).await.map_err(super::storage_error)?;
+    let deploying = versions::deploying(&*storage).await.map_err(super::storage_error)?;
     let source_client = client.as_ref().ok();
     let mut out = json!({ "connections": [connection] });
     if let Some(active) = &active {
-        let error = if deploying.is_none() { replication_error.clone() } else { None };
-        let live = live(source_client, active, error).await;
+        let live = live(source_client, active, state.probes.replication_error(active.id)).await;
         out["active_sync_rules"] = version_status(admin, active, req.sync_rules_content, live).await?;
     }
     if let Some(deploying) = &deploying {
-        let live = live(source_client, deploying, replication_error).await;
+        let live = live(source_client, deploying, state.probes.replication_error(deploying.id)).await;
         out["deploying_sync_rules"] = version_status(admin, deploying, req.sync_rules_content, live).await?;
     }
     Ok(data(out))

@@ -92,6 +92,12 @@ impl AdminState {
         self.storage.get().await.map_err(storage_error)
     }
 
+    /// A connection of its own, for a transaction (deploys take the deploy lock in one; the
+    /// shared connection is used by other requests at the same time).
+    async fn dedicated_storage(&self) -> Result<tokio_postgres::Client, ServiceError> {
+        ferrosync_storage::connect(self.storage.endpoint()).await.map_err(storage_error)
+    }
+
     /// The source connection's slot prefix (`powersync_` without a source).
     fn slot_prefix(&self) -> &str {
         self.source.as_ref().map_or("powersync_", |s| s.slot_name_prefix.as_str())

@@ -47,8 +47,8 @@ pub(super) async fn reprocess_sync_rules(
 
 async fn start(state: &AppState) -> Result<StreamRecord, ServiceError> {
     let admin = &state.admin;
-    let storage = admin.storage().await?;
-    let stream = versions::reprocess(&storage, admin.slot_prefix()).await.map_err(|e| match e {
+    let mut storage = admin.dedicated_storage().await?;
+    let stream = versions::reprocess(&mut storage, admin.slot_prefix()).await.map_err(|e| match e {
         ReprocessError::Busy => ServiceError::new("PSYNC_S4106", 409, e.to_string()),
         ReprocessError::NoActive => ServiceError::new("PSYNC_S4104", 422, e.to_string()),
         ReprocessError::Storage(e) => super::storage_error(e),

@@ -48,8 +48,8 @@ pub(super) async fn deploy(State(state): State<Arc<AppState>>, headers: HeaderMa
         let details: Vec<String> = e.errors.iter().map(one_line).collect();
         return Err(ServiceError::new("PSYNC_R0001", 422, "Sync rules parsing failed").with_details(details.join("\n")));
     }
-    let storage = admin.storage().await?;
-    let stream = versions::deploy(&storage, &content, admin.slot_prefix())
+    let mut storage = admin.dedicated_storage().await?;
+    let stream = versions::deploy(&mut storage, &content, admin.slot_prefix())
         .await
         .map_err(super::storage_error)?;
     tracing::info!(stream = stream.id, slot = %stream.slot_name, "admin API: sync config deployed");
@@ -68,11 +68,11 @@ pub(super) async fn current(State(state): State<Arc<AppState>>, headers: HeaderM
     state.admin.tokens.authorize(&headers)?;
     let admin = &state.admin;
     let storage = admin.storage().await?;
-    let active = streams::active_stream(&storage).await.map_err(super::storage_error)?;
+    let active = streams::active_stream(&*storage).await.map_err(super::storage_error)?;
     let Some(active) = active else {
         return Err(ServiceError::new("PSYNC_S4104", 422, "No active sync rules"));
     };
-    let next = versions::deploying(&storage).await.map_err(super::storage_error)?;
+    let next = versions::deploying(&*storage).await.map_err(super::storage_error)?;
     Ok(pretty(json!({
         "data": {
             "current": version(admin, &active),

@@ -1,5 +1,5 @@
 //! One replication job: replicate a stream while holding its lease (slot checks, snapshot,
-//! streaming and background compaction side by side).
+//! streaming and background storage maintenance side by side).
 
 use super::pipeline::Replication;
 use super::slot::{rebuild_stream, watch_slot};
@@ -8,15 +8,11 @@ use anyhow::{Context, Result};
 use ferrosync_rules::SyncRules;
 use ferrosync_source::setup;
 use ferrosync_source::slot::slot_health;
+use ferrosync_storage::streams;
 use ferrosync_storage::BucketWriter;
-use ferrosync_storage::{streams, versions};
 use std::sync::Arc;
-use std::time::Duration;
 
-/// How often a replicating job checks for new and stopped versions.
-const VERSIONS_POLL: Duration = Duration::from_secs(1);
-
-/// Replicate stream `id` while holding its lease; `Ok` once a newer version is being deployed.
+/// Replicate stream `id` while holding its lease.
 pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
     // Read after taking the lease: the previous holder may have committed until a moment ago.
     let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
@@ -24,14 +20,15 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     setup::check_source(&source).await?;
     let mut options = config.rules_options.clone();
     options.sync_rules_id = stream.id as u64;
+    // The stream's own config, not the file's: it may have been deployed by another process.
     let rules = Arc::new(SyncRules::parse(&stream.content, &options)?);
     let slot = stream.slot_name.clone();
     let snapshot_done = stream.snapshot_done;
     let health = slot_health(&source, &slot).await?;
-    tracing::info!(stream = stream.id, slot = %slot, snapshot_done, "replication starting");
+    tracing::info!(stream = stream.id, state = stream.state.as_str(), slot = %slot, snapshot_done, "replication starting");
     let usable = health.as_ref().is_some_and(|h| !h.is_lost());
     if snapshot_done && !usable {
-        return Err(rebuild_stream(config, storage, &source, id, &slot, health.is_some()).await);
+        return Err(rebuild_stream(config, &source, id, &slot, health.is_some()).await);
     }
     let stream = if !usable {
         // A fresh slot replays from now: anything stored by an earlier attempt is unusable.
@@ -52,7 +49,7 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     );
     let replication = async {
         if !snapshot_done {
-            config.status.set_replication("snapshot", None);
+            config.status.set_replication(id, "snapshot", None);
             repl.initial_snapshot().await?;
         }
         repl.stream_changes().await
@@ -63,31 +60,7 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     // A slot invalidated while we run ends the attempt; the next one rebuilds the stream.
     tokio::select! {
         result = replication => result,
-        result = watch_versions(config, storage, id) => result,
         error = watch_slot(config, slot.clone()) => Err(error),
         () = compaction => Err(anyhow::anyhow!("background storage maintenance stopped")),
-    }
-}
-
-/// Resolves once a newer version than `id` is being deployed (or storage fails). Meanwhile
-/// drops the slots of stopped versions: an old version stops when its successor becomes active,
-/// and its slot would otherwise hold WAL on the source for good.
-async fn watch_versions(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
-    let source = connect_source(config).await.context("source connection for stopped versions")?;
-    loop {
-        for (stopped, slot) in versions::stopped(storage).await? {
-            // A slot still in use (a process of an older config replicating it) is left for
-            // the next round.
-            if let Err(e) = setup::drop_slot(&source, &slot).await {
-                tracing::warn!(stream = stopped, slot = %slot, error = %e, "could not drop the slot of a stopped sync config version");
-                continue;
-            }
-            versions::terminate(storage, stopped).await?;
-            tracing::info!(stream = stopped, slot = %slot, "stopped sync config version cleaned up (slot dropped, data removed)");
-        }
-        tokio::time::sleep(VERSIONS_POLL).await;
-        if versions::superseded(storage, id).await? {
-            return Ok(());
-        }
     }
 }

@@ -1,23 +1,29 @@
 //! The replication pipeline: source (snapshot + pgoutput) -> rules -> storage.
 //!
-//! One replicator per sync config, guarded by a lease in storage ([`LeaseConnection`]).
+//! The process deploys its sync config once at start; a supervisor ([`supervisor`]) then
+//! replicates every stream that needs it, one job per stream and each with its own lease
+//! ([`LeaseConnection`]), slot and backoff: during a deploy the served stream keeps streaming
+//! while the new one snapshots. Stopped streams are cleaned up ([`cleanup`]).
 //! Storage writes are batched across source transactions: every event already decoded is applied before one flush and
 //! one checkpoint, and the LSN is acknowledged to Postgres only after that commit returns.
+//!
+//! [`LeaseConnection`]: ferrosync_storage::lease::LeaseConnection
 
+mod cleanup;
 mod job;
 mod pipeline;
+mod runner;
 mod slot;
+mod supervisor;
 
-use anyhow::Result;
+pub use supervisor::run;
+
 use ferrosync_api::probes::ProbeState;
 use ferrosync_config::{CompactionConfig, PostgresConnectionConfig};
-use ferrosync_pgconn::{Backoff, PgEndpoint};
+use ferrosync_pgconn::PgEndpoint;
 use ferrosync_rules::SyncRulesOptions;
-use ferrosync_storage::lease::LeaseConnection;
-use ferrosync_storage::{streams, versions};
-use job::replicate;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What the replicator needs from the config.
 #[derive(Clone)]
@@ -25,112 +31,23 @@ pub struct ReplicatorConfig {
     pub source: PostgresConnectionConfig,
     pub source_endpoint: PgEndpoint,
     pub storage: PgEndpoint,
-    /// The config file's sync config; `None`: replicate what the admin API deployed.
+    /// The config file's sync config: deployed at start only (`None`: the admin API deploys).
+    /// Jobs replicate each stream's own stored content, so a process keeps working for
+    /// streams deployed by others.
     pub rules_content: Option<String>,
     pub rules_options: SyncRulesOptions,
     pub owner: String,
     /// Where the replicator reports what it is doing (read by the probes).
     pub status: Arc<ProbeState>,
-    /// Background compaction, run by the lease holder only.
+    /// Background compaction, run by each stream's lease holder only.
     pub compaction: CompactionConfig,
 }
 
 /// How often a standby checks whether the lease holder is gone. Takeover happens within this
 /// interval of the holder's death (its lease connection closes with it).
 const STANDBY_POLL: Duration = Duration::from_millis(250);
-/// Longest wait for the storage to confirm a lease release before the connection is dropped.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
-/// An attempt that ran this long was healthy: the next failure starts the backoff afresh.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-/// Run until the process ends: take the lease (or stand by), replicate, and after any failure
-/// (source or storage restarted, network cut, lease lost) start over with backoff and jitter.
-/// Nothing is acknowledged to the source that is not durable in storage, so starting over
-/// resumes exactly where the last commit left off.
-pub async fn run(config: ReplicatorConfig) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut lease: Option<LeaseConnection> = None;
-    let mut standing_by = false;
-    loop {
-        let started = Instant::now();
-        match attempt(&config, &mut lease).await {
-            Ok(Outcome::Standby) => {
-                if !standing_by {
-                    tracing::info!("another process holds the replication lease; standing by");
-                    config.status.set_replication("standby", None);
-                    standing_by = true;
-                }
-                tokio::time::sleep(STANDBY_POLL).await;
-            }
-            Ok(Outcome::NothingDeployed) => {
-                config.status.set_replication("idle", None);
-                tokio::time::sleep(STANDBY_POLL).await;
-            }
-            Ok(Outcome::Superseded) => {
-                standing_by = false;
-                tracing::info!("a new sync config version is being deployed: replicating it");
-                if let Some(held) = lease.take() {
-                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_TIMEOUT, held.release()).await {
-                        lease = Some(held);
-                    }
-                }
-            }
-            Err(e) => {
-                standing_by = false;
-                if started.elapsed() > HEALTHY_RUN {
-                    backoff.reset();
-                }
-                let delay = backoff.next_delay();
-                let error = format!("{e:#}");
-                tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "replication stopped");
-                config.status.set_replication("retrying", Some(error));
-                // Let a healthy standby take over while this process waits out its backoff. A
-                // lease connection that does not answer is dropped (which also ends the lock).
-                if let Some(held) = lease.take() {
-                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_TIMEOUT, held.release()).await {
-                        lease = Some(held);
-                    }
-                }
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-}
-
-/// How an attempt ended without an error.
-enum Outcome {
-    /// Another process holds the lease.
-    Standby,
-    /// No sync config in the config file and none deployed yet.
-    NothingDeployed,
-    /// A newer version is being deployed: replicate that one instead.
-    Superseded,
-}
-
-/// One attempt: runs until an error, or until there is nothing for this process to replicate.
-async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>) -> Result<Outcome> {
-    if lease.is_none() {
-        *lease = Some(LeaseConnection::open(&config.storage).await?);
-    }
-    let Some(held) = lease.as_ref() else { return Ok(Outcome::Standby) };
-    let prefix = &config.source.slot_name_prefix;
-    let stream = match &config.rules_content {
-        Some(content) => streams::stream_for_content(held.client(), content, prefix).await?,
-        None => match versions::newest_replicating(held.client()).await? {
-            Some(stream) => stream,
-            None => return Ok(Outcome::NothingDeployed),
-        },
-    };
-    if !held.try_acquire(stream.id, &config.owner).await? {
-        return Ok(Outcome::Standby);
-    }
-    tokio::select! {
-        result = replicate(config, held.client(), stream.id) => result.map(|()| Outcome::Superseded),
-        lost = held.lost() => Err(lost.into()),
-    }
-}
-
-pub(super) async fn connect_source(cfg: &ReplicatorConfig) -> Result<tokio_postgres::Client> {
+pub(super) async fn connect_source(cfg: &ReplicatorConfig) -> anyhow::Result<tokio_postgres::Client> {
     let client = cfg.source_endpoint.connect().await?;
     client.batch_execute(ferrosync_source::types::SESSION_SETTINGS).await?;
     Ok(client)

@@ -60,7 +60,11 @@ impl Replication {
         let lsn = setup::current_lsn(&self.source).await?;
         self.writer.mark_snapshot_done(lsn.0).await?;
         setup::emit_ping(&self.source).await?;
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot done");
+        tracing::info!(
+            stream = self.writer.stream().id,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "initial snapshot done"
+        );
         Ok(())
     }
 
@@ -109,7 +113,8 @@ impl Replication {
 
     async fn copy(&mut self, rel: &RelationInfo, table: Arc<TableHandle>, resume: Option<String>, mut done_rows: i64) -> Result<()> {
         let total = estimate_rows(&self.source, rel.oid).await.unwrap_or(0);
-        tracing::info!(table = %rel.name.name, total_estimate = total, resume_after_rows = done_rows, "snapshotting table");
+        let stream = self.writer.stream().id;
+        tracing::info!(stream, table = %rel.name.name, total_estimate = total, resume_after_rows = done_rows, "snapshotting table");
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel(2);
         // The copy runs on its own connection so reading overlaps with storage writes.
@@ -141,7 +146,7 @@ impl Replication {
             self.writer.flush_snapshot_chunk(progress).await?;
             if last_log.elapsed() > Duration::from_secs(2) || chunk.done {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
-                tracing::info!(table = %rel.name.name, rows = done_rows, total_estimate = total, rows_per_s = (done_rows as f64 / secs) as u64, "snapshot progress");
+                tracing::info!(stream, table = %rel.name.name, rows = done_rows, total_estimate = total, rows_per_s = (done_rows as f64 / secs) as u64, "snapshot progress");
                 last_log = Instant::now();
             }
         }
@@ -199,8 +204,9 @@ impl Replication {
             compatibility: self.rules.compatibility().clone(),
         })
         .await?;
-        tracing::info!("streaming changes");
-        self.config.status.set_replication("streaming", None);
+        let id = self.writer.stream().id;
+        tracing::info!(stream = id, slot = %slot, "streaming changes");
+        self.config.status.set_replication(id, "streaming", None);
         let mut durable = self.writer.durable();
         let mut in_tx = false;
         loop {

@@ -71,7 +71,6 @@ fn slot_problem(exists: bool) -> &'static str {
 /// stream with the same config is built from a fresh snapshot on the next attempt.
 pub(super) async fn rebuild_stream(
     config: &ReplicatorConfig,
-    storage: &tokio_postgres::Client,
     source: &tokio_postgres::Client,
     id: i64,
     slot: &str,
@@ -84,8 +83,8 @@ pub(super) async fn rebuild_stream(
         reason,
         "replication slot is unusable: building a new replication stream from a fresh snapshot; clients keep the last synced data until it is ready"
     );
-    if let Err(e) = streams::restart_replication(storage, id, &config.owner, &config.source.slot_name_prefix).await {
-        return e.into();
+    if let Err(e) = replace_stream(config, id).await {
+        return e;
     }
     if let Err(e) = setup::drop_slot(source, slot).await {
         tracing::warn!(slot, error = %e, "could not drop the unusable slot");
@@ -95,4 +94,13 @@ pub(super) async fn rebuild_stream(
         reason: format!("{reason}; a new replication stream replaces it"),
     }
     .into()
+}
+
+/// Mark stream `id` ERRORED (or STOP) and add its replacement, on a connection of its own: a
+/// rare step that needs a transaction.
+async fn replace_stream(config: &ReplicatorConfig, id: i64) -> anyhow::Result<()> {
+    let mut client = ferrosync_storage::connect_for_writes(&config.storage).await?;
+    let replacement = streams::restart_replication(&mut client, id, &config.owner, &config.source.slot_name_prefix).await?;
+    tracing::info!(stream = id, replacement = ?replacement.map(|s| s.id), "replication stream retired after losing its slot (ERRORED if it served, else STOP)");
+    Ok(())
 }

@@ -8,6 +8,7 @@ mod checkpoint_requests;
 mod compaction;
 mod compression;
 mod dashboard;
+mod deploy;
 mod failover;
 mod harness;
 mod hygiene;

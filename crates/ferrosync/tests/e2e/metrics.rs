@@ -104,6 +104,10 @@ async fn metrics_follow_connections_replication_and_downloads() -> Result<()> {
     assert_eq!(scrape.get("powersync_concurrent_connections")?, 0.0);
     assert_eq!(scrape.get("powersync_operations_synced_total")?, 0.0);
     assert!(scrape.get("powersync_operation_storage_size_bytes")? > 0.0);
+    // Once the first stream is active: one ACTIVE, no deploy in progress.
+    let streams = wait_for(port, "ferrosync_sync_config_streams{state=\"ACTIVE\"}", 1.0).await?;
+    assert_eq!(streams.get("ferrosync_sync_config_streams{state=\"PROCESSING\"}")?, 0.0);
+    assert_eq!(streams.get("ferrosync_sync_config_streams{state=\"STOP\"}")?, 0.0);
     for table in ["public.lists", "public.todos"] {
         let rows = scrape.get(&format!("ferrosync_snapshot_rows{{table=\"{table}\"}}"))?;
         assert_eq!(rows, if table == "public.lists" { 2.0 } else { 40.0 });

@@ -73,10 +73,10 @@ async fn a_slot_dropped_under_a_running_service_is_rebuilt() -> Result<()> {
     let (new_slot, _) = slot_of(&db).await?.context("the new stream has a slot")?;
     assert_ne!(new_slot, old_slot, "a new stream replicates through a new slot");
     let states = stream_states(&svc).await?;
-    assert_eq!(
-        states.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
-        ["STOP", "ACTIVE"],
-        "the lost stream is retired once its replacement serves: {states:?}"
+    let states: Vec<&str> = states.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(
+        matches!(states.as_slice(), ["STOP" | "TERMINATED", "ACTIVE"]),
+        "the lost stream is retired (and then cleaned up) once its replacement serves: {states:?}"
     );
     assert!(svc.alive(), "the process never exits");
     Ok(())
