@@ -79,6 +79,8 @@ fn sources_of(definitions: &[Definition], streams: &StreamSet) -> Vec<BucketSour
 #[derive(Debug)]
 pub struct SyncRules {
     compatibility: Compatibility,
+    /// Bucket ids carry a `<prefix id>#` (versioned bucket ids or storage version 2+).
+    versioned: bool,
     warnings: Vec<RuleIssue>,
     definitions: Vec<Definition>,
     streams: Arc<StreamSet>,
@@ -209,6 +211,7 @@ impl SyncRules {
         Ok(SyncRules {
             sources: sources_of(&definitions, &streams),
             compatibility: raw.compatibility,
+            versioned,
             warnings,
             definitions,
             streams: Arc::new(streams),
@@ -253,6 +256,12 @@ impl SyncRules {
     /// Non-fatal issues found while parsing.
     pub fn warnings(&self) -> &[RuleIssue] {
         &self.warnings
+    }
+
+    /// Whether bucket ids carry their definition's prefix id: only then can a changed
+    /// definition get new bucket ids without the others changing (an in-place deploy).
+    pub fn versioned_bucket_ids(&self) -> bool {
+        self.versioned
     }
 
     /// Effective compatibility switches.

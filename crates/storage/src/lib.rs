@@ -11,6 +11,7 @@ pub mod chunk;
 pub mod compact;
 pub mod compactor;
 pub mod error;
+pub mod incremental;
 pub mod lease;
 pub mod model;
 pub mod notify;

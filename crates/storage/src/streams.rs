@@ -6,9 +6,9 @@ use crate::model::{Checkpoint, SourceTableRecord, StreamRecord, StreamState};
 use crate::writer::lsn_from_text;
 use tokio_postgres::{Client, Row};
 
-const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
+pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op, prefix_ids, pending_id, pending_content, pending_prefix_ids, pending_switch_lsn::text";
 
-fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
+pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
     let state: String = r.get(2);
     let lsn = |i: usize| {
         let text: String = r.get(i);
@@ -26,6 +26,8 @@ fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
         },
         no_checkpoint_before: lsn(7)?,
         persisted_op: r.get(8),
+        prefix_ids: crate::incremental::prefix_ids_from(r.get(9))?,
+        pending: crate::incremental::pending_from_row(r, 10)?,
     })
 }
 

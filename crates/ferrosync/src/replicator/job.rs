@@ -2,25 +2,36 @@
 //! streaming and background compaction side by side).
 
 use super::pipeline::Replication;
+use super::rebuild::{rules_for, Rebuild};
 use super::slot::{rebuild_stream, watch_slot};
 use super::{connect_source, ReplicatorConfig};
 use anyhow::{Context, Result};
-use ferrosync_rules::SyncRules;
 use ferrosync_source::setup;
 use ferrosync_source::slot::slot_health;
-use ferrosync_storage::streams;
+use ferrosync_storage::{incremental, streams};
 use ferrosync_storage::BucketWriter;
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Replicate stream `id` while holding its lease.
+/// Pause between deletion batches of replaced definitions' buckets.
+const CLEANUP_PAUSE: Duration = Duration::from_millis(10);
+
+/// Replicate stream `id` while holding its lease, starting over (in this attempt) whenever
+/// its config changes in place.
 pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
+    loop {
+        replicate_config(config, storage, id).await?;
+    }
+}
+
+/// Replicate stream `id` with the config it has now; `Ok` when that config changed.
+async fn replicate_config(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
     // Read after taking the lease: the previous holder may have committed until a moment ago.
     let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
     let source = Arc::new(connect_source(config).await?);
     setup::check_source(&source).await?;
-    let mut options = config.rules_options.clone();
-    options.sync_rules_id = stream.id as u64;
-    let rules = Arc::new(SyncRules::parse(&config.rules_content, &options)?);
+    let (rules, new_only) = rules_for(&stream, &config.rules_options)?;
+    let deploy = stream.pending.as_ref().map(|p| p.id);
     let slot = stream.slot_name.clone();
     let snapshot_done = stream.snapshot_done;
     let health = slot_health(&source, &slot).await?;
@@ -51,7 +62,18 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
             config.status.set_replication("snapshot", None);
             repl.initial_snapshot().await?;
         }
+        if let (Some(deploy), Some(new_only)) = (deploy, new_only) {
+            config.status.set_replication("deploying", None);
+            repl.start_rebuild(Rebuild::new(deploy, new_only)).await?;
+        }
         repl.stream_changes().await
+    };
+    // Buckets of definitions replaced by earlier in-place deploys go in the background.
+    let cleanup = async {
+        if let Err(e) = incremental::cleanup_retired(storage, id, CLEANUP_PAUSE).await {
+            tracing::warn!(error = %e, stream = id, "deleting replaced definitions' buckets failed; retried with the next start");
+        }
+        std::future::pending::<()>().await
     };
     // Compaction runs beside replication while this process holds the lease, so two
     // processes never compact at once; it ends with the attempt.
@@ -66,5 +88,6 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
         result = replication => result,
         error = watch_slot(config, slot.clone()) => Err(error),
         () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
+        () = cleanup => Err(anyhow::anyhow!("background cleanup stopped")),
     }
 }

@@ -6,6 +6,7 @@
 
 mod job;
 mod pipeline;
+mod rebuild;
 mod slot;
 
 use anyhow::Result;
@@ -14,7 +15,7 @@ use ferrosync_config::{CompactionConfig, PostgresConnectionConfig};
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::SyncRulesOptions;
 use ferrosync_storage::lease::LeaseConnection;
-use ferrosync_storage::streams;
+use ferrosync_storage::{incremental, streams};
 use job::replicate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,7 +90,11 @@ async fn attempt(config: &ReplicatorConfig, lease: &mut Option<LeaseConnection>)
         *lease = Some(LeaseConnection::open(&config.storage).await?);
     }
     let Some(held) = lease.as_ref() else { return Ok(()) };
-    let stream = streams::stream_for_content(held.client(), &config.rules_content, &config.source.slot_name_prefix).await?;
+    let in_place = incremental::deploy_in_place(held.client(), &config.rules_content, &config.rules_options).await?;
+    let stream = match in_place {
+        Some(stream) => stream,
+        None => streams::stream_for_content(held.client(), &config.rules_content, &config.source.slot_name_prefix).await?,
+    };
     if !held.try_acquire(stream.id, &config.owner).await? {
         return Ok(());
     }
