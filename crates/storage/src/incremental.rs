@@ -165,7 +165,8 @@ async fn set_pending(tx: &impl GenericClient, id: i64, pending: Option<&PendingC
         ],
     )
     .await?;
-    tx.execute("DELETE FROM ferrosync.rebuild_tables WHERE group_id = $1", &[&id]).await?;
+    tx.execute("DELETE FROM ferrosync.rebuild_tables WHERE group_id = $1", &[&id])
+        .await?;
     Ok(())
 }
 
@@ -179,7 +180,11 @@ pub async fn pending_id(client: &Client, id: i64) -> Result<Option<i64>, Storage
 }
 
 /// Re-read progress per table for a pending deploy: table id -> (last key, rows, done).
-pub async fn rebuild_progress(client: &Client, group: i64, pending: i64) -> Result<HashMap<i64, (Option<String>, i64, bool)>, StorageError> {
+pub async fn rebuild_progress(
+    client: &Client,
+    group: i64,
+    pending: i64,
+) -> Result<HashMap<i64, (Option<String>, i64, bool)>, StorageError> {
     let rows = client
         .query(
             "SELECT table_id, last_key, rows, done FROM ferrosync.rebuild_tables WHERE group_id = $1 AND pending_id = $2",
@@ -190,7 +195,12 @@ pub async fn rebuild_progress(client: &Client, group: i64, pending: i64) -> Resu
 }
 
 /// Record a table's re-read progress (in the transaction of the rows it covers).
-pub(crate) async fn save_rebuild_progress(tx: &impl GenericClient, group: i64, pending: i64, p: &TableProgress) -> Result<(), StorageError> {
+pub(crate) async fn save_rebuild_progress(
+    tx: &impl GenericClient,
+    group: i64,
+    pending: i64,
+    p: &TableProgress,
+) -> Result<(), StorageError> {
     tx.execute(
         "INSERT INTO ferrosync.rebuild_tables (group_id, pending_id, table_id, last_key, rows, done) VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (group_id, pending_id, table_id) DO UPDATE SET last_key = $4, rows = $5, done = $6",
@@ -234,7 +244,12 @@ pub fn retired_prefixes(stream: &StreamRecord, pending: &PendingConfig) -> (Vec<
 /// The switch, in the transaction of a checkpoint: the pending config becomes the served one
 /// and replaced definitions' prefixes are queued for deletion. API processes are told by a
 /// [`CONFIG_SWITCHED`] notification sent after the checkpoint's own (listeners act on the last).
-pub(crate) async fn switch(tx: &impl GenericClient, group: i64, pending: i64, retired: &(Vec<String>, Vec<String>)) -> Result<(), StorageError> {
+pub(crate) async fn switch(
+    tx: &impl GenericClient,
+    group: i64,
+    pending: i64,
+    retired: &(Vec<String>, Vec<String>),
+) -> Result<(), StorageError> {
     let switched = tx
         .execute(
             "UPDATE ferrosync.sync_rules SET content = pending_content, prefix_ids = pending_prefix_ids,
@@ -245,9 +260,12 @@ pub(crate) async fn switch(tx: &impl GenericClient, group: i64, pending: i64, re
         )
         .await?;
     if switched != 1 {
-        return Err(StorageError::LeaseLost(format!("deploy {pending} is no longer pending on stream {group}")));
+        return Err(StorageError::LeaseLost(format!(
+            "deploy {pending} is no longer pending on stream {group}"
+        )));
     }
-    tx.execute("DELETE FROM ferrosync.rebuild_tables WHERE group_id = $1", &[&group]).await?;
+    tx.execute("DELETE FROM ferrosync.rebuild_tables WHERE group_id = $1", &[&group])
+        .await?;
     Ok(())
 }
 
@@ -298,7 +316,11 @@ pub async fn cleanup_retired(client: &Client, group: i64, pause: std::time::Dura
             .await?;
     }
     if deleted > 0 {
-        tracing::info!(stream = group, rows = deleted, "deleted buckets and lookups of replaced definitions");
+        tracing::info!(
+            stream = group,
+            rows = deleted,
+            "deleted buckets and lookups of replaced definitions"
+        );
     }
     Ok(deleted)
 }

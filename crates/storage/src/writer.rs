@@ -150,6 +150,17 @@ impl BucketWriter {
         }
     }
 
+    /// Evaluate rows with `rules` from now on (a config change in place; call
+    /// [`BucketWriter::flush`] first so rows saved before are evaluated with the old rules).
+    pub fn set_rules(&mut self, rules: Arc<SyncRules>) {
+        self.rules = rules;
+    }
+
+    /// The stream's pending in-place deploy, as storage has it now.
+    pub fn set_pending(&mut self, pending: Option<crate::model::PendingConfig>) {
+        self.stream.pending = pending;
+    }
+
     /// The rules [`RecordOp::Backfill`] rows are evaluated with.
     pub fn set_backfill_rules(&mut self, rules: Arc<SyncRules>) {
         self.backfill = Some(rules);
@@ -428,7 +439,9 @@ impl BucketWriter {
         let (mine, others): (Vec<BucketRef>, Vec<BucketRef>) = existing.buckets.into_iter().partition(|b| rules.owns_bucket(&b.0));
         let (my_lookups, other_lookups): (Vec<String>, Vec<String>) = existing.lookups.into_iter().partition(|l| rules.owns_lookup(l));
         let (buckets, lookups) = self.place(&rules, table, key, &row, &mine, &my_lookups, out);
-        let image = existing.image.or_else(|| (table.store_image && may_be_toasted(&row)).then_some(row));
+        let image = existing
+            .image
+            .or_else(|| (table.store_image && may_be_toasted(&row)).then_some(row));
         CurrentRow {
             image,
             buckets: others.into_iter().chain(buckets).collect(),
@@ -637,13 +650,26 @@ impl BucketWriter {
             lsn,
         };
         let activate = s.state == StreamState::Processing;
-        let switched = switch.as_ref().map(|(deploy, _)| *deploy);
-        self.write(batch, Some(NewCheckpoint { checkpoint, activate, switch })).await?;
+        let switched = switch.is_some();
+        self.write(
+            batch,
+            Some(NewCheckpoint {
+                checkpoint,
+                activate,
+                switch,
+            }),
+        )
+        .await?;
         if activate {
             self.stream.state = StreamState::Active;
         }
-        if let Some(pending) = switched.and(self.stream.pending.take()) {
-            tracing::info!(stream = self.stream.id, deploy = pending.id, op_id = checkpoint.op_id, "switching to the config deployed in place");
+        if let Some(pending) = self.stream.pending.take_if(|_| switched) {
+            tracing::info!(
+                stream = self.stream.id,
+                deploy = pending.id,
+                op_id = checkpoint.op_id,
+                "switching to the config deployed in place"
+            );
             self.stream.content = pending.content;
             self.stream.prefix_ids = pending.prefix_ids;
         }

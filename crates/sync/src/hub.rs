@@ -232,22 +232,20 @@ impl<S: SyncStorage> CheckpointHub<S> {
                     tx.send_replace(Some(state.clone()));
                 }
             }
-            _ => {
-                match SyncRules::parse(&stream.content, &stream.rules_options(options)) {
-                    Ok(rules) => {
-                        self.reset(stream.id, stream.checkpoint.op_id);
-                        *current = Some(HubState {
-                            group: stream.id,
-                            checkpoint: stream.checkpoint,
-                            rules: Arc::new(rules),
-                            fanout: FanOut::new(),
-                            source: Arc::new((stream.content, stream.prefix_ids)),
-                        });
-                        tx.send_replace(current.clone());
-                    }
-                    Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+            _ => match SyncRules::parse(&stream.content, &stream.rules_options(options)) {
+                Ok(rules) => {
+                    self.reset(stream.id, stream.checkpoint.op_id);
+                    *current = Some(HubState {
+                        group: stream.id,
+                        checkpoint: stream.checkpoint,
+                        rules: Arc::new(rules),
+                        fanout: FanOut::new(),
+                        source: Arc::new((stream.content, stream.prefix_ids)),
+                    });
+                    tx.send_replace(current.clone());
                 }
-            }
+                Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+            },
         }
         Ok(())
     }

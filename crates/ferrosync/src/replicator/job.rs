@@ -8,24 +8,18 @@ use super::{connect_source, ReplicatorConfig};
 use anyhow::{Context, Result};
 use ferrosync_source::setup;
 use ferrosync_source::slot::slot_health;
-use ferrosync_storage::{incremental, streams};
 use ferrosync_storage::BucketWriter;
+use ferrosync_storage::{incremental, streams};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Pause between deletion batches of replaced definitions' buckets.
 const CLEANUP_PAUSE: Duration = Duration::from_millis(10);
+/// How often the queue of replaced definitions' buckets is checked.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Replicate stream `id` while holding its lease, starting over (in this attempt) whenever
-/// its config changes in place.
+/// Replicate stream `id` while holding its lease.
 pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
-    loop {
-        replicate_config(config, storage, id).await?;
-    }
-}
-
-/// Replicate stream `id` with the config it has now; `Ok` when that config changed.
-async fn replicate_config(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
     // Read after taking the lease: the previous holder may have committed until a moment ago.
     let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
     let source = Arc::new(connect_source(config).await?);
@@ -68,12 +62,14 @@ async fn replicate_config(config: &ReplicatorConfig, storage: &tokio_postgres::C
         }
         repl.stream_changes().await
     };
-    // Buckets of definitions replaced by earlier in-place deploys go in the background.
+    // Buckets of definitions replaced by in-place deploys go in the background.
     let cleanup = async {
-        if let Err(e) = incremental::cleanup_retired(storage, id, CLEANUP_PAUSE).await {
-            tracing::warn!(error = %e, stream = id, "deleting replaced definitions' buckets failed; retried with the next start");
+        loop {
+            if let Err(e) = incremental::cleanup_retired(storage, id, CLEANUP_PAUSE).await {
+                tracing::warn!(error = %e, stream = id, "deleting replaced definitions' buckets failed; retrying");
+            }
+            tokio::time::sleep(CLEANUP_INTERVAL).await;
         }
-        std::future::pending::<()>().await
     };
     // Compaction runs beside replication while this process holds the lease, so two
     // processes never compact at once; it ends with the attempt.
@@ -88,6 +84,6 @@ async fn replicate_config(config: &ReplicatorConfig, storage: &tokio_postgres::C
         result = replication => result,
         error = watch_slot(config, slot.clone()) => Err(error),
         () = compaction => Err(anyhow::anyhow!("background compaction stopped")),
-        () = cleanup => Err(anyhow::anyhow!("background cleanup stopped")),
+        never = cleanup => never,
     }
 }

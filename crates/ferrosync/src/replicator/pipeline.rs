@@ -198,8 +198,8 @@ impl Replication {
         }
     }
 
-    /// Apply the change stream until an error, or (`Ok`) until the stream's config changes:
-    /// an in-place deploy was made, or the one being built was switched to.
+    /// Apply the change stream until an error. An in-place deploy (see [`Rebuild`]) is built
+    /// and switched to on the way.
     pub(super) async fn stream_changes(&mut self) -> Result<()> {
         let slot = self.writer.stream().slot_name.clone();
         let mut stream = ChangeStream::start(StreamOptions {
@@ -214,7 +214,6 @@ impl Replication {
         let mut durable = self.writer.durable();
         let mut in_tx = false;
         let mut deploys = tokio::time::interval(DEPLOY_POLL);
-        let deploy = self.rebuild.as_ref().map(Rebuild::deploy);
         loop {
             let rebuilding = self.rebuild.as_ref().is_some_and(Rebuild::has_work);
             let first = tokio::select! {
@@ -231,10 +230,10 @@ impl Replication {
                     continue;
                 }
                 _ = deploys.tick() => {
-                    if streams_pending(&self.writer).await? != deploy {
-                        tracing::info!("sync config deployed in place; restarting replication to build it");
-                        self.writer.sync().await?;
-                        return Ok(());
+                    let stored = streams_pending(&self.writer).await?;
+                    if stored != self.writer.stream().pending.as_ref().map(|p| p.id) {
+                        tracing::info!(deploy = ?stored, "the stream's pending config changed; building it beside the served one");
+                        self.reload_config().await?;
                     }
                     continue;
                 }
@@ -279,8 +278,7 @@ impl Replication {
                 }
                 if self.rebuild.is_some() && !self.writer.has_pending() {
                     // Switched: replicate with the new config's rules from here on.
-                    self.writer.sync().await?;
-                    return Ok(());
+                    self.apply_config().await?;
                 }
             } else if let Some(lsn) = keepalive {
                 self.writer.mark_durable(lsn.0).await?;

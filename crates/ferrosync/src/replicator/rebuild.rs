@@ -10,7 +10,7 @@ use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_source::relation::RelationInfo;
 use ferrosync_source::setup;
 use ferrosync_source::snapshot::read_chunk;
-use ferrosync_storage::incremental;
+use ferrosync_storage::{incremental, streams};
 use ferrosync_storage::{RecordOp, StreamRecord, TableHandle, TableProgress};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,7 +28,10 @@ pub(super) fn rules_for(stream: &StreamRecord, base: &SyncRulesOptions) -> Resul
         return Ok((Arc::new(active), None));
     };
     let Some(changes) = diff(&stream.content, &pending.content) else {
-        anyhow::bail!("the config deployed in place on stream {} differs outside its bucket definitions", stream.id);
+        anyhow::bail!(
+            "the config deployed in place on stream {} differs outside its bucket definitions",
+            stream.id
+        );
     };
     let rebuilt = changes.rebuilt();
     let options = pending.rules_options(stream.id, base);
@@ -36,6 +39,10 @@ pub(super) fn rules_for(stream: &StreamRecord, base: &SyncRulesOptions) -> Resul
     let new_only = Arc::new(parse()?.restricted_to(&rebuilt));
     let union = active.union(parse()?.restricted_to(&rebuilt));
     Ok((Arc::new(union), Some(new_only)))
+}
+
+fn id_of(repl: &Replication) -> i64 {
+    repl.writer.stream().id
 }
 
 /// A table to re-read.
@@ -65,16 +72,43 @@ impl Rebuild {
         }
     }
 
-    pub(super) fn deploy(&self) -> i64 {
-        self.deploy
-    }
-
     pub(super) fn has_work(&self) -> bool {
         !self.queue.is_empty()
     }
 }
 
 impl Replication {
+    /// The stream's pending config changed in storage (a new in-place deploy, or one dropped
+    /// for a full deploy): rows saved so far are stored with the rules they met, the rest
+    /// with the rules the stream's config implies now.
+    pub(super) async fn reload_config(&mut self) -> Result<()> {
+        self.writer.sync().await?;
+        let id = self.writer.stream().id;
+        let stored = streams::stream_by_id(self.writer.client(), id)
+            .await?
+            .context("replication stream vanished")?;
+        self.writer.set_pending(stored.pending);
+        self.apply_config().await
+    }
+
+    /// Replicate with the rules of the writer's stream record, building its pending deploy
+    /// if it has one.
+    pub(super) async fn apply_config(&mut self) -> Result<()> {
+        let stream = self.writer.stream();
+        let (rules, new_only) = rules_for(stream, &self.config.rules_options)?;
+        let deploy = stream.pending.as_ref().map(|p| p.id);
+        self.writer.set_rules(rules.clone());
+        self.rules = rules;
+        self.rebuild = None;
+        match (deploy, new_only) {
+            (Some(deploy), Some(new_only)) => self.start_rebuild(Rebuild::new(deploy, new_only)).await,
+            _ => {
+                tracing::info!(stream = id_of(self), "replicating with the switched config");
+                Ok(())
+            }
+        }
+    }
+
     /// Before streaming: queue the tables the deploy's new definitions read. Tables no served
     /// definition read yet are copied whole now (the usual table copy, with the writer's rules).
     pub(super) async fn start_rebuild(&mut self, mut rebuild: Rebuild) -> Result<()> {
@@ -139,7 +173,13 @@ impl Replication {
         for row in chunk.rows {
             let key = row.replica_key(&keys);
             let (row, _) = row.into_row();
-            self.writer.save(RecordOp::Backfill { table: table.clone(), key, row }).await?;
+            self.writer
+                .save(RecordOp::Backfill {
+                    table: table.clone(),
+                    key,
+                    row,
+                })
+                .await?;
         }
         self.writer
             .flush_snapshot_chunk(TableProgress {

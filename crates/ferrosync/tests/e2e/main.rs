@@ -8,6 +8,7 @@ mod compaction;
 mod compression;
 mod failover;
 mod harness;
+mod incremental_deploy;
 mod kill;
 mod large_download;
 mod limits;
