@@ -222,10 +222,25 @@ pub async fn mark_rebuilt(client: &Client, group: i64, owner: &str, pending: i64
     Ok(updated == 1)
 }
 
-/// Bucket-id and lookup-key prefixes of the definitions `pending` removes or replaces.
-pub fn retired_prefixes(stream: &StreamRecord, pending: &PendingConfig) -> (Vec<String>, Vec<String>) {
+/// What a switch to a pending config retires: prefixes of bucket ids (`<id>#<name>[`) and of
+/// lookup keys (`["<lookup name>",`) of the definitions it removes or replaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retired {
+    pub buckets: Vec<String>,
+    pub lookups: Vec<String>,
+}
+
+/// A switch to deploy `deploy`, made in the transaction of a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Switch {
+    pub deploy: i64,
+    pub retired: Retired,
+}
+
+/// What switching `stream` to `pending` retires.
+pub fn retired_prefixes(stream: &StreamRecord, pending: &PendingConfig) -> Retired {
     let Some(changes) = diff(&stream.content, &pending.content) else {
-        return (Vec::new(), Vec::new());
+        return Retired::default();
     };
     let mut buckets = Vec::new();
     let mut lookups = Vec::new();
@@ -238,25 +253,21 @@ pub fn retired_prefixes(stream: &StreamRecord, pending: &PendingConfig) -> (Vec<
         };
         lookups.push(format!("[{},", serde_json::Value::String(lookup_name)));
     }
-    (buckets, lookups)
+    Retired { buckets, lookups }
 }
 
 /// The switch, in the transaction of a checkpoint: the pending config becomes the served one
 /// and replaced definitions' prefixes are queued for deletion. API processes are told by a
 /// [`CONFIG_SWITCHED`] notification sent after the checkpoint's own (listeners act on the last).
-pub(crate) async fn switch(
-    tx: &impl GenericClient,
-    group: i64,
-    pending: i64,
-    retired: &(Vec<String>, Vec<String>),
-) -> Result<(), StorageError> {
+pub(crate) async fn switch(tx: &impl GenericClient, group: i64, switch: &Switch) -> Result<(), StorageError> {
+    let pending = switch.deploy;
     let switched = tx
         .execute(
             "UPDATE ferrosync.sync_rules SET content = pending_content, prefix_ids = pending_prefix_ids,
                 retired_buckets = retired_buckets || $3::text[], retired_lookups = retired_lookups || $4::text[],
                 pending_id = NULL, pending_content = NULL, pending_prefix_ids = NULL, pending_switch_lsn = NULL
              WHERE id = $1 AND pending_id = $2",
-            &[&group, &pending, &retired.0, &retired.1],
+            &[&group, &pending, &switch.retired.buckets, &switch.retired.lookups],
         )
         .await?;
     if switched != 1 {

@@ -56,9 +56,8 @@ pub(crate) struct NewCheckpoint {
     pub checkpoint: Checkpoint,
     /// Also switch the served stream to this one (its first checkpoint).
     pub activate: bool,
-    /// Also switch the stream to its pending config (see [`crate::incremental`]): the deploy
-    /// id and the prefixes of the buckets and lookups it retires.
-    pub switch: Option<(i64, (Vec<String>, Vec<String>))>,
+    /// Also switch the stream to its pending config (see [`crate::incremental`]).
+    pub switch: Option<crate::incremental::Switch>,
 }
 
 pub(crate) enum Job {
@@ -352,8 +351,8 @@ async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &N
         tx.execute("UPDATE ferrosync.sync_rules SET state = 'ACTIVE' WHERE id = $1", &[&group])
             .await?;
     }
-    if let Some((deploy, retired)) = &new.switch {
-        crate::incremental::switch(tx, group, *deploy, retired).await?;
+    if let Some(switch) = &new.switch {
+        crate::incremental::switch(tx, group, switch).await?;
     }
     // Delivered at commit: listeners never see a checkpoint before its ops.
     let payload = format!("{}:{}:{}", group, new.checkpoint.op_id, lsn_text);

@@ -678,10 +678,13 @@ impl BucketWriter {
     }
 
     /// The pending deploy to switch to in a checkpoint at `lsn`, with the prefixes it retires.
-    fn due_switch(&self, lsn: u64) -> Option<(i64, (Vec<String>, Vec<String>))> {
+    fn due_switch(&self, lsn: u64) -> Option<crate::incremental::Switch> {
         let pending = self.stream.pending.as_ref()?;
         let due = pending.switch_lsn.is_some_and(|at| lsn >= at);
-        due.then(|| (pending.id, crate::incremental::retired_prefixes(&self.stream, pending)))
+        due.then(|| crate::incremental::Switch {
+            deploy: pending.id,
+            retired: crate::incremental::retired_prefixes(&self.stream, pending),
+        })
     }
 
     /// Whether the stream still has to switch to its pending config (false once the

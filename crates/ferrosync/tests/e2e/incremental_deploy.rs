@@ -88,7 +88,7 @@ fn start_writer(db: tokio_postgres::Client) -> (Arc<AtomicBool>, Arc<AtomicUsize
                 &[&hot],
             )
             .await?;
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 db.execute("INSERT INTO lists (name, owner_id) VALUES ($1, 'u1')", &[&format!("live {i}")])
                     .await?;
             }
