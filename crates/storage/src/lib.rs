@@ -12,6 +12,8 @@ pub mod compact;
 pub mod compactor;
 pub mod error;
 pub mod incremental;
+#[cfg(test)]
+mod incremental_tests;
 pub mod lease;
 pub mod model;
 pub mod notify;
