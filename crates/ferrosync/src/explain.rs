@@ -10,9 +10,7 @@ use anyhow::{bail, Context, Result};
 use ferrosync_api::auth::KeyStore;
 use ferrosync_api::stream::StreamsBody;
 use ferrosync_pgconn::PgEndpoint;
-use ferrosync_rules::{
-    BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest, SyncRules,
-};
+use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest, SyncRules};
 use ferrosync_storage::{OpType, PgStorage, StreamRecord, SyncStorage};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};

@@ -119,7 +119,7 @@ async fn deploy_locked(client: &Client, content: &str, options: &SyncRulesOption
     };
     let Some(changes) = plan else {
         if active.pending.is_some() {
-            set_pending(client, active.id, None).await?;
+            set_pending(client, active.id, active.pending.as_ref(), None).await?;
             tracing::info!(stream = active.id, "in-place deploy superseded by a full deploy");
         }
         return Ok(None);
@@ -134,7 +134,7 @@ async fn deploy_locked(client: &Client, content: &str, options: &SyncRulesOption
         prefix_ids: plan_prefix_ids(&changes, &active.prefix_ids, active.id as u64, fresh as u64),
         switch_lsn: None,
     };
-    set_pending(client, active.id, Some(&pending)).await?;
+    set_pending(client, active.id, active.pending.as_ref(), Some(&pending)).await?;
     tracing::info!(
         stream = active.id,
         deploy = fresh,
@@ -154,7 +154,22 @@ fn in_place_plan(active: &StreamRecord, content: &str, options: &SyncRulesOption
     rules.versioned_bucket_ids().then_some(changes)
 }
 
-async fn set_pending(tx: &impl GenericClient, id: i64, pending: Option<&PendingConfig>) -> Result<(), StorageError> {
+/// Make `pending` the stream's pending deploy. What a pending deploy it replaces (`previous`)
+/// built so far is queued for deletion: nothing will ever serve it.
+async fn set_pending(
+    tx: &impl GenericClient,
+    id: i64,
+    previous: Option<&PendingConfig>,
+    pending: Option<&PendingConfig>,
+) -> Result<(), StorageError> {
+    if let Some(old) = previous {
+        let built = abandoned(old);
+        tx.execute(
+            "UPDATE ferrosync.sync_rules SET retired_buckets = retired_buckets || $2::text[], retired_lookups = retired_lookups || $3::text[] WHERE id = $1",
+            &[&id, &built.buckets, &built.lookups],
+        )
+        .await?;
+    }
     tx.execute(
         "UPDATE ferrosync.sync_rules SET pending_id = $2, pending_content = $3, pending_prefix_ids = $4, pending_switch_lsn = NULL WHERE id = $1",
         &[
@@ -253,6 +268,18 @@ pub fn retired_prefixes(stream: &StreamRecord, pending: &PendingConfig) -> Retir
         };
         lookups.push(format!("[{},", serde_json::Value::String(lookup_name)));
     }
+    Retired { buckets, lookups }
+}
+
+/// The buckets and lookups of the definitions a pending deploy builds (those under its id).
+fn abandoned(pending: &PendingConfig) -> Retired {
+    let own = pending.prefix_ids.iter().filter(|(_, id)| **id == pending.id as u64);
+    let (buckets, lookups) = own
+        .map(|(name, id)| {
+            let lookup_name = serde_json::Value::String(format!("{id}#{name}"));
+            (format!("{id}#{name}["), format!("[{lookup_name},"))
+        })
+        .unzip();
     Retired { buckets, lookups }
 }
 

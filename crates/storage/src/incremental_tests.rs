@@ -50,7 +50,11 @@ async fn deploys_go_in_place_only_when_definitions_alone_changed() -> anyhow::Re
     assert_eq!(stream.state, StreamState::Active);
     let pending = stream.pending.clone().expect("pending");
     assert!(pending.id > stream.id);
-    let expected = [("extra", pending.id as u64), ("global", stream.id as u64), ("mine", stream.id as u64)];
+    let expected = [
+        ("extra", pending.id as u64),
+        ("global", stream.id as u64),
+        ("mine", stream.id as u64),
+    ];
     assert_eq!(pending.prefix_ids, expected.iter().map(|(n, i)| (n.to_string(), *i)).collect());
     // Deploying it again (another process, a restart) keeps the same deploy.
     let again = deploy_in_place(&client, &c2, &options).await?.expect("in place");
@@ -63,6 +67,12 @@ async fn deploys_go_in_place_only_when_definitions_alone_changed() -> anyhow::Re
     let c3 = format!("config:\n  edition: 2\n{c2}");
     assert!(deploy_in_place(&client, &c3, &options).await?.is_none());
     assert_eq!(rows(&client, "SELECT count(pending_id) FROM ferrosync.sync_rules").await?, 0);
+    // What it built so far is queued for deletion.
+    let retired: Vec<String> = client
+        .query_one("SELECT retired_buckets FROM ferrosync.sync_rules", &[])
+        .await?
+        .get(0);
+    assert_eq!(retired, vec![format!("{}#extra[", pending.id)]);
 
     // Unversioned bucket ids cannot tell a changed definition's buckets apart: full deploy.
     let unversioned = SyncRulesOptions {
@@ -106,7 +116,11 @@ async fn cleanup_deletes_only_retired_prefixes() -> anyhow::Result<()> {
         assert_eq!(left(kept).await?, 2500, "{kept}");
     }
     assert_eq!(rows(&client, "SELECT count(*) FROM ferrosync.bucket_parameters").await?, 1);
-    let queued = rows(&client, "SELECT cardinality(retired_buckets) + cardinality(retired_lookups) FROM ferrosync.sync_rules").await?;
+    let queued = rows(
+        &client,
+        "SELECT (cardinality(retired_buckets) + cardinality(retired_lookups))::int8 FROM ferrosync.sync_rules",
+    )
+    .await?;
     assert_eq!(queued, 0, "done prefixes leave the queue");
     Ok(())
 }

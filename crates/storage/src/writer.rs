@@ -376,7 +376,11 @@ impl BucketWriter {
                 self.remove_all(&table, key, existing.unwrap_or_default(), out);
             }
             RecordOp::Backfill { table, key, row } => {
-                let existing = state.get(&(table.id, key)).cloned().flatten().unwrap_or_default();
+                // A row storage does not have yet was inserted after the change stream's
+                // position: the stream will bring it, evaluated by every definition.
+                let Some(existing) = state.get(&(table.id, key)).cloned().flatten() else {
+                    return;
+                };
                 out.dirty.insert((table.id, key));
                 let next = self.backfill(&table, key, row, existing, out);
                 state.insert((table.id, key), Some(next));

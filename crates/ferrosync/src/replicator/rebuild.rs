@@ -144,7 +144,9 @@ impl Replication {
                 rows,
             });
         }
-        if copied {
+        // A copy, or a switch due already (a restart after the build), needs the stream to
+        // move past the source's position now, changes or not.
+        if copied || pending.switch_lsn.is_some() {
             setup::emit_ping(&self.source).await?;
         }
         self.writer.set_backfill_rules(rebuild.new_only.clone());

@@ -2,7 +2,7 @@
 //! definitions re-reads just the tables those definitions read, builds just their buckets,
 //! and leaves every other bucket (ids, ops, op ids) alone, so clients download nothing for it.
 
-use crate::harness::{seed, source_todos, token, ClientState, RawStream, Service, RULES, T};
+use crate::harness::{eventually_equal, seed, source_todos, token, ClientState, NodeAgent, RawStream, Service, RULES, T};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,6 +101,21 @@ fn start_writer(db: tokio_postgres::Client) -> (Arc<AtomicBool>, Arc<AtomicUsize
     (stop, writes, task)
 }
 
+/// The todo app's tables, plus the one the added definition syncs.
+fn node_schema() -> Value {
+    let todo = json!({"list_id": "text", "created_at": "text", "completed_at": "text", "description": "text", "completed": "integer", "owner_id": "text"});
+    json!({
+        "lists": {"created_at": "text", "name": "text", "owner_id": "text"},
+        "todos": todo,
+        "todo_index": {"description": "text"},
+    })
+}
+
+fn node_count(agent: &mut NodeAgent, table: &str) -> Result<usize> {
+    let rows = agent.call(json!({"cmd": "query", "sql": format!("SELECT count(*) AS n FROM {table}")}))?;
+    Ok(rows[0]["n"].as_u64().unwrap_or_default() as usize)
+}
+
 async fn u1_todo_ids(db: &tokio_postgres::Client) -> Result<BTreeSet<String>> {
     Ok(source_todos(db, "u1").await?.into_keys().collect())
 }
@@ -155,6 +170,12 @@ async fn a_definition_added_by_a_second_process_builds_only_its_table_while_clie
     let global = client.bucket("global").context("global bucket")?;
     let user_todos = client.bucket("user_todos").context("user_todos bucket")?;
     let held: BTreeMap<String, i64> = client.state.buckets.iter().map(|(b, s)| (b.clone(), s.last_op)).collect();
+    // The real SDK too, with the new definition's table in its schema from the start.
+    let mut agent = NodeAgent::start()?;
+    agent.call(json!({"cmd": "open", "db_path": svc.dir.path().join("client.sqlite"), "schema": node_schema()}))?;
+    agent.call(json!({"cmd": "connect", "endpoint": svc.url(), "token": token("u1"), "retry_delay_ms": 200}))?;
+    agent.call(json!({"cmd": "wait_first_sync", "timeout_ms": 60000}))?;
+    eventually_equal(&mut agent, &db, "u1").await?;
 
     let (stop, writes, writer) = start_writer(svc.source().await?);
     let log_from = svc.log_len();
@@ -195,6 +216,31 @@ async fn a_definition_added_by_a_second_process_builds_only_its_table_while_clie
     for (bucket, last) in &held {
         assert!(client.state.buckets[bucket].last_op >= *last, "{bucket} went back");
     }
+    // The SDK converged through the switch: the new table filled, no checksum failure, and
+    // the buckets it held are still the ones it holds.
+    eventually_equal(&mut agent, &db, "u1").await?;
+    let deadline = Instant::now() + T;
+    while node_count(&mut agent, "todo_index")? != todos.len() {
+        if Instant::now() > deadline {
+            bail!(
+                "the SDK's todo_index table: {} rows of {}",
+                node_count(&mut agent, "todo_index")?,
+                todos.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = agent.call(json!({"cmd": "status"}))?;
+    assert_eq!(status["checksum_failures"], json!(0), "{status}");
+    let names: BTreeSet<String> = agent
+        .call(json!({"cmd": "buckets"}))?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, [global.clone(), user_todos.clone(), index.clone()].into_iter().collect());
+    agent.call(json!({"cmd": "close"}))?;
     // Only `todos` was read again, and by the process holding the lease.
     let log = svc.log_since(log_from);
     assert_eq!(tables_read(&log), vec!["todos".to_string()], "{log}");
