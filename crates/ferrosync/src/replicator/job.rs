@@ -57,7 +57,6 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
             repl.initial_snapshot().await?;
         }
         if let (Some(deploy), Some(new_only)) = (deploy, new_only) {
-            config.status.set_replication("deploying", None);
             repl.start_rebuild(Rebuild::new(deploy, new_only)).await?;
         }
         repl.stream_changes().await

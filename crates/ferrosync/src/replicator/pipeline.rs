@@ -210,7 +210,9 @@ impl Replication {
         })
         .await?;
         tracing::info!("streaming changes");
-        self.config.status.set_replication("streaming", None);
+        // "deploying": streaming, and building an in-place deploy beside the served config.
+        let state = if self.rebuild.is_some() { "deploying" } else { "streaming" };
+        self.config.status.set_replication(state, None);
         let mut durable = self.writer.durable();
         let mut in_tx = false;
         let mut deploys = tokio::time::interval(DEPLOY_POLL);

@@ -104,6 +104,7 @@ impl Replication {
             (Some(deploy), Some(new_only)) => self.start_rebuild(Rebuild::new(deploy, new_only)).await,
             _ => {
                 tracing::info!(stream = id_of(self), "replicating with the switched config");
+                self.config.status.set_replication("streaming", None);
                 Ok(())
             }
         }
@@ -116,6 +117,7 @@ impl Replication {
             return Ok(());
         };
         let group = self.writer.stream().id;
+        self.config.status.set_replication("deploying", None);
         let done = incremental::rebuild_progress(self.writer.client(), group, rebuild.deploy).await?;
         let tag = self.config.source.tag.clone();
         let mut copied = false;
