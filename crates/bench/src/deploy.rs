@@ -12,6 +12,10 @@ use crate::setup::Target;
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
 
+/// The client synced before a deploy: a user no other phase writes to (restarts re-apply the
+/// source changes after the last acknowledged position, which would count as re-downloads).
+const HELD_USER: &str = "u7";
+
 /// A global setting with the meaning of the default: it changes nothing but forces a full deploy.
 const FORCE_FULL: &str = "config:\n  edition: 1\n";
 
@@ -60,7 +64,7 @@ async fn run(t: &mut Target, kind: Kind, rows: i64, stall: Duration) -> Result<R
         Kind::Full => format!("{FORCE_FULL}{rules}{}", definition(name)),
     };
     // A client synced before the deploy, to count what it downloads again afterwards.
-    let before = first_complete(t, "u2", stall).await.context("sync before the deploy")?;
+    let before = first_complete(t, HELD_USER, stall).await.context("sync before the deploy")?;
     let cpu0 = t.cpu();
     t.own_service()?.stop().context("stopping the service")?;
     t.write_rules(&new_rules)?;
@@ -88,10 +92,10 @@ async fn run(t: &mut Target, kind: Kind, rows: i64, stall: Duration) -> Result<R
     Ok(Row::new(metric, value, spec, Some(cpu)))
 }
 
-/// Reconnect u2 from `positions` and read to `checkpoint_complete`: ops received in buckets
+/// Reconnect [`HELD_USER`] from `positions` and read to `checkpoint_complete`: ops received in buckets
 /// whose name contains `marker`, and in the others.
 async fn resync(t: &Target, positions: &[crate::client::BucketAfter], marker: &str, stall: Duration) -> Result<(usize, usize)> {
-    let mut stream = t.endpoint.open("u2", Transport::NDJSON, positions).await?;
+    let mut stream = t.endpoint.open(HELD_USER, Transport::NDJSON, positions).await?;
     let (mut new, mut other) = (0, 0);
     loop {
         match stream.next_event(Some(stall)).await.context("re-sync after the deploy")? {
