@@ -312,3 +312,54 @@ async fn a_changed_definition_gets_new_buckets_and_a_removed_one_is_deleted() ->
     storage_drops(&svc, &user_todos).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_read_killed_midway_resumes_where_it_stopped() -> Result<()> {
+    const ROWS: usize = 60_000;
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    seed(&db, 3, ROWS, &["u1"]).await?;
+    svc.start().await?;
+    let mut client = Client::open(&svc.url(), Vec::new(), ClientState::default()).await?;
+    client.until("the first sync", |s| s.table("todos").len() == ROWS).await?;
+
+    svc.terminate()?;
+    std::fs::write(svc.dir.path().join("sync-rules.yaml"), format!("{RULES}{TODO_INDEX}"))?;
+    svc.start().await?;
+    // kill -9 once some of the re-read is stored, and not all of it.
+    let storage = svc.cluster.connect("storage").await?;
+    let deadline = Instant::now() + T;
+    loop {
+        let row = storage.query_opt("SELECT rows, done FROM ferrosync.rebuild_tables", &[]).await?;
+        match row.map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1))) {
+            Some((rows, false)) if rows > 0 => break,
+            Some((_, true)) => bail!("the re-read finished before the kill; use more rows"),
+            _ if Instant::now() > deadline => bail!("no re-read progress: {}", svc.log()),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    svc.kill();
+    let log_from = svc.log_len();
+    svc.start().await?;
+    let mut client = Client::open(&svc.url(), client.state.positions(), std::mem::take(&mut client.state)).await?;
+    client
+        .until("the new definition's bucket", |s| {
+            s.buckets
+                .keys()
+                .any(|b| b.contains("#todo_index[") && s.buckets[b].rows.len() == ROWS)
+        })
+        .await
+        .with_context(|| svc.log_since(log_from))?;
+    let log = svc.log_since(log_from);
+    let resumed = log
+        .lines()
+        .filter(|l| l.contains("re-reading table for the deployed definitions"))
+        .filter_map(|l| l.split("resume_after_rows=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<usize>().ok())
+        .next()
+        .context("no re-read after the restart")?;
+    assert!(resumed > 0 && resumed < ROWS, "resumed after {resumed} rows: {log}");
+    let user_todos = client.bucket("user_todos").context("user_todos bucket")?;
+    assert!(client.ops_since_mark(&user_todos).is_empty(), "user_todos re-sent");
+    Ok(())
+}
