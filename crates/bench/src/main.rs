@@ -10,6 +10,7 @@
 
 mod client;
 mod compaction;
+mod deploy;
 mod encoding;
 mod eval;
 mod failover;
@@ -139,6 +140,7 @@ enum Phase {
     Fanout,
     Compaction,
     Failover,
+    Deploy,
 }
 
 impl Args {
@@ -329,7 +331,7 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
         let r = compaction::compaction(t, run_id, args.churn_rows, args.churn_updates, args.stall()).await;
         record(report, "compaction", &report::COMPACTION, r);
     }
-    // Last: it kills and restarts service processes.
+    // Near the end: it kills and restarts service processes.
     if args.runs(Phase::Failover) {
         let opts = failover::FailoverOptions {
             rounds: args.failover_rounds,
@@ -337,6 +339,12 @@ async fn run(t: &mut Target, args: &Args, run_id: &str, report: &mut Report) -> 
             timeout: args.stall(),
         };
         for (metric, spec, r) in failover::failover(t, &opts).await {
+            record(report, metric, spec, r);
+        }
+    }
+    // After everything else: it changes the sync config.
+    if args.runs(Phase::Deploy) {
+        for (metric, spec, r) in deploy::deploy(t, args.rows, args.stall()).await {
             record(report, metric, spec, r);
         }
     }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 
 /// How long the initial snapshot (and a restart) may take before we give up.
-const SNAPSHOT_LIMIT: Duration = Duration::from_secs(900);
+pub(crate) const SNAPSHOT_LIMIT: Duration = Duration::from_secs(900);
 /// Download repetitions per encoding.
 const DOWNLOAD_RUNS: usize = 3;
 /// Rows per source transaction in the incremental phase.
@@ -21,7 +21,7 @@ const TXN_ROWS: i64 = 1000;
 
 /// Open a fresh NDJSON stream for `user` and read it to the first `checkpoint_complete`,
 /// retrying while the service is starting up. Fails early if the owned service exits.
-async fn first_complete(t: &mut Target, user: &str, limit: Duration) -> Result<SyncSummary> {
+pub(crate) async fn first_complete(t: &mut Target, user: &str, limit: Duration) -> Result<SyncSummary> {
     let deadline = Instant::now() + limit;
     let mut stream = loop {
         t.check_service()?;

@@ -93,6 +93,14 @@ pub const PER_CONNECTION_WS: Spec = Spec {
 /// The reference's failover figure comes from the issue, not from baseline.md (which has no
 /// failover run); its design (replication-storage.md, item 8) is a lease row with a 60 s
 /// timeout, refreshed about every 30 s.
+pub const DEPLOY_INCREMENTAL: Spec = Spec {
+    reference: "every deploy rebuilds all buckets (= full)",
+    target: "only the new definition's table and buckets",
+};
+pub const DEPLOY_FULL: Spec = Spec {
+    reference: "snapshot of every table, all buckets re-downloaded",
+    target: "—",
+};
 pub const FAILOVER_STANDBY: Spec = Spec {
     reference: "~57 s (issue figure; 60 s lease timeout)",
     target: "≤ 5 s",

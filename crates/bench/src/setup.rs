@@ -103,6 +103,24 @@ impl Target {
         Ok((service, endpoint))
     }
 
+    /// Own mode: replace the sync config the service (and its peers) start with.
+    pub fn write_rules(&self, content: &str) -> Result<()> {
+        let dir = self
+            .config_dir
+            .as_ref()
+            .context("needs a service started by the bench (not --url mode)")?;
+        std::fs::write(dir.path().join("sync-rules.yaml"), content).context("writing sync-rules.yaml")
+    }
+
+    /// Own mode: the sync config the service starts with.
+    pub fn rules(&self) -> Result<String> {
+        let dir = self
+            .config_dir
+            .as_ref()
+            .context("needs a service started by the bench (not --url mode)")?;
+        std::fs::read_to_string(dir.path().join("sync-rules.yaml")).context("reading sync-rules.yaml")
+    }
+
     /// Stop the service, then the cluster, in that order.
     pub fn shutdown(&mut self) {
         if let Some(s) = self.service.as_mut() {

@@ -8,7 +8,7 @@ use ferrosync_api::auth::KeyStore;
 use ferrosync_api::stream::StreamsBody;
 use ferrosync_inspect::{Explanation, Served as ServedAt};
 use ferrosync_pgconn::PgEndpoint;
-use ferrosync_rules::{RequestParameters, StreamsRequest, SyncRules, SyncRulesOptions};
+use ferrosync_rules::{RequestParameters, StreamsRequest, SyncRules};
 use ferrosync_storage::{PgStorage, StreamRecord, SyncStorage};
 use serde_json::Value;
 use std::path::Path;
@@ -129,18 +129,15 @@ async fn served(storage: &ferrosync_config::PostgresConnectionConfig) -> Option<
     }
 }
 
-/// The rules the service serves: the active stream's (its id prefixes bucket ids), else the
-/// config file's.
+/// The rules the service serves: the active stream's (its id, or a definition's own id after
+/// an in-place deploy, prefixes bucket ids), else the config file's.
 fn rules_for(file_content: Option<&str>, served: Option<Served>) -> Result<(SyncRules, Option<Served>)> {
     let Some(s) = served else {
         let content = file_content.context("no sync_config in the config file, and none deployed and active in bucket storage")?;
         let rules = SyncRules::parse(content, &rules_options()).map_err(|e| anyhow::anyhow!("the sync config is invalid:\n{e}"))?;
         return Ok((rules, None));
     };
-    let options = SyncRulesOptions {
-        sync_rules_id: s.stream.id as u64,
-        ..rules_options()
-    };
+    let options = s.stream.rules_options(&rules_options());
     println!(
         "sync config: #{} ({}), checkpoint op {}",
         s.stream.id,

@@ -36,6 +36,7 @@ pub(crate) fn rules_options() -> SyncRulesOptions {
         default_schema: "public".into(),
         sync_rules_id: 1,
         default_storage_version: 2,
+        prefix_ids: Default::default(),
     }
 }
 

@@ -27,6 +27,10 @@ pub struct SyncRulesOptions {
     pub sync_rules_id: u64,
     /// Storage version when the file does not set `config.storage_version`.
     pub default_storage_version: u32,
+    /// Bucket-prefix id per bucket definition (name -> id) where it differs from
+    /// `sync_rules_id`: a definition kept unchanged by an in-place deploy keeps the id its
+    /// buckets were built under, so its bucket ids (and clients' copies) survive the deploy.
+    pub prefix_ids: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for SyncRulesOptions {
@@ -35,6 +39,7 @@ impl Default for SyncRulesOptions {
             default_schema: "public".to_string(),
             sync_rules_id: 1,
             default_storage_version: 2,
+            prefix_ids: Default::default(),
         }
     }
 }

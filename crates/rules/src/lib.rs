@@ -6,6 +6,7 @@
 mod compile;
 mod config;
 mod data_query;
+pub mod diff;
 mod errors;
 mod expr;
 mod filter;
@@ -37,3 +38,5 @@ mod eval_tests;
 mod fuzz_smoke;
 #[doc(hidden)]
 pub mod fuzz_support;
+#[cfg(test)]
+mod prefix_tests;

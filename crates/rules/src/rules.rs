@@ -52,17 +52,35 @@ pub struct EvaluatedParameters {
 #[derive(Debug)]
 struct Definition {
     name: String,
+    /// Bucket id prefix (`<prefix id>#<name>` when versioned).
     prefix: String,
+    /// First element of its parameter lookup keys: the name, or `<prefix id>#<name>` when the
+    /// definition was built under another id than the stream's (an in-place deploy), so a
+    /// changed definition never shares lookups with the one it replaces.
+    lookup_name: String,
     priority: u8,
     params: Vec<String>,
     param_queries: Vec<ParamQuery>,
     data_queries: Vec<DataQuery>,
 }
 
+fn sources_of(definitions: &[Definition], streams: &StreamSet) -> Vec<BucketSourceInfo> {
+    let legacy = definitions.iter().map(|d| (d.name.as_str(), d.priority));
+    legacy
+        .chain(streams.names())
+        .map(|(name, priority)| BucketSourceInfo {
+            name: name.to_string(),
+            priority,
+        })
+        .collect()
+}
+
 /// A parsed sync rules file.
 #[derive(Debug)]
 pub struct SyncRules {
     compatibility: Compatibility,
+    /// Bucket ids carry a `<prefix id>#` (versioned bucket ids or storage version 2+).
+    versioned: bool,
     warnings: Vec<RuleIssue>,
     definitions: Vec<Definition>,
     streams: Arc<StreamSet>,
@@ -128,10 +146,12 @@ impl SyncRules {
         let mut definitions = Vec::new();
         for def in raw.definitions {
             let name = def.name.clone();
-            let prefix = if versioned {
-                format!("{}#{name}", options.sync_rules_id)
-            } else {
+            let prefix_id = options.prefix_ids.get(&name).copied().unwrap_or(options.sync_rules_id);
+            let prefix = if versioned { format!("{prefix_id}#{name}") } else { name.clone() };
+            let lookup_name = if prefix_id == options.sync_rules_id {
                 name.clone()
+            } else {
+                format!("{prefix_id}#{name}")
             };
             let mut param_queries = Vec::new();
             match &def.parameters {
@@ -178,6 +198,7 @@ impl SyncRules {
             definitions.push(Definition {
                 name,
                 prefix,
+                lookup_name,
                 priority,
                 params,
                 param_queries,
@@ -187,26 +208,60 @@ impl SyncRules {
         if !errors.is_empty() {
             return Err(SyncRulesError { errors, warnings });
         }
-        let legacy = definitions.iter().map(|d| (d.name.as_str(), d.priority));
-        let sources = legacy
-            .chain(streams.names())
-            .map(|(name, priority)| BucketSourceInfo {
-                name: name.to_string(),
-                priority,
-            })
-            .collect();
         Ok(SyncRules {
+            sources: sources_of(&definitions, &streams),
             compatibility: raw.compatibility,
+            versioned,
             warnings,
             definitions,
             streams: Arc::new(streams),
-            sources,
         })
+    }
+
+    /// Only the bucket definitions named in `names` (no streams): what an in-place deploy
+    /// evaluates when it re-reads a table for its added and changed definitions.
+    pub fn restricted_to(mut self, names: &[String]) -> SyncRules {
+        self.definitions.retain(|d| names.contains(&d.name));
+        self.streams = Arc::new(StreamSet::default());
+        self.sources = sources_of(&self.definitions, &self.streams);
+        self
+    }
+
+    /// `self` plus the definitions of `extra` (whose bucket ids and lookups must differ from
+    /// `self`'s, as an in-place deploy's added and changed definitions do): while such a deploy
+    /// is built, live changes feed the active definitions and the new ones alike.
+    pub fn union(mut self, extra: SyncRules) -> SyncRules {
+        self.definitions.extend(extra.definitions);
+        self.sources = sources_of(&self.definitions, &self.streams);
+        self
+    }
+
+    /// Whether `bucket` is one of the buckets these rules can produce (a bucket of a
+    /// definition an in-place deploy removed or replaced is not).
+    pub fn owns_bucket(&self, bucket: &str) -> bool {
+        let followed_by_params = |prefix: &str| bucket.strip_prefix(prefix).is_some_and(|r| r.starts_with('['));
+        self.definitions.iter().any(|d| followed_by_params(&d.prefix)) || self.streams.owns_bucket(bucket)
+    }
+
+    /// Whether parameter lookup `lookup` (as stored) is one these rules produce.
+    pub fn owns_lookup(&self, lookup: &str) -> bool {
+        let produces = |name: &str| {
+            let head = LookupKey::head(name, "");
+            // `head` ends with the empty query id's closing quote; keep the opening one.
+            lookup.starts_with(&head[..head.len() - 1])
+        };
+        self.definitions.iter().any(|d| produces(&d.lookup_name)) || (!self.streams.is_empty() && produces("lookup"))
     }
 
     /// Non-fatal issues found while parsing.
     pub fn warnings(&self) -> &[RuleIssue] {
         &self.warnings
+    }
+
+    /// Whether bucket ids carry their definition's prefix id: only then can a changed
+    /// definition get new bucket ids without the others changing (an in-place deploy).
+    pub fn versioned_bucket_ids(&self) -> bool {
+        self.versioned
     }
 
     /// Effective compatibility switches.
@@ -287,7 +342,7 @@ impl SyncRules {
                 match q.evaluate_row(row, suffix, fixed) {
                     Ok(entries) => out.extend(entries.into_iter().map(|(values, stored)| {
                         Ok(EvaluatedParameters {
-                            lookup: LookupKey::new(&d.name, &q.id, &values),
+                            lookup: LookupKey::new(&d.lookup_name, &q.id, &values),
                             bucket_parameters: stored,
                         })
                     })),
@@ -328,7 +383,7 @@ impl SyncRules {
                         }
                     };
                     for values in &plan.tuples {
-                        let lookup = LookupKey::new(&d.name, &q.id, values);
+                        let lookup = LookupKey::new(&d.lookup_name, &q.id, values);
                         if !seen.insert(lookup.clone()) {
                             continue;
                         }

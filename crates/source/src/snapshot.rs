@@ -77,6 +77,46 @@ pub async fn copy_table(
     }
 }
 
+/// One chunk of `rel` after `after`, read at once: at most `chunk_rows` rows in key order for a
+/// table with a single sortable key, else the whole table (`done` is set on the last chunk).
+/// For a re-read that runs between batches of the change stream: nothing the stream applies
+/// meanwhile can be newer than a chunk read this way.
+pub async fn read_chunk(
+    client: &Client,
+    rel: &RelationInfo,
+    after: Option<&str>,
+    chunk_rows: usize,
+    compat: &Compatibility,
+) -> Result<SnapshotChunk, SourceError> {
+    let table = format!("{}.{}", quote_ident(&rel.name.schema), quote_ident(&rel.name.name));
+    let (query, key_index) = match chunk_column(rel) {
+        Some(key) => {
+            let filter = match after {
+                Some(k) => format!("WHERE {} > {}", quote_ident(&key.name), quote_literal(k)),
+                None => String::new(),
+            };
+            let query = format!(
+                "COPY (SELECT * FROM {table} {filter} ORDER BY {} LIMIT {chunk_rows}) TO STDOUT",
+                quote_ident(&key.name)
+            );
+            (query, rel.columns.iter().position(|c| c.name == key.name))
+        }
+        None => (format!("COPY (SELECT * FROM {table}) TO STDOUT"), None),
+    };
+    let (tx, mut rx) = mpsc::channel(1);
+    let (count, last_key) = copy_query(client, &query, rel, usize::MAX, compat, key_index, &tx).await?;
+    drop(tx);
+    let rows = match rx.recv().await {
+        Some(chunk) => chunk?.rows,
+        None => Vec::new(),
+    };
+    Ok(SnapshotChunk {
+        rows,
+        last_key,
+        done: key_index.is_none() || count < chunk_rows,
+    })
+}
+
 /// Run one COPY, sending rows in chunks of at most `chunk_rows`; returns the row count and the
 /// raw key text of the last row.
 async fn copy_query(

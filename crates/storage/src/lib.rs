@@ -12,6 +12,9 @@ pub mod compact;
 pub mod compactor;
 pub mod error;
 pub mod hygiene;
+pub mod incremental;
+#[cfg(test)]
+mod incremental_tests;
 pub mod lease;
 pub mod lifecycle;
 pub mod model;

@@ -9,7 +9,7 @@ use crate::streams::{stream_from_row, STREAM_COLUMNS};
 use tokio_postgres::{Client, Transaction};
 
 /// Every table keyed by a stream's id (`group_id`): what a stream's storage consists of.
-/// `source_tables` keys it as int8, the others as int4.
+/// `source_tables` and `rebuild_tables` key it as int8, the others as int4.
 const GROUP_TABLES: &[(&str, &str)] = &[
     ("op_chunks", "int4"),
     ("current_data", "int4"),
@@ -17,6 +17,7 @@ const GROUP_TABLES: &[(&str, &str)] = &[
     ("bucket_changes", "int4"),
     ("bucket_compaction", "int4"),
     ("source_tables", "int8"),
+    ("rebuild_tables", "int8"),
 ];
 
 /// Rows deleted per statement: each batch is its own short transaction, so deleting a large

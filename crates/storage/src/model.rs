@@ -110,6 +110,44 @@ pub struct StreamRecord {
     pub checkpoint: Checkpoint,
     pub no_checkpoint_before: u64,
     pub persisted_op: i64,
+    /// Bucket-prefix id per definition built under another id than the stream's.
+    pub prefix_ids: std::collections::BTreeMap<String, u64>,
+    /// A new config being built in place on this stream (see [`crate::incremental`]).
+    pub pending: Option<PendingConfig>,
+}
+
+impl StreamRecord {
+    /// Options that parse `content` into the rules this stream's buckets are built with.
+    pub fn rules_options(&self, base: &ferrosync_rules::SyncRulesOptions) -> ferrosync_rules::SyncRulesOptions {
+        ferrosync_rules::SyncRulesOptions {
+            sync_rules_id: self.id as u64,
+            prefix_ids: self.prefix_ids.clone(),
+            ..base.clone()
+        }
+    }
+}
+
+/// A sync config deployed in place on an active stream, being built beside the served one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConfig {
+    /// Deploy id (from the stream id sequence): the prefix id of added and changed definitions.
+    pub id: i64,
+    pub content: String,
+    pub prefix_ids: std::collections::BTreeMap<String, u64>,
+    /// Set once every table is re-read: the switch happens at the first checkpoint at or
+    /// past this LSN.
+    pub switch_lsn: Option<u64>,
+}
+
+impl PendingConfig {
+    /// Options that parse the pending content into its rules.
+    pub fn rules_options(&self, stream_id: i64, base: &ferrosync_rules::SyncRulesOptions) -> ferrosync_rules::SyncRulesOptions {
+        ferrosync_rules::SyncRulesOptions {
+            sync_rules_id: stream_id as u64,
+            prefix_ids: self.prefix_ids.clone(),
+            ..base.clone()
+        }
+    }
 }
 
 /// A source table known to a stream.

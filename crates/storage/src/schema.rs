@@ -155,6 +155,33 @@ CREATE TABLE ferrosync.bucket_compaction (
 "#,
     ),
     (
+        7,
+        r#"
+-- In-place deploys (see incremental.rs). prefix_ids: bucket-prefix id per definition (JSON
+-- object; NULL or absent: the stream's id). pending_*: a deploy being built on this stream
+-- (pending_id is its id from the sync_rules sequence, also the prefix id of the definitions it
+-- adds or changes); pending_switch_lsn: built, switch once the stream passes it.
+-- retired_*: prefixes of buckets and lookups of replaced definitions, deleted in batches.
+ALTER TABLE ferrosync.sync_rules ADD COLUMN prefix_ids text;
+ALTER TABLE ferrosync.sync_rules ADD COLUMN pending_id bigint;
+ALTER TABLE ferrosync.sync_rules ADD COLUMN pending_content text;
+ALTER TABLE ferrosync.sync_rules ADD COLUMN pending_prefix_ids text;
+ALTER TABLE ferrosync.sync_rules ADD COLUMN pending_switch_lsn pg_lsn;
+ALTER TABLE ferrosync.sync_rules ADD COLUMN retired_buckets text[] NOT NULL DEFAULT '{}';
+ALTER TABLE ferrosync.sync_rules ADD COLUMN retired_lookups text[] NOT NULL DEFAULT '{}';
+-- Per table: how far the re-read for a pending deploy got.
+CREATE TABLE ferrosync.rebuild_tables (
+    group_id bigint NOT NULL,
+    pending_id bigint NOT NULL,
+    table_id bigint NOT NULL,
+    last_key text,
+    rows bigint NOT NULL DEFAULT 0,
+    done boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (group_id, pending_id, table_id)
+);
+"#,
+    ),
+    (
         8,
         // Write checkpoint retention (see hygiene.rs): when a row was last written, and the
         // largest server-generated id ever pruned, above which a key's new row starts so its

@@ -6,7 +6,7 @@ use crate::model::{Checkpoint, SourceTableRecord, StreamRecord, StreamState};
 use crate::writer::lsn_from_text;
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
-pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op";
+pub(crate) const STREAM_COLUMNS: &str = "id, content, state, slot_name, snapshot_done, last_checkpoint, coalesce(last_checkpoint_lsn::text, '0/0'), coalesce(no_checkpoint_before::text, '0/0'), persisted_op, prefix_ids, pending_id, pending_content, pending_prefix_ids, pending_switch_lsn::text";
 
 pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
     let state: String = r.get(2);
@@ -26,13 +26,15 @@ pub(crate) fn stream_from_row(r: &Row) -> Result<StreamRecord, StorageError> {
         },
         no_checkpoint_before: lsn(7)?,
         persisted_op: r.get(8),
+        prefix_ids: crate::incremental::prefix_ids_from(r.get(9))?,
+        pending: crate::incremental::pending_from_row(r, 10)?,
     })
 }
 
 /// Advisory-lock key serialising changes to which streams exist: two processes starting with
 /// the same new config at once must create one stream, not two, and a stream replacing one
 /// that lost its slot must not race a deploy into two PROCESSING streams.
-const DEPLOY_LOCK: i64 = 0x6673_796e_6465_706c;
+pub(crate) const DEPLOY_LOCK: i64 = 0x6673_796e_6465_706c;
 
 /// A transaction holding [`DEPLOY_LOCK`] (until it ends).
 pub(crate) async fn deploy_transaction(client: &mut Client) -> Result<Transaction<'_>, StorageError> {

@@ -1,6 +1,7 @@
-//! Sync config versions as the admin API changes them: deploy new content, rebuild the active
-//! content from scratch, and what is being deployed. A new version is a PROCESSING stream with
-//! its own slot; it becomes ACTIVE (and the old one STOP) when its snapshot is done.
+//! Sync config versions as the admin API changes them: rebuild the active content from
+//! scratch, and what is being deployed (deploying content is `streams::stream_for_content`).
+//! A new version is a PROCESSING stream with its own slot; it becomes ACTIVE (and the old one
+//! STOP) when its snapshot is done.
 
 use crate::error::StorageError;
 use crate::model::{SourceTableRecord, StreamRecord};
@@ -16,15 +17,6 @@ pub enum ReprocessError {
     NoActive,
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-/// Deploy `content` as a new version (older PROCESSING versions stop: it supersedes them).
-/// Serialised with the replicators' deploys (`streams::stream_for_content`).
-pub async fn deploy(client: &mut Client, content: &str, slot_prefix: &str) -> Result<StreamRecord, StorageError> {
-    let tx = deploy_transaction(client).await?;
-    let stream = insert_version(&tx, content, slot_prefix).await?;
-    tx.commit().await?;
-    Ok(stream)
 }
 
 /// A full rebuild: a new version with the active content (new slot, fresh snapshot). Refused

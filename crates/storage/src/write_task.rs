@@ -56,6 +56,8 @@ pub(crate) struct NewCheckpoint {
     pub checkpoint: Checkpoint,
     /// Also switch the served stream to this one (its first checkpoint).
     pub activate: bool,
+    /// Also switch the stream to its pending config (see [`crate::incremental`]).
+    pub switch: Option<crate::incremental::Switch>,
 }
 
 pub(crate) enum Job {
@@ -193,8 +195,10 @@ async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch
         )
         .await?;
     check_lease(fenced, group)?;
-    if let Some(p) = &batch.progress {
-        crate::streams::save_table_progress(tx, p.table_id, p.last_key.as_deref(), p.rows, p.done).await?;
+    match &batch.progress {
+        Some(p @ TableProgress { rebuild: Some(deploy), .. }) => crate::incremental::save_rebuild_progress(tx, group, *deploy, p).await?,
+        Some(p) => crate::streams::save_table_progress(tx, p.table_id, p.last_key.as_deref(), p.rows, p.done).await?,
+        None => {}
     }
     Ok(())
 }
@@ -344,9 +348,16 @@ async fn write_checkpoint(tx: &Transaction<'_>, group: i64, owner: &str, new: &N
         true => crate::lifecycle::activate(tx, group).await?,
         false => Vec::new(),
     };
+    if let Some(switch) = &new.switch {
+        crate::incremental::switch(tx, group, switch).await?;
+    }
     // Delivered at commit: listeners never see a checkpoint before its ops.
     let payload = format!("{}:{}:{}", group, new.checkpoint.op_id, lsn_text);
     tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
+    if new.switch.is_some() {
+        let payload = format!("{group}:{}", crate::incremental::CONFIG_SWITCHED);
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload]).await?;
+    }
     Ok(stopped)
 }
 
@@ -408,6 +419,7 @@ mod tests {
         let checkpoint = |op_id| NewCheckpoint {
             checkpoint: Checkpoint { op_id, lsn: 100 },
             activate: false,
+            switch: None,
         };
         let batch = |persisted_op| {
             Some(Box::new(Batch {

@@ -52,6 +52,14 @@ pub enum RecordOp {
         table: Arc<TableHandle>,
         key: Uuid,
     },
+    /// A row re-read for an in-place deploy: evaluated by the deploy's new definitions only
+    /// (see [`BucketWriter::set_backfill_rules`]), merged into the row's current buckets and
+    /// lookups; the buckets of the other definitions get no ops.
+    Backfill {
+        table: Arc<TableHandle>,
+        key: Uuid,
+        row: Row,
+    },
 }
 
 /// (bucket, object_type, object_id) a row is currently in.
@@ -97,6 +105,8 @@ pub struct BucketWriter {
     snapshot: bool,
     progress: Option<TableProgress>,
     evaluation_errors: u64,
+    /// The new definitions of a pending in-place deploy, for [`RecordOp::Backfill`].
+    backfill: Option<Arc<SyncRules>>,
 }
 
 /// A table copy's position, saved in the same transaction as the rows copied up to it, so a
@@ -107,6 +117,8 @@ pub struct TableProgress {
     pub last_key: Option<String>,
     pub rows: i64,
     pub done: bool,
+    /// Set (to the deploy id) for a re-read of an in-place deploy, whose progress is kept apart.
+    pub rebuild: Option<i64>,
 }
 
 impl BucketWriter {
@@ -134,7 +146,24 @@ impl BucketWriter {
             snapshot: false,
             progress: None,
             evaluation_errors: 0,
+            backfill: None,
         }
+    }
+
+    /// Evaluate rows with `rules` from now on (a config change in place; call
+    /// [`BucketWriter::flush`] first so rows saved before are evaluated with the old rules).
+    pub fn set_rules(&mut self, rules: Arc<SyncRules>) {
+        self.rules = rules;
+    }
+
+    /// The stream's pending in-place deploy, as storage has it now.
+    pub fn set_pending(&mut self, pending: Option<crate::model::PendingConfig>) {
+        self.stream.pending = pending;
+    }
+
+    /// The rules [`RecordOp::Backfill`] rows are evaluated with.
+    pub fn set_backfill_rules(&mut self, rules: Arc<SyncRules>) {
+        self.backfill = Some(rules);
     }
 
     pub fn stream(&self) -> &StreamRecord {
@@ -274,7 +303,7 @@ impl BucketWriter {
                 RecordOp::Upsert {
                     table, key, before_key, ..
                 } => (table.id, *key, *before_key),
-                RecordOp::Delete { table, key } => (table.id, *key, None),
+                RecordOp::Delete { table, key } | RecordOp::Backfill { table, key, .. } => (table.id, *key, None),
             };
             table_ids.push(table);
             keys.push(key);
@@ -346,6 +375,16 @@ impl BucketWriter {
                 out.dirty.insert((table.id, key));
                 self.remove_all(&table, key, existing.unwrap_or_default(), out);
             }
+            RecordOp::Backfill { table, key, row } => {
+                // A row storage does not have yet was inserted after the change stream's
+                // position: the stream will bring it, evaluated by every definition.
+                let Some(existing) = state.get(&(table.id, key)).cloned().flatten() else {
+                    return;
+                };
+                out.dirty.insert((table.id, key));
+                let next = self.backfill(&table, key, row, existing, out);
+                state.insert((table.id, key), Some(next));
+            }
             RecordOp::Upsert {
                 table,
                 key,
@@ -386,10 +425,52 @@ impl BucketWriter {
     /// Ops for a new row version: PUT in every bucket it is in, REMOVE from buckets it left,
     /// parameter rows for its lookups and tombstones for lookups it no longer produces.
     fn evaluate(&mut self, table: &TableHandle, key: Uuid, row: Row, existing: CurrentRow, out: &mut FlushOutput) -> CurrentRow {
+        let rules = self.rules.clone();
+        let (buckets, lookups) = self.place(&rules, table, key, &row, &existing.buckets, &existing.lookups, out);
+        CurrentRow {
+            image: (table.store_image && may_be_toasted(&row)).then_some(row),
+            buckets,
+            lookups,
+        }
+    }
+
+    /// [`RecordOp::Backfill`]: like `evaluate`, for the deploy's new definitions only; the
+    /// row's other buckets and lookups (and its image, which may be newer) stay as they are.
+    fn backfill(&mut self, table: &TableHandle, key: Uuid, row: Row, existing: CurrentRow, out: &mut FlushOutput) -> CurrentRow {
+        let Some(rules) = self.backfill.clone() else {
+            return existing;
+        };
+        let (mine, others): (Vec<BucketRef>, Vec<BucketRef>) = existing.buckets.into_iter().partition(|b| rules.owns_bucket(&b.0));
+        let (my_lookups, other_lookups): (Vec<String>, Vec<String>) = existing.lookups.into_iter().partition(|l| rules.owns_lookup(l));
+        let (buckets, lookups) = self.place(&rules, table, key, &row, &mine, &my_lookups, out);
+        let image = existing
+            .image
+            .or_else(|| (table.store_image && may_be_toasted(&row)).then_some(row));
+        CurrentRow {
+            image,
+            buckets: others.into_iter().chain(buckets).collect(),
+            lookups: other_lookups.into_iter().chain(lookups).collect(),
+        }
+    }
+
+    /// Evaluate `row` with `rules`: PUT in its buckets, REMOVE from `previous` buckets it left,
+    /// parameter rows for its lookups and tombstones for `previous_lookups` it left. Returns
+    /// the row's buckets and lookups.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &mut self,
+        rules: &SyncRules,
+        table: &TableHandle,
+        key: Uuid,
+        row: &Row,
+        previous: &[BucketRef],
+        previous_lookups: &[String],
+        out: &mut FlushOutput,
+    ) -> (Vec<BucketRef>, Vec<String>) {
         let subkey = format!("{}/{}", table.id, key);
         let mut buckets: Vec<BucketRef> = Vec::new();
         let mut puts = Vec::new();
-        for result in self.rules.evaluate_row(&table.name, &row) {
+        for result in rules.evaluate_row(&table.name, row) {
             match result {
                 Ok(r) => {
                     let reference = (r.bucket.clone(), r.table.clone(), r.id.clone());
@@ -423,11 +504,11 @@ impl BucketWriter {
                 },
             });
         }
-        for old in existing.buckets.iter().filter(|b| !buckets.contains(b)) {
+        for old in previous.iter().filter(|b| !buckets.contains(b)) {
             self.push_remove(old, &subkey, out);
         }
         let mut lookups = Vec::new();
-        for result in self.rules.evaluate_parameter_row(&table.name, &row) {
+        for result in rules.evaluate_parameter_row(&table.name, row) {
             match result {
                 Ok(p) => {
                     let lookup = p.lookup.as_str().to_string();
@@ -442,14 +523,10 @@ impl BucketWriter {
                 }
             }
         }
-        for old in existing.lookups.iter().filter(|l| !lookups.contains(l)) {
+        for old in previous_lookups.iter().filter(|l| !lookups.contains(l)) {
             self.push_tombstone(old, table.id, key, out);
         }
-        CurrentRow {
-            image: (table.store_image && may_be_toasted(&row)).then_some(row),
-            buckets,
-            lookups,
-        }
+        (buckets, lookups)
     }
 
     fn remove_all(&mut self, table: &TableHandle, key: Uuid, existing: CurrentRow, out: &mut FlushOutput) {
@@ -463,6 +540,11 @@ impl BucketWriter {
     }
 
     fn push_remove(&mut self, (bucket, row_type, row_id): &BucketRef, subkey: &str, out: &mut FlushOutput) {
+        // A bucket of a definition an in-place deploy replaced is gone (or going): rows that
+        // still name it just forget it.
+        if !self.rules.owns_bucket(bucket) {
+            return;
+        }
         let op_id = self.alloc();
         out.buckets.insert(bucket.clone());
         out.ops.push(OpRow {
@@ -480,6 +562,9 @@ impl BucketWriter {
     }
 
     fn push_tombstone(&mut self, lookup: &str, table_id: i64, key: Uuid, out: &mut FlushOutput) {
+        if !self.rules.owns_lookup(lookup) {
+            return;
+        }
         let id = self.alloc();
         out.lookups.insert(lookup.to_string());
         out.params.push((lookup.to_string(), table_id, key, id, "[]".to_string()));
@@ -557,7 +642,8 @@ impl BucketWriter {
         let s = &self.stream;
         let has_new = s.persisted_op > s.checkpoint.op_id;
         let blocked = !s.snapshot_done || lsn < s.no_checkpoint_before || lsn < s.checkpoint.lsn;
-        if (!has_new && !force) || blocked {
+        let switch = self.due_switch(lsn);
+        if (!has_new && !force && switch.is_none()) || blocked {
             self.write(batch, None).await?;
             // Flushed ops are kept across restarts even before a checkpoint shows them.
             self.send(Job::Durable(lsn)).await?;
@@ -568,12 +654,64 @@ impl BucketWriter {
             lsn,
         };
         let activate = s.state == StreamState::Processing;
-        self.write(batch, Some(NewCheckpoint { checkpoint, activate })).await?;
+        let switched = switch.is_some();
+        self.write(
+            batch,
+            Some(NewCheckpoint {
+                checkpoint,
+                activate,
+                switch,
+            }),
+        )
+        .await?;
         if activate {
             self.stream.state = StreamState::Active;
         }
+        if let Some(pending) = self.stream.pending.take_if(|_| switched) {
+            tracing::info!(
+                stream = self.stream.id,
+                deploy = pending.id,
+                op_id = checkpoint.op_id,
+                "switching to the config deployed in place"
+            );
+            self.stream.content = pending.content;
+            self.stream.prefix_ids = pending.prefix_ids;
+        }
         self.stream.checkpoint = checkpoint;
         Ok(Some(checkpoint))
+    }
+
+    /// The pending deploy to switch to in a checkpoint at `lsn`, with the prefixes it retires.
+    fn due_switch(&self, lsn: u64) -> Option<crate::incremental::Switch> {
+        let pending = self.stream.pending.as_ref()?;
+        let due = pending.switch_lsn.is_some_and(|at| lsn >= at);
+        due.then(|| crate::incremental::Switch {
+            deploy: pending.id,
+            retired: crate::incremental::retired_prefixes(&self.stream, pending),
+        })
+    }
+
+    /// Whether the stream still has to switch to its pending config (false once the
+    /// switching checkpoint is handed to the write task).
+    pub fn has_pending(&self) -> bool {
+        self.stream.pending.is_some()
+    }
+
+    /// Every table is re-read for the pending deploy: it switches at the first checkpoint at
+    /// or past `lsn`.
+    pub async fn mark_rebuilt(&mut self, lsn: u64) -> Result<(), StorageError> {
+        self.sync().await?;
+        let Some(pending) = self.stream.pending.as_mut() else {
+            return Ok(());
+        };
+        if !crate::incremental::mark_rebuilt(&self.client, self.stream.id, &self.owner, pending.id, lsn).await? {
+            return Err(StorageError::LeaseLost(format!(
+                "deploy {} is no longer pending on stream {} (or the lease moved)",
+                pending.id, self.stream.id
+            )));
+        }
+        pending.switch_lsn = Some(lsn);
+        Ok(())
     }
 
     /// Checkpoints stay blocked until the stream passes `lsn` (the WAL position after a table copy).

@@ -13,7 +13,7 @@ use crate::output::{ChunkStream, Output};
 use crate::stats::ConnectionStats;
 use crate::write_checkpoints::WriteCheckpointWatch;
 use bytes::Bytes;
-use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest};
+use ferrosync_rules::{BucketDescription, BucketReason, LookupKey, Querier, RequestParameters, StreamsRequest, SyncRules};
 use ferrosync_storage::{BucketChecksum, OplogEntry, StorageError, SyncStorage};
 use futures::Stream;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -125,6 +125,9 @@ struct Connection<S> {
     pending: HashSet<String>,
     interrupts: Interrupts,
     querier: Option<Querier>,
+    /// The rules `querier` was made from: a config switched in place (same stream, new
+    /// rules) makes a new one.
+    querier_rules: Option<Arc<SyncRules>>,
     dynamic: Option<Vec<BucketDescription>>,
     /// Every lookup the last bucket resolution read: a change to any of them re-resolves.
     fetched: Vec<LookupKey>,
@@ -166,6 +169,7 @@ pub fn connection_stream<S: SyncStorage>(
         pending: HashSet::new(),
         interrupts: Interrupts::default(),
         querier: None,
+        querier_rules: None,
         dynamic: None,
         fetched: Vec::new(),
         resolved_at: 0,
@@ -282,6 +286,11 @@ impl<S: SyncStorage> Connection<S> {
     /// subqueries need the results of inner ones) and the result is reused until one of the
     /// lookups it read changes.
     async fn resolve_buckets(&mut self, state: &HubState) -> Step<Vec<BucketDescription>> {
+        if !self.querier_rules.as_ref().is_some_and(|r| Arc::ptr_eq(r, &state.rules)) {
+            self.querier = None;
+            self.dynamic = None;
+            self.querier_rules = Some(state.rules.clone());
+        }
         let querier = self
             .querier
             .get_or_insert_with(|| state.rules.querier(&self.req.parameters, &self.req.streams));

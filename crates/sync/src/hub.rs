@@ -12,7 +12,7 @@ use crate::write_checkpoints::{WriteCheckpointWatch, WriteCheckpoints};
 use ferrosync_pgconn::{Backoff, PgEndpoint};
 use ferrosync_rules::{SyncRules, SyncRulesOptions};
 use ferrosync_storage::{parse_checkpoint_payload, BucketChecksum, Checkpoint, CheckpointListener, OplogEntry, StorageError, SyncStorage};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -41,6 +41,9 @@ pub struct HubState {
     pub rules: Arc<SyncRules>,
     /// This checkpoint's fan-out time, renewed with every published checkpoint.
     pub(crate) fanout: Arc<FanOut>,
+    /// What `rules` were parsed from (content, prefix ids): a config switched in place on
+    /// the same stream changes it.
+    pub(crate) source: Arc<(String, BTreeMap<String, u64>)>,
 }
 
 struct Shared {
@@ -216,6 +219,22 @@ impl<S: SyncStorage> CheckpointHub<S> {
         };
         match current.as_mut() {
             Some(state) if state.group == stream.id => {
+                let source = (stream.content.clone(), stream.prefix_ids.clone());
+                if *state.source != source {
+                    // Switched in place: same stream, same op ids, so the caches stay; the
+                    // connections re-resolve their buckets with the new rules.
+                    match SyncRules::parse(&stream.content, &stream.rules_options(options)) {
+                        Ok(rules) => {
+                            tracing::info!(stream = stream.id, "sync config switched in place");
+                            state.rules = Arc::new(rules);
+                            state.source = Arc::new(source);
+                            if !is_newer(stream.checkpoint, state.checkpoint) {
+                                tx.send_replace(Some(state.clone()));
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+                    }
+                }
                 if is_newer(stream.checkpoint, state.checkpoint) {
                     self.advance(state.group, state.checkpoint.op_id, stream.checkpoint.op_id).await?;
                     state.checkpoint = stream.checkpoint;
@@ -236,23 +255,20 @@ impl<S: SyncStorage> CheckpointHub<S> {
                     tx.send_replace(Some(state.clone()));
                 }
             }
-            _ => {
-                let mut opts = options.clone();
-                opts.sync_rules_id = stream.id as u64;
-                match SyncRules::parse(&stream.content, &opts) {
-                    Ok(rules) => {
-                        self.reset(stream.id, stream.checkpoint.op_id);
-                        *current = Some(HubState {
-                            group: stream.id,
-                            checkpoint: stream.checkpoint,
-                            rules: Arc::new(rules),
-                            fanout: FanOut::new(),
-                        });
-                        tx.send_replace(current.clone());
-                    }
-                    Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+            _ => match SyncRules::parse(&stream.content, &stream.rules_options(options)) {
+                Ok(rules) => {
+                    self.reset(stream.id, stream.checkpoint.op_id);
+                    *current = Some(HubState {
+                        group: stream.id,
+                        checkpoint: stream.checkpoint,
+                        rules: Arc::new(rules),
+                        fanout: FanOut::new(),
+                        source: Arc::new((stream.content, stream.prefix_ids)),
+                    });
+                    tx.send_replace(current.clone());
                 }
-            }
+                Err(e) => tracing::error!(error = %e, stream = stream.id, "active sync config does not parse"),
+            },
         }
         Ok(())
     }

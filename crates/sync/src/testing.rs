@@ -113,6 +113,8 @@ impl SyncStorage for MemStorage {
             },
             no_checkpoint_before: 0,
             persisted_op: checkpoint,
+            prefix_ids: Default::default(),
+            pending: None,
         }))
     }
 

@@ -49,9 +49,16 @@ pub(super) async fn deploy(State(state): State<Arc<AppState>>, headers: HeaderMa
         return Err(ServiceError::new("PSYNC_R0001", 422, "Sync rules parsing failed").with_details(details.join("\n")));
     }
     let mut storage = admin.dedicated_storage().await?;
-    let stream = versions::deploy(&mut storage, &content, admin.slot_prefix())
+    // A change of definitions only is built in place on the served stream, as on a start.
+    let in_place = ferrosync_storage::incremental::deploy_in_place(&storage, &content, &admin.rules_options)
         .await
         .map_err(super::storage_error)?;
+    let stream = match in_place {
+        Some(stream) => stream,
+        None => ferrosync_storage::streams::stream_for_content(&mut storage, &content, admin.slot_prefix())
+            .await
+            .map_err(super::storage_error)?,
+    };
     tracing::info!(stream = stream.id, slot = %stream.slot_name, "admin API: sync config deployed");
     Ok(data(json!({ "slot_name": stream.slot_name })))
 }

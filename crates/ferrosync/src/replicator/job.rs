@@ -2,15 +2,21 @@
 //! streaming and background storage maintenance side by side).
 
 use super::pipeline::Replication;
+use super::rebuild::{rules_for, Rebuild};
 use super::slot::{rebuild_stream, watch_slot};
 use super::{connect_source, ReplicatorConfig};
 use anyhow::{Context, Result};
-use ferrosync_rules::SyncRules;
 use ferrosync_source::setup;
 use ferrosync_source::slot::slot_health;
-use ferrosync_storage::streams;
 use ferrosync_storage::BucketWriter;
+use ferrosync_storage::{incremental, streams};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Pause between deletion batches of replaced definitions' buckets.
+const CLEANUP_PAUSE: Duration = Duration::from_millis(10);
+/// How often the queue of replaced definitions' buckets is checked.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Replicate stream `id` while holding its lease.
 pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgres::Client, id: i64) -> Result<()> {
@@ -18,10 +24,9 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
     let stream = streams::stream_by_id(storage, id).await?.context("replication stream vanished")?;
     let source = Arc::new(connect_source(config).await?);
     setup::check_source(&source).await?;
-    let mut options = config.rules_options.clone();
-    options.sync_rules_id = stream.id as u64;
     // The stream's own config, not the file's: it may have been deployed by another process.
-    let rules = Arc::new(SyncRules::parse(&stream.content, &options)?);
+    let (rules, new_only) = rules_for(&stream, &config.rules_options)?;
+    let deploy = stream.pending.as_ref().map(|p| p.id);
     let slot = stream.slot_name.clone();
     let snapshot_done = stream.snapshot_done;
     let health = slot_health(&source, &slot).await?;
@@ -52,7 +57,19 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
             config.status.set_replication(id, "snapshot", None);
             repl.initial_snapshot().await?;
         }
+        if let (Some(deploy), Some(new_only)) = (deploy, new_only) {
+            repl.start_rebuild(Rebuild::new(deploy, new_only)).await?;
+        }
         repl.stream_changes().await
+    };
+    // Buckets of definitions replaced by in-place deploys go in the background.
+    let cleanup = async {
+        loop {
+            if let Err(e) = incremental::cleanup_retired(storage, id, CLEANUP_PAUSE).await {
+                tracing::warn!(error = %e, stream = id, "deleting replaced definitions' buckets failed; retrying");
+            }
+            tokio::time::sleep(CLEANUP_INTERVAL).await;
+        }
     };
     // Compaction and hygiene run beside replication while this process holds the lease, so
     // two processes never compact at once; they end with the attempt.
@@ -62,5 +79,6 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
         result = replication => result,
         error = watch_slot(config, slot.clone()) => Err(error),
         () = compaction => Err(anyhow::anyhow!("background storage maintenance stopped")),
+        never = cleanup => never,
     }
 }

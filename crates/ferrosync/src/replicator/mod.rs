@@ -12,6 +12,7 @@
 mod cleanup;
 mod job;
 mod pipeline;
+mod rebuild;
 mod runner;
 mod slot;
 mod supervisor;

@@ -1,6 +1,7 @@
 //! Source events to bucket storage: the initial snapshot, tables added later, and the change
 //! stream applied in batches.
 
+use super::rebuild::Rebuild;
 use super::{connect_source, ReplicatorConfig};
 use anyhow::{Context, Result};
 use ferrosync_rules::SyncRules;
@@ -15,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
+/// How often a running stream checks for a sync config deployed in place by another process.
+const DEPLOY_POLL: Duration = Duration::from_secs(1);
 /// Rows per snapshot chunk (one storage flush and one progress save each).
 const SNAPSHOT_CHUNK: usize = 10_000;
 /// Records applied from already-decoded events before forcing a commit.
@@ -22,12 +25,14 @@ const MAX_BATCH_RECORDS: usize = 50_000;
 
 /// One stream's pipeline state while its job holds the lease.
 pub(super) struct Replication {
-    source: Arc<tokio_postgres::Client>,
-    writer: BucketWriter,
-    rules: Arc<SyncRules>,
-    config: ReplicatorConfig,
+    pub(super) source: Arc<tokio_postgres::Client>,
+    pub(super) writer: BucketWriter,
+    pub(super) rules: Arc<SyncRules>,
+    pub(super) config: ReplicatorConfig,
     /// Relation oid -> table handle (None: not used by the sync rules) and key columns.
-    tables: HashMap<u32, (Option<Arc<TableHandle>>, Vec<String>)>,
+    pub(super) tables: HashMap<u32, (Option<Arc<TableHandle>>, Vec<String>)>,
+    /// The in-place deploy being built, if any.
+    pub(super) rebuild: Option<Rebuild>,
 }
 
 impl Replication {
@@ -43,6 +48,7 @@ impl Replication {
             rules,
             config,
             tables: HashMap::new(),
+            rebuild: None,
         }
     }
 
@@ -68,8 +74,9 @@ impl Replication {
         Ok(())
     }
 
-    /// Resolve a table's storage record (dropping data of a stale mapping) and copy it if needed.
-    async fn register_table(&mut self, rel: &RelationInfo, initial: bool) -> Result<()> {
+    /// Resolve a table's storage record (dropping data of a stale mapping) and copy it if
+    /// needed; `true` when it was copied now.
+    pub(super) async fn register_table(&mut self, rel: &RelationInfo, initial: bool) -> Result<bool> {
         let keys = rel.key_column_names();
         let group = self.writer.stream().id;
         self.writer.sync().await?;
@@ -102,13 +109,14 @@ impl Replication {
             store_image: rel.replica_identity != b'f',
         });
         self.tables.insert(rel.oid, (Some(handle.clone()), keys));
-        if !record.snapshot_done {
-            self.copy(rel, handle, record.snapshot_last_key, record.snapshot_rows).await?;
-            if !initial {
-                setup::emit_ping(&self.source).await?;
-            }
+        if record.snapshot_done {
+            return Ok(false);
         }
-        Ok(())
+        self.copy(rel, handle, record.snapshot_last_key, record.snapshot_rows).await?;
+        if !initial {
+            setup::emit_ping(&self.source).await?;
+        }
+        Ok(true)
     }
 
     async fn copy(&mut self, rel: &RelationInfo, table: Arc<TableHandle>, resume: Option<String>, mut done_rows: i64) -> Result<()> {
@@ -142,6 +150,7 @@ impl Replication {
                 last_key: chunk.last_key.clone(),
                 rows: done_rows,
                 done: false,
+                rebuild: None,
             };
             self.writer.flush_snapshot_chunk(progress).await?;
             if last_log.elapsed() > Duration::from_secs(2) || chunk.done {
@@ -160,6 +169,7 @@ impl Replication {
                 last_key: None,
                 rows: done_rows,
                 done: true,
+                rebuild: None,
             })
             .await?;
         self.writer.set_snapshot_mode(false);
@@ -195,6 +205,8 @@ impl Replication {
         }
     }
 
+    /// Apply the change stream until an error. An in-place deploy (see [`Rebuild`]) is built
+    /// and switched to on the way.
     pub(super) async fn stream_changes(&mut self) -> Result<()> {
         let slot = self.writer.stream().slot_name.clone();
         let mut stream = ChangeStream::start(StreamOptions {
@@ -206,10 +218,14 @@ impl Replication {
         .await?;
         let id = self.writer.stream().id;
         tracing::info!(stream = id, slot = %slot, "streaming changes");
-        self.config.status.set_replication(id, "streaming", None);
+        // "deploying": streaming, and building an in-place deploy beside the served config.
+        let state = if self.rebuild.is_some() { "deploying" } else { "streaming" };
+        self.config.status.set_replication(id, state, None);
         let mut durable = self.writer.durable();
         let mut in_tx = false;
+        let mut deploys = tokio::time::interval(DEPLOY_POLL);
         loop {
+            let rebuilding = self.rebuild.as_ref().is_some_and(Rebuild::has_work);
             let first = tokio::select! {
                 event = stream.recv() => event.context("replication stream ended")??,
                 changed = durable.changed() => {
@@ -217,6 +233,18 @@ impl Replication {
                         return Err(self.writer.failure().await.into());
                     }
                     stream.ack(Lsn(*durable.borrow_and_update()));
+                    continue;
+                }
+                () = std::future::ready(()), if rebuilding => {
+                    self.rebuild_step().await?;
+                    continue;
+                }
+                _ = deploys.tick() => {
+                    let stored = streams_pending(&self.writer).await?;
+                    if stored != self.writer.stream().pending.as_ref().map(|p| p.id) {
+                        tracing::info!(deploy = ?stored, "the stream's pending config changed; building it beside the served one");
+                        self.reload_config().await?;
+                    }
                     continue;
                 }
             };
@@ -258,6 +286,10 @@ impl Replication {
                 if let Some((_, at)) = commit {
                     let lag = SystemTime::now().duration_since(at).unwrap_or_default();
                     ferrosync_metrics::lag_seconds(&slot, lag.as_secs_f64());
+                }
+                if self.rebuild.is_some() && !self.writer.has_pending() {
+                    // Switched: replicate with the new config's rules from here on.
+                    self.apply_config().await?;
                 }
             } else if let Some(lsn) = keepalive {
                 self.writer.mark_durable(lsn.0).await?;
@@ -308,6 +340,10 @@ impl Replication {
         }
         Ok(false)
     }
+}
+
+async fn streams_pending(writer: &BucketWriter) -> Result<Option<i64>> {
+    Ok(ferrosync_storage::incremental::pending_id(writer.client(), writer.stream().id).await?)
 }
 
 /// What one batch of replication events replicated, added to the metrics once per batch.

@@ -9,7 +9,7 @@ use super::runner::keep_replicated;
 use super::ReplicatorConfig;
 use anyhow::Result;
 use ferrosync_pgconn::Backoff;
-use ferrosync_storage::{lifecycle, streams, StreamRecord, StreamState};
+use ferrosync_storage::{incremental, lifecycle, streams, StreamRecord, StreamState};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -85,7 +85,12 @@ pub async fn run(config: ReplicatorConfig) {
 async fn deploy(config: &ReplicatorConfig) -> Result<Client> {
     let mut client = ferrosync_storage::connect_for_writes(&config.storage).await?;
     if let Some(content) = &config.rules_content {
-        let stream = streams::stream_for_content(&mut client, content, &config.source.slot_name_prefix).await?;
+        // A change of definitions only is built in place on the served stream; anything else
+        // is a new stream beside it.
+        let stream = match incremental::deploy_in_place(&client, content, &config.rules_options).await? {
+            Some(stream) => stream,
+            None => streams::stream_for_content(&mut client, content, &config.source.slot_name_prefix).await?,
+        };
         tracing::info!(stream = stream.id, state = stream.state.as_str(), slot = %stream.slot_name, "the config file's sync config is this replication stream");
     }
     Ok(client)

@@ -12,6 +12,7 @@ mod deploy;
 mod failover;
 mod harness;
 mod hygiene;
+mod incremental_deploy;
 mod kill;
 mod large_download;
 mod limits;

@@ -158,6 +158,13 @@ impl StreamSet {
         self.streams.is_empty()
     }
 
+    /// Whether `bucket` is one of the buckets a data source of these streams produces.
+    pub(crate) fn owns_bucket(&self, bucket: &str) -> bool {
+        self.data
+            .iter()
+            .any(|d| bucket.strip_prefix(d.prefix.as_str()).is_some_and(|r| r.starts_with('[')))
+    }
+
     /// Table patterns read by data sources and parameter indexes.
     pub(crate) fn patterns(&self) -> impl Iterator<Item = &TablePattern> {
         let data = self.data.iter().map(|d| &d.plan.rows.pattern);

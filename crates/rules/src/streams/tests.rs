@@ -11,6 +11,7 @@ fn options() -> SyncRulesOptions {
         default_schema: "public".into(),
         sync_rules_id: 1,
         default_storage_version: 1,
+        prefix_ids: Default::default(),
     }
 }
 

@@ -9,6 +9,7 @@ pub(super) fn options(file: &Defaults, case: Option<&Opts>) -> SyncRulesOptions 
         default_schema: "test_schema".into(),
         sync_rules_id: 1,
         default_storage_version: 1,
+        prefix_ids: Default::default(),
     };
     for opts in [file.options.as_ref(), case].into_iter().flatten() {
         if let Some(s) = &opts.default_schema {

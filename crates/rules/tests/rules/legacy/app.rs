@@ -28,6 +28,7 @@ fn todo_app_end_to_end() {
         default_schema: "test_schema".into(),
         sync_rules_id: 7,
         default_storage_version: 2,
+        prefix_ids: Default::default(),
     };
     let rules = SyncRules::parse(TODO_RULES, &opts).unwrap_or_else(|e| panic!("{e}"));
     assert!(rules.compatibility().versioned_bucket_ids);
@@ -280,6 +281,7 @@ fn versioning_and_config() {
         default_schema: "public".into(),
         sync_rules_id: 3,
         default_storage_version: 2,
+        prefix_ids: Default::default(),
     };
     assert_eq!(q(y, &opts), "3#g[]");
     opts.default_storage_version = 1;

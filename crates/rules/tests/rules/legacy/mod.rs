@@ -16,6 +16,7 @@ pub(super) fn unversioned() -> SyncRulesOptions {
         default_schema: "test_schema".into(),
         sync_rules_id: 1,
         default_storage_version: 1,
+        prefix_ids: Default::default(),
     }
 }
 
