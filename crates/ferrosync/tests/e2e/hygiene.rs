@@ -48,6 +48,19 @@ async fn settles_at(svc: &Service, table: &str, expected: i64) -> Result<i64> {
     }
 }
 
+/// [`deleted`] once it reaches `min` (a pass logs its line just after its deletions commit, so
+/// the rows can be gone a moment before the line is written).
+async fn deleted_at_least(svc: &Service, field: &str, min: i64) -> i64 {
+    let started = Instant::now();
+    loop {
+        let n = deleted(svc, field);
+        if n >= min || started.elapsed() > T {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The sum of `field=N` over the service's hygiene log lines: rows its passes deleted.
 fn deleted(svc: &Service, field: &str) -> i64 {
     let prefix = format!("{field}=");
@@ -175,7 +188,7 @@ async fn storage_stays_bounded_by_live_data_through_churn() -> Result<()> {
     // Every membership got a new version each round, the passing one a row and a tombstone;
     // pruned down to one version per live membership.
     let params = settles_at(&svc, "bucket_parameters", live_memberships).await?;
-    let pruned = deleted(&svc, "parameter_rows");
+    let pruned = deleted_at_least(&svc, "parameter_rows", ROUNDS as i64 * (live_memberships + 2)).await;
     eprintln!(
         "bucket_parameters: {} versions written, {pruned} pruned, {params} kept for {live_memberships} live rows",
         pruned + params
@@ -184,7 +197,11 @@ async fn storage_stays_bounded_by_live_data_through_churn() -> Result<()> {
     // Retention 0: every write checkpoint the served checkpoint passed goes.
     settles_at(&svc, "write_checkpoints", 0).await?;
     // At least one row per user (two when a pass ran between a user's two requests).
-    assert!(deleted(&svc, "write_checkpoints") >= WRITERS as i64, "{}", svc.log());
+    assert!(
+        deleted_at_least(&svc, "write_checkpoints", WRITERS as i64).await >= WRITERS as i64,
+        "{}",
+        svc.log()
+    );
     // Ids stay monotone for a user whose row was pruned.
     let again = legacy_write_checkpoint(&svc.url(), "w0").await?;
     assert!(again > first_ids[0], "after pruning w0 got {again}, before {}", first_ids[0]);
