@@ -191,7 +191,8 @@ pub(crate) fn evaluate(state: &AppState) -> (bool, bool, Value) {
     (ready, started, body)
 }
 
-fn unix_millis() -> i64 {
+/// Milliseconds since the Unix epoch (0 on a clock before it).
+pub(crate) fn unix_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -81,7 +81,7 @@ fn entry(event: &Event<'_>) -> Option<LoggedError> {
         text.message = format!("{}{}", text.message, text.fields);
     }
     Some(LoggedError {
-        time_ms: unix_ms(),
+        time_ms: crate::probes::unix_millis().max(0) as u64,
         level,
         target: meta.target().to_string(),
         code: psync_code(&text.message),
@@ -123,13 +123,6 @@ fn psync_code(text: &str) -> Option<String> {
         let code = text.get(i..i + 11)?;
         code[7..].bytes().all(|b| b.is_ascii_digit()).then(|| code.to_string())
     })
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

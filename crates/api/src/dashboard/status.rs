@@ -20,7 +20,7 @@ pub fn build(app: &AppState, metrics: &str) -> Value {
         .as_ref()
         .map(|s| json!({"sync_config": s.group, "op_id": s.checkpoint.op_id, "lsn": Lsn(s.checkpoint.lsn).to_string()}));
     json!({
-        "time_ms": unix_ms(),
+        "time_ms": crate::probes::unix_millis().max(0) as u64,
         "ready": probes["ready"],
         "storage": probes["storage"],
         "replication": probes["replication"],
@@ -97,13 +97,6 @@ fn snapshot(samples: &[Sample]) -> Vec<Value> {
         .collect();
     tables.sort_by(|a, b| a["table"].as_str().cmp(&b["table"].as_str()));
     tables
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
