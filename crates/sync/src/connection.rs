@@ -721,3 +721,20 @@ mod tests {
         assert_eq!(lookup_source("garbage"), "garbage");
     }
 }
+#[cfg(test)]
+mod state_size {
+    /// The size of the future `make` would return, without calling it.
+    fn future_size<Fut>(_: impl FnOnce() -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A held connection's whole state is its `run` future, so storage reads (whose futures,
+    /// with Postgres, take kilobytes) must be boxed rather than inlined in it: 10,000 held
+    /// streams would otherwise cost tens of megabytes more.
+    #[test]
+    fn a_held_connection_over_postgres_storage_stays_small() {
+        let conn: Option<&mut super::Connection<ferrosync_storage::PgStorage>> = None;
+        let run = future_size(move || conn.map(|c| c.run()));
+        assert!(run <= 1024, "Connection::run's future takes {run} bytes");
+    }
+}

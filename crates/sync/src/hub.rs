@@ -396,11 +396,19 @@ impl<S: SyncStorage> CheckpointHub<S> {
     }
 
     /// Keep `user_key`'s write checkpoint current while the returned watch lives (one per
-    /// connection).
+    /// connection). Storage is read for the first connection of a key only.
     pub async fn watch_write_checkpoints(&self, user_key: &str) -> Result<WriteCheckpointWatch, StorageError> {
         let watch = self.write_checkpoints.watch(user_key);
-        if let Some(wc) = self.storage.write_checkpoint_of(user_key).await? {
-            self.write_checkpoints.update(&wc);
+        if !watch.is_loaded() {
+            // Boxed: a storage read's future is large (kilobytes), and inline it would grow
+            // every held connection's state for the connection's whole life.
+            Box::pin(watch.load(async {
+                if let Some(wc) = self.storage.write_checkpoint_of(user_key).await? {
+                    self.write_checkpoints.update(&wc);
+                }
+                Ok::<_, StorageError>(())
+            }))
+            .await?;
         }
         Ok(watch)
     }

@@ -74,3 +74,46 @@ async fn users_who_leave_are_forgotten() {
     let (_, last) = client.lines_of("checkpoint_diff").last().expect("diffs");
     assert_eq!(last["write_checkpoint"], "42", "a connected user's write checkpoint stays current");
 }
+
+#[tokio::test]
+async fn a_users_stored_write_checkpoint_is_read_once_for_all_its_connections() {
+    let storage = MemStorage::new(RULES);
+    storage.append(&bucket(0), 3);
+    storage.set_write_checkpoint("u0/c1", 7, 1);
+    // The first connection's read is still running when the second connects: the second must
+    // wait for it (skipping it would announce a checkpoint without the write checkpoint, which
+    // an idle source would not repeat).
+    storage.slow_write_checkpoint_reads(Duration::from_millis(200));
+    let hub = TestHub::start(storage).await;
+    let cp = hub.storage.commit();
+    let mut clients: Vec<_> = (0..3).map(|_| (Client::default(), hub.connect_as("u0"))).collect();
+    let (first, rest) = clients.split_at_mut(1);
+    let (a, b) = rest.split_at_mut(1);
+    tokio::join!(
+        until_complete(&mut first[0].0, &mut first[0].1, cp),
+        until_complete(&mut a[0].0, &mut a[0].1, cp),
+        until_complete(&mut b[0].0, &mut b[0].1, cp),
+    );
+    for (client, _) in &clients {
+        let (_, line) = client.lines_of("checkpoint").next().expect("a checkpoint line");
+        assert_eq!(line["write_checkpoint"], "7");
+    }
+    assert_eq!(hub.storage.write_checkpoint_reads(), 1, "one read for the user's three connections");
+    let (mut late, mut late_stream) = (Client::default(), hub.connect_as("u0"));
+    until_complete(&mut late, &mut late_stream, cp).await;
+    assert_eq!(
+        late.lines_of("checkpoint").next().expect("a checkpoint line").1["write_checkpoint"],
+        "7"
+    );
+    assert_eq!(
+        hub.storage.write_checkpoint_reads(),
+        1,
+        "still watched: no read for a later connection"
+    );
+
+    drop(clients);
+    drop(late_stream);
+    let (mut again, mut again_stream) = (Client::default(), hub.connect_as("u0"));
+    until_complete(&mut again, &mut again_stream, cp).await;
+    assert_eq!(hub.storage.write_checkpoint_reads(), 2, "the user left and came back: read again");
+}

@@ -26,6 +26,9 @@ struct Log {
     /// By user key; `seq` grows with every write.
     write_checkpoints: BTreeMap<String, WriteCheckpoint>,
     write_seq: i64,
+    /// How often one user's write checkpoint was read, and how long such a read takes.
+    write_checkpoint_reads: usize,
+    write_checkpoint_read_time: std::time::Duration,
 }
 
 /// Every bucket's ops in memory. Appended ops become visible at [`MemStorage::commit`].
@@ -76,6 +79,16 @@ impl MemStorage {
             seq: log.write_seq,
         };
         log.write_checkpoints.insert(user_key.into(), wc);
+    }
+
+    /// From now on, reading one user's write checkpoint takes `time`.
+    pub fn slow_write_checkpoint_reads(&self, time: std::time::Duration) {
+        self.log().write_checkpoint_read_time = time;
+    }
+
+    /// How many times one user's write checkpoint was read.
+    pub fn write_checkpoint_reads(&self) -> usize {
+        self.log().write_checkpoint_reads
     }
 
     /// From now on, reads report ops compacted against op `target_op`.
@@ -189,6 +202,12 @@ impl SyncStorage for MemStorage {
     }
 
     async fn write_checkpoint_of(&self, user_key: &str) -> Result<Option<WriteCheckpoint>, StorageError> {
+        let time = {
+            let mut log = self.log();
+            log.write_checkpoint_reads += 1;
+            log.write_checkpoint_read_time
+        };
+        tokio::time::sleep(time).await;
         Ok(self.log().write_checkpoints.get(user_key).cloned())
     }
 

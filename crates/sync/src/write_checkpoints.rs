@@ -1,12 +1,14 @@
 //! The write checkpoints of the users connected to this process, kept current by the hub.
 //!
-//! Only keys with an open connection are held: a connection registers its key (and reads the
-//! stored row once), and the entry goes when its last connection does. So memory follows
-//! connected users, not every user that ever requested a write checkpoint.
+//! Only keys with an open connection are held: a connection registers its key, the first one
+//! reads the stored row (later ones wait for that read instead of repeating it), and the entry
+//! goes when its last connection does. So memory follows connected users, not every user that
+//! ever requested a write checkpoint, and storage is read once per connected user.
 
 use ferrosync_storage::WriteCheckpoint;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::OnceCell;
 
 #[derive(Clone, Copy)]
 struct Stored {
@@ -20,6 +22,8 @@ struct Stored {
 struct Watched {
     connections: usize,
     latest: Option<Stored>,
+    /// Set once the stored row was read (after the key was watched, so `latest` is current).
+    loaded: Arc<OnceCell<()>>,
 }
 
 #[derive(Default)]
@@ -31,6 +35,24 @@ pub(crate) struct WriteCheckpoints {
 pub struct WriteCheckpointWatch {
     map: Arc<WriteCheckpoints>,
     key: String,
+    loaded: Arc<OnceCell<()>>,
+}
+
+impl WriteCheckpointWatch {
+    /// Whether the key's stored row was read already (by this or another connection).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.initialized()
+    }
+
+    /// Run `read_stored` (which reads the key's stored row into the map) unless another
+    /// connection of the key already did; waits while one is doing it, and takes over if it
+    /// failed.
+    pub async fn load<F, E>(&self, read_stored: F) -> Result<(), E>
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+    {
+        self.loaded.get_or_try_init(|| read_stored).await.map(|_| ())
+    }
 }
 
 impl Drop for WriteCheckpointWatch {
@@ -52,16 +74,17 @@ impl WriteCheckpoints {
 
     /// Start keeping `key` (before its stored row is read, so no update in between is missed).
     pub fn watch(self: &Arc<Self>, key: &str) -> WriteCheckpointWatch {
-        self.keys()
-            .entry(key.to_string())
-            .or_insert(Watched {
-                connections: 0,
-                latest: None,
-            })
-            .connections += 1;
+        let mut keys = self.keys();
+        let watched = keys.entry(key.to_string()).or_insert_with(|| Watched {
+            connections: 0,
+            latest: None,
+            loaded: Arc::default(),
+        });
+        watched.connections += 1;
         WriteCheckpointWatch {
             map: self.clone(),
             key: key.to_string(),
+            loaded: watched.loaded.clone(),
         }
     }
 
