@@ -404,13 +404,16 @@ pub(crate) fn from_serde(v: &serde_json::Value, ints_as_float: bool) -> Json {
     }
 }
 
+/// Appends an integer's decimal text (without `fmt`: row data is full of integers).
+pub(crate) fn write_int(out: &mut String, i: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(i));
+}
+
 /// Writes one value for a bucket id / lookup key (REAL in JS format, no `.0`).
 pub(crate) fn write_param_value(out: &mut String, v: &SqliteValue) {
     match v {
         SqliteValue::Null | SqliteValue::Blob(_) => out.push_str("null"),
-        SqliteValue::Integer(i) => {
-            let _ = write!(out, "{i}");
-        }
+        SqliteValue::Integer(i) => write_int(out, *i),
         SqliteValue::Real(f) if f.is_finite() => out.push_str(&js_number(*f)),
         SqliteValue::Real(_) => out.push_str("null"),
         SqliteValue::Text(s) => write_str(out, s),
@@ -440,9 +443,7 @@ pub(crate) fn write_params<'a>(out: &mut String, values: impl IntoIterator<Item 
 pub(crate) fn write_data_value(out: &mut String, v: &SqliteValue) {
     match v {
         SqliteValue::Null | SqliteValue::Blob(_) => out.push_str("null"),
-        SqliteValue::Integer(i) => {
-            let _ = write!(out, "{i}");
-        }
+        SqliteValue::Integer(i) => write_int(out, *i),
         SqliteValue::Real(f) => out.push_str(&js_number_lossless(*f)),
         SqliteValue::Text(s) => write_str(out, s),
     }

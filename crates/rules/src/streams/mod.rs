@@ -47,8 +47,8 @@ pub(crate) struct StreamSet {
     streams: Vec<Stream>,
     data: Vec<DataSource>,
     indexes: Vec<ParameterIndex>,
-    /// Index ids as text, the second element of their lookup keys.
-    index_ids: Vec<String>,
+    /// The start of each index's lookup keys (`["lookup","<index>"`), written once.
+    index_heads: Vec<String>,
     /// Data sources and indexes grouped by table pattern.
     by_pattern: Vec<ByPattern>,
     fixed_json: bool,
@@ -117,7 +117,7 @@ impl StreamSet {
             }
         }
         set.indexes = indexes.list;
-        set.index_ids = (0..set.indexes.len()).map(|i| i.to_string()).collect();
+        set.index_heads = (0..set.indexes.len()).map(|i| LookupKey::head("lookup", &i.to_string())).collect();
         set.group_by_pattern();
         set
     }
@@ -208,7 +208,7 @@ impl StreamSet {
     ) {
         for group in self.by_pattern.iter().filter(|p| p.pattern.matches(t)) {
             for i in &group.indexes {
-                if let Err(message) = self.indexes[*i].evaluate(&self.index_ids[*i], t, row, self.fixed_json, out) {
+                if let Err(message) = self.indexes[*i].evaluate(&self.index_heads[*i], t, row, self.fixed_json, out) {
                     out.push(Err(EvaluationError { message }));
                 }
             }
