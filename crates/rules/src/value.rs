@@ -81,7 +81,7 @@ impl Row {
     }
 
     /// Iterates over the columns in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &SqliteValue)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SqliteValue)> + Clone {
         self.columns.iter().map(|(n, v)| (n.as_str(), v))
     }
 

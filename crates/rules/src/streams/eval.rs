@@ -105,6 +105,12 @@ fn push_lookup_value(out: &mut String, v: &SqliteValue, _first: bool) {
 /// Data of the synced row: `*` copies every column (also `_`-prefixed ones), later columns
 /// overwrite earlier ones, BLOBs are dropped.
 pub(crate) fn row_data(columns: &[OutColumn], ctx: &Ctx<'_>) -> Result<(String, String), String> {
+    // `SELECT *` alone, the common case: the row's columns as they are (names are unique).
+    if let ([OutColumn::Star], Some(row)) = (columns, ctx.row) {
+        let fields = row.iter().filter(|(_, v)| !matches!(v, SqliteValue::Blob(_)));
+        let id = id_text(fields.clone().find(|(n, _)| *n == "id").map(|(_, v)| v));
+        return Ok((id, json::object_text_of(fields)));
+    }
     // On the stack for rows of up to 16 columns: two of these per source row showed in profiles.
     let mut data: Fields<'_> = SmallVec::with_capacity(ctx.row.map_or(0, Row::len) + columns.len());
     for col in columns {
@@ -124,13 +130,18 @@ pub(crate) fn row_data(columns: &[OutColumn], ctx: &Ctx<'_>) -> Result<(String, 
         }
     }
     data.retain(|(_, v)| !matches!(**v, SqliteValue::Blob(_)));
-    let id = match data.iter().find(|(n, _)| *n == "id").map(|(_, v)| &**v) {
+    let id = id_text(data.iter().find(|(n, _)| *n == "id").map(|(_, v)| &**v));
+    Ok((id, object_text(&data)))
+}
+
+/// The row id of synced row data: its `id` column as text.
+fn id_text(id: Option<&SqliteValue>) -> String {
+    match id {
         Some(SqliteValue::Text(s)) => s.clone(),
         Some(SqliteValue::Integer(i)) => i.to_string(),
         Some(SqliteValue::Real(f)) => js_number(*f),
         _ => String::new(),
-    };
-    Ok((id, object_text(&data)))
+    }
 }
 
 type Fields<'c> = SmallVec<[(&'c str, Cow<'c, SqliteValue>); 16]>;
