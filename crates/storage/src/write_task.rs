@@ -229,6 +229,9 @@ async fn copy_ops(tx: &Transaction<'_>, group: i32, ops: &[OpRow]) -> Result<(),
     let types = [Type::INT4, Type::TEXT, Type::INT8, Type::INT8, Type::INT4, Type::INT8, Type::BYTEA];
     let writer = BinaryCopyInWriter::new(sink, &types);
     futures::pin_mut!(writer);
+    // In primary-key order: Postgres inserts neighbouring index entries together.
+    let mut by_bucket: Vec<(&str, Vec<&OplogEntry>)> = by_bucket.into_iter().collect();
+    by_bucket.sort_unstable_by_key(|(bucket, _)| *bucket);
     for (bucket, entries) in by_bucket {
         for chunk in entries.chunks(CHUNK_OPS) {
             let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
@@ -254,6 +257,8 @@ async fn copy_params(tx: &Transaction<'_>, group: i32, params: &[(String, i64, U
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT, Type::INT8, Type::UUID, Type::INT8, Type::TEXT]);
     futures::pin_mut!(writer);
+    let mut params: Vec<_> = params.iter().collect();
+    params.sort_unstable_by(|a, b| (&a.0, a.1, a.2, a.3).cmp(&(&b.0, b.1, b.2, b.3)));
     for (lookup, table_id, key, id, bucket_parameters) in params {
         writer
             .as_mut()
@@ -274,6 +279,8 @@ async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) 
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::UUID, Type::BYTEA, Type::BYTEA, Type::BYTEA]);
     futures::pin_mut!(writer);
+    let mut rows: Vec<&CurrentRecord> = rows.iter().collect();
+    rows.sort_unstable_by_key(|r| (r.table_id, r.key));
     for r in rows {
         let table_id = table_id(r.table_id)?;
         writer
