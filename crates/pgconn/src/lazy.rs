@@ -64,7 +64,9 @@ impl LazyClient {
             }
         }
         let had_failed = retry.not_before.is_some();
-        match self.open().await {
+        // Boxed: connecting (TLS included) is a large future, and inline it would be part of
+        // every caller's future, though it runs only when the connection is down.
+        match Box::pin(self.open()).await {
             Ok(client) => {
                 retry.backoff.reset();
                 retry.not_before = None;
@@ -105,6 +107,18 @@ impl LazyClient {
 mod tests {
     use super::*;
     use ferrosync_testkit::{PgCluster, PgOptions};
+
+    /// Every storage read awaits `get`, and tasks that read hold its future in theirs (a held
+    /// sync connection, for one): connecting lives in a box, not in that future.
+    #[test]
+    fn getting_a_client_is_a_small_future() {
+        fn future_size<Fut>(_: impl FnOnce() -> Fut) -> usize {
+            std::mem::size_of::<Fut>()
+        }
+        let lazy: Option<&LazyClient> = None;
+        let get = future_size(move || lazy.map(LazyClient::get));
+        assert!(get <= 512, "LazyClient::get's future takes {get} bytes");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reconnects_after_the_connection_is_killed() -> anyhow::Result<()> {
