@@ -40,14 +40,14 @@ pub struct WriteCheckpointWatch {
 
 impl WriteCheckpointWatch {
     /// Whether the key's stored row was read already (by this or another connection).
-    pub fn is_loaded(&self) -> bool {
+    pub(crate) fn is_loaded(&self) -> bool {
         self.loaded.initialized()
     }
 
     /// Run `read_stored` (which reads the key's stored row into the map) unless another
     /// connection of the key already did; waits while one is doing it, and takes over if it
     /// failed.
-    pub async fn load<F, E>(&self, read_stored: F) -> Result<(), E>
+    pub(crate) async fn load<F, E>(&self, read_stored: F) -> Result<(), E>
     where
         F: std::future::Future<Output = Result<(), E>>,
     {
