@@ -1,4 +1,5 @@
-//! kill -9 during the snapshot and during streaming: clients converge to the source.
+//! kill -9 during the snapshot and during streaming, and a crash of Postgres during the
+//! snapshot: clients converge to the source.
 
 use crate::harness::*;
 use anyhow::{bail, Context, Result};
@@ -26,26 +27,7 @@ async fn kill_9_converges(identity_full: bool) -> Result<()> {
     seed(&db, 10, 60_000, &["u1", "u2"]).await?;
     svc.start().await?;
     // Kill in the middle of the snapshot, once some chunks of todos are committed.
-    let storage = svc.cluster.connect("storage").await?;
-    let deadline = Instant::now() + T;
-    loop {
-        let copied: Option<i64> = storage
-            .query_opt(
-                "SELECT snapshot_rows FROM ferrosync.source_tables WHERE table_name = 'todos' AND NOT snapshot_done",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get(0));
-        if copied.is_some_and(|rows| rows > 0) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("snapshot never got going: {}", svc.log());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_part_of_todos_is_copied(&svc).await?;
     svc.kill();
     assert!(
         !svc.log().contains("initial snapshot done"),
@@ -86,8 +68,66 @@ async fn kill_9_converges(identity_full: bool) -> Result<()> {
     svc.start().await?;
     writer.await??;
 
+    clients_converge(&svc, &db).await
+}
+
+/// Table-copy chunks commit without waiting for the WAL flush: a crash of Postgres may lose
+/// the last ones, with their saved progress. The copy resumes from what survived, and nothing
+/// is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_during_snapshot_converges() -> Result<()> {
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    seed(&db, 10, 60_000, &["u1", "u2"]).await?;
+    svc.start().await?;
+    until_part_of_todos_is_copied(&svc).await?;
+    tokio::task::block_in_place(|| svc.cluster.restart_immediate())?;
+    assert!(
+        !svc.log().contains("initial snapshot done"),
+        "snapshot finished before the crash; make it bigger"
+    );
+    let deadline = Instant::now() + T;
+    while !svc.log().contains("initial snapshot done") {
+        if !svc.alive() {
+            bail!("the service exited across the crash: {}", svc.log());
+        }
+        if Instant::now() > deadline {
+            bail!("the snapshot did not finish after the crash: {}", svc.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let db = svc.source().await?;
+    clients_converge(&svc, &db).await
+}
+
+/// Waits until the snapshot of todos is under way: some of its chunks committed, not done.
+async fn until_part_of_todos_is_copied(svc: &Service) -> Result<()> {
+    let storage = svc.cluster.connect("storage").await?;
+    let deadline = Instant::now() + T;
+    loop {
+        let copied: Option<i64> = storage
+            .query_opt(
+                "SELECT snapshot_rows FROM ferrosync.source_tables WHERE table_name = 'todos' AND NOT snapshot_done",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0));
+        if copied.is_some_and(|rows| rows > 0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("snapshot never got going: {}", svc.log());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Both users' clients end up with exactly the source's todos.
+async fn clients_converge(svc: &Service, db: &tokio_postgres::Client) -> Result<()> {
     for user in ["u1", "u2"] {
-        let expected = source_todos(&db, user).await?;
+        let expected = source_todos(db, user).await?;
         let mut state = ClientState::default();
         let mut s = RawStream::open(&svc.url(), &token(user), json!({"buckets": []})).await?;
         s.sync_until(&mut state, Duration::from_secs(120), |s| client_todos(s) == expected)
