@@ -45,8 +45,6 @@ pub(crate) struct Batch {
     pub inserts: Vec<CurrentRecord>,
     pub updates: Vec<CurrentRecord>,
     pub deletes: Vec<(i64, Uuid)>,
-    pub buckets: Vec<String>,
-    pub lookups: Vec<String>,
     pub persisted_op: i64,
     pub progress: Option<TableProgress>,
 }
@@ -183,15 +181,15 @@ fn raise(current: &mut u64, lsn: u64) -> bool {
 
 async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch) -> Result<(), StorageError> {
     let g = group as i32;
-    copy_ops(tx, g, &batch.ops).await?;
-    copy_params(tx, g, &batch.params).await?;
+    let buckets = copy_ops(tx, g, &batch.ops).await?;
+    let lookups = copy_params(tx, g, &batch.params).await?;
     copy_current(tx, g, &batch.inserts).await?;
     upsert_current(tx, g, &batch.updates).await?;
     delete_current(tx, g, &batch.deletes).await?;
-    if !batch.buckets.is_empty() || !batch.lookups.is_empty() {
+    if !buckets.is_empty() || !lookups.is_empty() {
         tx.execute(
             "INSERT INTO ferrosync.bucket_changes (group_id, max_op_id, buckets, lookups) VALUES ($1, $2, $3, $4)",
-            &[&g, &batch.persisted_op, &batch.buckets, &batch.lookups],
+            &[&g, &batch.persisted_op, &buckets, &lookups],
         )
         .await?;
     }
@@ -213,10 +211,11 @@ async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch
 /// Most ops in one chunk: bounds what a read decodes beyond the ops it needs.
 const CHUNK_OPS: usize = 256;
 
-/// The batch's ops as one or more chunks per bucket, by binary COPY.
-async fn copy_ops(tx: &Transaction<'_>, group: i32, ops: &[OpRow]) -> Result<(), StorageError> {
+/// The batch's ops as one or more chunks per bucket, by binary COPY; returns the buckets
+/// they went to.
+async fn copy_ops<'a>(tx: &Transaction<'_>, group: i32, ops: &'a [OpRow]) -> Result<Vec<&'a str>, StorageError> {
     if ops.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     // Ops were allocated in ascending op_id order, so each bucket's list is ascending too.
     let mut by_bucket: HashMap<&str, Vec<&OplogEntry>> = HashMap::new();
@@ -232,7 +231,7 @@ async fn copy_ops(tx: &Transaction<'_>, group: i32, ops: &[OpRow]) -> Result<(),
     // In primary-key order: Postgres inserts neighbouring index entries together.
     let mut by_bucket: Vec<(&str, Vec<&OplogEntry>)> = by_bucket.into_iter().collect();
     by_bucket.sort_unstable_by_key(|(bucket, _)| *bucket);
-    for (bucket, entries) in by_bucket {
+    for (bucket, entries) in &by_bucket {
         for chunk in entries.chunks(CHUNK_OPS) {
             let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
                 continue;
@@ -245,12 +244,17 @@ async fn copy_ops(tx: &Transaction<'_>, group: i32, ops: &[OpRow]) -> Result<(),
         }
     }
     writer.finish().await?;
-    Ok(())
+    Ok(by_bucket.into_iter().map(|(bucket, _)| bucket).collect())
 }
 
-async fn copy_params(tx: &Transaction<'_>, group: i32, params: &[(String, i64, Uuid, i64, String)]) -> Result<(), StorageError> {
+/// The batch's parameter entries, by binary COPY; returns their lookups.
+async fn copy_params<'a>(
+    tx: &Transaction<'_>,
+    group: i32,
+    params: &'a [(String, i64, Uuid, i64, String)],
+) -> Result<Vec<&'a str>, StorageError> {
     if params.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let sink = tx
         .copy_in("COPY ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) FROM STDIN BINARY")
@@ -259,14 +263,16 @@ async fn copy_params(tx: &Transaction<'_>, group: i32, params: &[(String, i64, U
     futures::pin_mut!(writer);
     let mut params: Vec<_> = params.iter().collect();
     params.sort_unstable_by(|a, b| (&a.0, a.1, a.2, a.3).cmp(&(&b.0, b.1, b.2, b.3)));
-    for (lookup, table_id, key, id, bucket_parameters) in params {
+    for (lookup, table_id, key, id, bucket_parameters) in &params {
         writer
             .as_mut()
             .write(&[&group, lookup, table_id, key, id, bucket_parameters])
             .await?;
     }
     writer.finish().await?;
-    Ok(())
+    let mut lookups: Vec<&str> = params.iter().map(|p| p.0.as_str()).collect();
+    lookups.dedup();
+    Ok(lookups)
 }
 
 /// New rows' current state, by binary COPY.
@@ -437,7 +443,19 @@ mod tests {
         };
         let batch = |persisted_op| {
             Some(Box::new(Batch {
-                buckets: vec!["b".into()],
+                // One op: the batch records bucket "b" as changed.
+                ops: vec![OpRow {
+                    bucket: "b".into(),
+                    entry: OplogEntry {
+                        op_id: persisted_op,
+                        op: crate::model::OpType::Put,
+                        object_type: Some("t".into()),
+                        object_id: Some("1".into()),
+                        subkey: Some("1/1".into()),
+                        data: Some("{}".into()),
+                        checksum: 1,
+                    },
+                }],
                 persisted_op,
                 ..Batch::default()
             }))

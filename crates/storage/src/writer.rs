@@ -79,8 +79,6 @@ struct FlushOutput {
     ops: Vec<OpRow>,
     params: Vec<(String, i64, Uuid, i64, String)>,
     dirty: HashSet<RowKey>,
-    buckets: HashSet<String>,
-    lookups: HashSet<String>,
 }
 
 /// Writes one replication stream's ops.
@@ -490,7 +488,6 @@ impl BucketWriter {
         for r in puts {
             let checksum = checksum::put(&r.table, &r.id, &r.data);
             let op_id = self.alloc();
-            out.buckets.insert(r.bucket.clone());
             out.ops.push(OpRow {
                 bucket: r.bucket,
                 entry: OplogEntry {
@@ -513,7 +510,6 @@ impl BucketWriter {
                 Ok(p) => {
                     let lookup = p.lookup.as_str().to_string();
                     let id = self.alloc();
-                    out.lookups.insert(lookup.clone());
                     out.params.push((lookup.clone(), table.id, key, id, p.bucket_parameters));
                     lookups.push(lookup);
                 }
@@ -546,7 +542,6 @@ impl BucketWriter {
             return;
         }
         let op_id = self.alloc();
-        out.buckets.insert(bucket.clone());
         out.ops.push(OpRow {
             bucket: bucket.clone(),
             entry: OplogEntry {
@@ -566,7 +561,6 @@ impl BucketWriter {
             return;
         }
         let id = self.alloc();
-        out.lookups.insert(lookup.to_string());
         out.params.push((lookup.to_string(), table_id, key, id, "[]".to_string()));
     }
 
@@ -578,8 +572,6 @@ impl BucketWriter {
         let mut batch = Batch {
             ops: out.ops,
             params: out.params,
-            buckets: out.buckets.into_iter().collect(),
-            lookups: out.lookups.into_iter().collect(),
             persisted_op: self.next_op - 1,
             progress: self.progress.take(),
             ..Batch::default()
