@@ -9,8 +9,12 @@ source scripts/node-env.sh
 (cd clients/dashboard-test && npm ci --no-audit --no-fund)
 cargo test --workspace -- --test-threads=2
 # The benchmark tool, end to end at a tiny scale (numbers are meaningless here; it must run).
-cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \
+# Its report (with the service's WARN/ERROR log lines) is shown only when a phase fails.
+if ! cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \
   --rows 2000 --incremental-rows 2000 --latency-samples 10 --fanout 10,50 --fanout-rounds 2 --failover-rounds 2 \
-  --churn-rows 200 --churn-updates 2000 > /dev/null
+  --churn-rows 200 --churn-updates 2000 > target/bench-smoke.md; then
+  cat target/bench-smoke.md
+  exit 1
+fi
 # The container image (Dockerfile, distroless/cc) can run the binary.
 scripts/check-image-libs.sh target/debug/ferrosync
