@@ -400,13 +400,13 @@ impl<S: SyncStorage> CheckpointHub<S> {
     pub async fn watch_write_checkpoints(&self, user_key: &str) -> Result<WriteCheckpointWatch, StorageError> {
         let watch = self.write_checkpoints.watch(user_key);
         if !watch.is_loaded() {
-            // Boxed: a storage read's future is large (kilobytes), and inline it would grow
-            // every held connection's state for the connection's whole life.
+            // Boxed (and only when a read may be needed): a storage read's future is over a
+            // kilobyte, and inline it would grow every held connection's state for good.
             Box::pin(watch.load(async {
                 if let Some(wc) = self.storage.write_checkpoint_of(user_key).await? {
                     self.write_checkpoints.update(&wc);
                 }
-                Ok::<_, StorageError>(())
+                Ok(())
             }))
             .await?;
         }

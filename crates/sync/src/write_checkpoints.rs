@@ -5,8 +5,9 @@
 //! goes when its last connection does. So memory follows connected users, not every user that
 //! ever requested a write checkpoint, and storage is read once per connected user.
 
-use ferrosync_storage::WriteCheckpoint;
+use ferrosync_storage::{StorageError, WriteCheckpoint};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::OnceCell;
 
@@ -47,10 +48,7 @@ impl WriteCheckpointWatch {
     /// Run `read_stored` (which reads the key's stored row into the map) unless another
     /// connection of the key already did; waits while one is doing it, and takes over if it
     /// failed.
-    pub(crate) async fn load<F, E>(&self, read_stored: F) -> Result<(), E>
-    where
-        F: std::future::Future<Output = Result<(), E>>,
-    {
+    pub(crate) async fn load(&self, read_stored: impl Future<Output = Result<(), StorageError>>) -> Result<(), StorageError> {
         self.loaded.get_or_try_init(|| read_stored).await.map(|_| ())
     }
 }
