@@ -1,6 +1,6 @@
 //! Compact binary encodings for `current_data`: a row image (needed to merge TOAST values;
 //! per column: u16 name length, name, u8 tag, payload: i64/f64 LE, or u32 length + bytes) and
-//! string lists (the buckets and lookups a row is in; per string: LEB128 length, bytes).
+//! string lists (the buckets and lookups a row is in; see [`encode_strings`]).
 
 use ferrosync_rules::{Row, SqliteValue};
 
@@ -65,10 +65,19 @@ pub fn decode(mut buf: &[u8]) -> Option<Row> {
 
 /// A list of strings; `None` for an empty list (stored as NULL). Each string is a LEB128
 /// header `len << 1` and its bytes, or header `1` and 16 bytes for a canonical lowercase UUID
-/// (most PowerSync row ids): 17 bytes instead of 37.
+/// (most PowerSync row ids): 17 bytes instead of 37, or header `back << 2 | 3` alone for a
+/// repeat of the string `back` (1 to [`MAX_BACK`]) places earlier: a row's bucket list is
+/// (bucket, output table, row id) triples whose table and id are mostly the same.
 pub fn encode_strings<'a>(strings: impl IntoIterator<Item = &'a str>) -> Option<Vec<u8>> {
     let mut out = Vec::new();
-    for s in strings {
+    let mut recent: [&str; MAX_BACK] = [""; MAX_BACK];
+    for (i, s) in strings.into_iter().enumerate() {
+        let back = (1..=MAX_BACK.min(i)).find(|&back| recent[(i - back) % MAX_BACK] == s);
+        recent[i % MAX_BACK] = s;
+        if let Some(back) = back {
+            push_leb128(&mut out, back << 2 | 3);
+            continue;
+        }
         match canonical_uuid(s) {
             Some(uuid) => {
                 out.push(1);
@@ -82,6 +91,9 @@ pub fn encode_strings<'a>(strings: impl IntoIterator<Item = &'a str>) -> Option<
     }
     (!out.is_empty()).then_some(out)
 }
+
+/// How far back [`encode_strings`] looks for a repeat.
+const MAX_BACK: usize = 3;
 
 /// `s` parsed as a UUID only if it prints back identically (lowercase, hyphenated).
 fn canonical_uuid(s: &str) -> Option<uuid::Uuid> {
@@ -124,6 +136,12 @@ pub fn decode_strings(mut buf: &[u8]) -> Option<Vec<String>> {
         let header = read_leb128(&mut buf)?;
         if header == 1 {
             out.push(uuid::Uuid::from_bytes(take::<16>(&mut buf)?).hyphenated().to_string());
+            continue;
+        }
+        if header & 3 == 3 {
+            let back = header >> 2;
+            let repeat = out.len().checked_sub(back).filter(|_| back > 0).and_then(|at| out.get(at))?.clone();
+            out.push(repeat);
             continue;
         }
         let len = header >> 1;
@@ -173,5 +191,22 @@ mod tests {
         assert_eq!(decode_strings(&bytes), Some(strings.iter().map(|s| s.to_string()).collect()));
         assert_eq!(decode_strings(&bytes[..bytes.len() - 1]), None);
         assert_eq!(encode_strings([]), None);
+    }
+
+    #[test]
+    fn repeats_are_stored_as_back_references() {
+        let id = "0b6c3c8e-5a1f-4d3e-9c2b-7f1e2d3c4b5a";
+        let refs = ["b1", "todos", id, "b2", "todos", id, "b3", "lists", id, "b3", "b3"];
+        let bytes = encode_strings(refs).expect("not empty");
+        assert_eq!(decode_strings(&bytes), Some(refs.iter().map(|s| s.to_string()).collect()));
+        let written_once = 3 + 6 + 17 + 3 + 3 + 6;
+        assert_eq!(bytes.len(), written_once + 5, "five repeats of one byte each");
+    }
+
+    #[test]
+    fn a_back_reference_before_the_first_string_is_damage() {
+        assert_eq!(decode_strings(&[3 << 2 | 3]), None);
+        assert_eq!(decode_strings(&[3]), None, "distance 0");
+        assert_eq!(decode_strings(&[4, b'a', b'b', 2 << 2 | 3]), None);
     }
 }
