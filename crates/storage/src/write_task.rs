@@ -7,11 +7,10 @@
 //! After a checkpoint commits, its LSN is published as durable: only then may the source
 //! acknowledge it.
 
-use crate::chunk;
+use crate::chunk::{Chunks, NewChunk};
 use crate::error::StorageError;
 use crate::model::{Checkpoint, OplogEntry};
 use crate::writer::{lsn_to_text, TableProgress, CHECKPOINT_CHANNEL};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -38,7 +37,8 @@ pub(crate) struct CurrentRecord {
 /// Everything one flush writes, in one transaction.
 #[derive(Default)]
 pub(crate) struct Batch {
-    pub ops: Vec<OpRow>,
+    /// Ops, encoded (or being encoded) into chunks.
+    pub chunks: Chunks,
     /// (lookup, table_id, key, id, bucket_parameters JSON)
     pub params: Vec<(String, i64, Uuid, i64, String)>,
     /// Current state of rows storage lacks (COPY) and of rows it has (upsert).
@@ -181,7 +181,8 @@ fn raise(current: &mut u64, lsn: u64) -> bool {
 
 async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch) -> Result<(), StorageError> {
     let g = group as i32;
-    let buckets = copy_ops(tx, g, &batch.ops).await?;
+    let chunks = batch.chunks.get().await?;
+    let buckets = copy_ops(tx, g, &chunks).await?;
     let lookups = copy_params(tx, g, &batch.params).await?;
     copy_current(tx, g, &batch.inserts).await?;
     upsert_current(tx, g, &batch.updates).await?;
@@ -208,19 +209,10 @@ async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch
     Ok(())
 }
 
-/// Most ops in one chunk: bounds what a read decodes beyond the ops it needs.
-const CHUNK_OPS: usize = 256;
-
-/// The batch's ops as one or more chunks per bucket, by binary COPY; returns the buckets
-/// they went to.
-async fn copy_ops<'a>(tx: &Transaction<'_>, group: i32, ops: &'a [OpRow]) -> Result<Vec<&'a str>, StorageError> {
-    if ops.is_empty() {
+/// The batch's chunks, by binary COPY; returns the buckets they went to.
+async fn copy_ops<'a>(tx: &Transaction<'_>, group: i32, chunks: &'a [NewChunk]) -> Result<Vec<&'a str>, StorageError> {
+    if chunks.is_empty() {
         return Ok(Vec::new());
-    }
-    // Ops were allocated in ascending op_id order, so each bucket's list is ascending too.
-    let mut by_bucket: HashMap<&str, Vec<&OplogEntry>> = HashMap::new();
-    for op in ops {
-        by_bucket.entry(op.bucket.as_str()).or_default().push(&op.entry);
     }
     let sink = tx
         .copy_in("COPY ferrosync.op_chunks (group_id, bucket, last_op, first_op, op_count, checksum, ops) FROM STDIN BINARY")
@@ -228,23 +220,14 @@ async fn copy_ops<'a>(tx: &Transaction<'_>, group: i32, ops: &'a [OpRow]) -> Res
     let types = [Type::INT4, Type::TEXT, Type::INT8, Type::INT8, Type::INT4, Type::INT8, Type::BYTEA];
     let writer = BinaryCopyInWriter::new(sink, &types);
     futures::pin_mut!(writer);
-    // In primary-key order: Postgres inserts neighbouring index entries together.
-    let mut by_bucket: Vec<(&str, Vec<&OplogEntry>)> = by_bucket.into_iter().collect();
-    by_bucket.sort_unstable_by_key(|(bucket, _)| *bucket);
-    for (bucket, entries) in &by_bucket {
-        for chunk in entries.chunks(CHUNK_OPS) {
-            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                continue;
-            };
-            let count = chunk.len() as i32;
-            let checksum = i64::from(chunk.iter().fold(0u32, |sum, op| sum.wrapping_add(op.checksum)));
-            let payload = chunk::encode(chunk.iter().copied());
-            let row: [&(dyn ToSql + Sync); 7] = [&group, &bucket, &last.op_id, &first.op_id, &count, &checksum, &payload];
-            writer.as_mut().write(&row).await?;
-        }
+    for c in chunks {
+        let row: [&(dyn ToSql + Sync); 7] = [&group, &c.bucket, &c.last_op, &c.first_op, &c.op_count, &c.checksum, &c.payload];
+        writer.as_mut().write(&row).await?;
     }
     writer.finish().await?;
-    Ok(by_bucket.into_iter().map(|(bucket, _)| bucket).collect())
+    let mut buckets: Vec<&str> = chunks.iter().map(|c| c.bucket.as_str()).collect();
+    buckets.dedup();
+    Ok(buckets)
 }
 
 /// The batch's parameter entries, by binary COPY; returns their lookups.
@@ -444,7 +427,7 @@ mod tests {
         let batch = |persisted_op| {
             Some(Box::new(Batch {
                 // One op: the batch records bucket "b" as changed.
-                ops: vec![OpRow {
+                chunks: crate::chunk::Chunks::encode(vec![OpRow {
                     bucket: "b".into(),
                     entry: OplogEntry {
                         op_id: persisted_op,
@@ -455,7 +438,7 @@ mod tests {
                         data: Some("{}".into()),
                         checksum: 1,
                     },
-                }],
+                }]),
                 persisted_op,
                 ..Batch::default()
             }))

@@ -485,8 +485,9 @@ impl BucketWriter {
                 }
             }
         }
+        let first_put = out.ops.len();
         for r in puts {
-            let checksum = checksum::put(&r.table, &r.id, &r.data);
+            let checksum = checksum_of_put(&out.ops[first_put..], &r);
             let op_id = self.alloc();
             out.ops.push(OpRow {
                 bucket: r.bucket,
@@ -570,7 +571,7 @@ impl BucketWriter {
         // The write that will carry this batch (see `write`).
         self.write_seq += 1;
         let mut batch = Batch {
-            ops: out.ops,
+            chunks: crate::chunk::Chunks::encode(out.ops),
             params: out.params,
             persisted_op: self.next_op - 1,
             progress: self.progress.take(),
@@ -748,6 +749,20 @@ impl Drop for BucketWriter {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// The checksum of a PUT of `r`, taken from an identical PUT of the same row to another
+/// bucket where there is one (definitions that select the same columns), else computed.
+fn checksum_of_put(same_row: &[OpRow], r: &ferrosync_rules::EvaluatedRow) -> u32 {
+    let identical = same_row.iter().find(|op| {
+        op.entry.data.as_deref() == Some(r.data.as_str())
+            && op.entry.object_id.as_deref() == Some(r.id.as_str())
+            && op.entry.object_type.as_deref() == Some(r.table.as_str())
+    });
+    match identical {
+        Some(op) => op.entry.checksum,
+        None => checksum::put(&r.table, &r.id, &r.data),
     }
 }
 
