@@ -78,7 +78,10 @@ type RowKey = (i64, Uuid);
 struct FlushOutput {
     ops: Vec<OpRow>,
     params: Vec<(String, i64, Uuid, i64, String)>,
+    /// Rows whose state in `state` is new (see `BucketWriter::batch`).
     dirty: HashSet<RowKey>,
+    /// Current state of rows copied in snapshot mode, already in stored form.
+    copied: Vec<CurrentRecord>,
 }
 
 /// Writes one replication stream's ops.
@@ -386,6 +389,13 @@ impl BucketWriter {
             RecordOp::Upsert {
                 table,
                 key,
+                before_key: None,
+                row,
+                unchanged,
+            } if self.snapshot && unchanged.is_empty() => self.copy_row(&table, key, row, out),
+            RecordOp::Upsert {
+                table,
+                key,
                 before_key,
                 mut row,
                 unchanged,
@@ -466,17 +476,47 @@ impl BucketWriter {
         out: &mut FlushOutput,
     ) -> (Vec<BucketRef>, Vec<String>) {
         let subkey = format!("{}/{}", table.id, key);
-        let mut buckets: Vec<BucketRef> = Vec::new();
-        let mut puts = Vec::new();
+        let puts = self.puts(rules, table, row);
+        let buckets: Vec<BucketRef> = puts.iter().map(|r| (r.bucket.clone(), r.table.clone(), r.id.clone())).collect();
+        self.push_puts(puts, &subkey, out);
+        for old in previous.iter().filter(|b| !buckets.contains(b)) {
+            self.push_remove(old, &subkey, out);
+        }
+        let first = self.push_lookups(rules, table, key, row, out);
+        let lookups: Vec<String> = out.params[first..].iter().map(|p| p.0.clone()).collect();
+        for old in previous_lookups.iter().filter(|l| !lookups.contains(l)) {
+            self.push_tombstone(old, table.id, key, out);
+        }
+        (buckets, lookups)
+    }
+
+    /// Snapshot mode: a row storage does not have yet. Its current state goes straight into
+    /// the batch in stored form: nothing to merge with, and no bucket list kept beside the ops.
+    fn copy_row(&mut self, table: &TableHandle, key: Uuid, row: Row, out: &mut FlushOutput) {
+        let rules = self.rules.clone();
+        let subkey = format!("{}/{}", table.id, key);
+        let puts = self.puts(&rules, table, &row);
+        let buckets = row_codec::encode_strings(puts.iter().flat_map(|r| [r.bucket.as_str(), r.table.as_str(), r.id.as_str()]));
+        self.push_puts(puts, &subkey, out);
+        let first = self.push_lookups(&rules, table, key, &row, out);
+        let lookups = row_codec::encode_strings(out.params[first..].iter().map(|p| p.0.as_str()));
+        out.copied.push(CurrentRecord {
+            table_id: table.id,
+            key,
+            data: (table.store_image && may_be_toasted(&row)).then(|| row_codec::encode(&row)),
+            buckets,
+            lookups,
+        });
+    }
+
+    /// The row's PUTs with `rules`, one per (bucket, output table, id): a later result for
+    /// the same one replaces the earlier.
+    fn puts(&mut self, rules: &SyncRules, table: &TableHandle, row: &Row) -> Vec<ferrosync_rules::EvaluatedRow> {
+        let mut puts: Vec<ferrosync_rules::EvaluatedRow> = Vec::new();
         for result in rules.evaluate_row(&table.name, row) {
             match result {
                 Ok(r) => {
-                    let reference = (r.bucket.clone(), r.table.clone(), r.id.clone());
-                    if let Some(pos) = buckets.iter().position(|b| *b == reference) {
-                        buckets.remove(pos);
-                        puts.remove(pos);
-                    }
-                    buckets.push(reference);
+                    puts.retain(|p| (&p.bucket, &p.table, &p.id) != (&r.bucket, &r.table, &r.id));
                     puts.push(r);
                 }
                 Err(e) => {
@@ -485,6 +525,10 @@ impl BucketWriter {
                 }
             }
         }
+        puts
+    }
+
+    fn push_puts(&mut self, puts: Vec<ferrosync_rules::EvaluatedRow>, subkey: &str, out: &mut FlushOutput) {
         let first_put = out.ops.len();
         for r in puts {
             let checksum = checksum_of_put(&out.ops[first_put..], &r);
@@ -496,23 +540,23 @@ impl BucketWriter {
                     op: OpType::Put,
                     object_type: Some(r.table),
                     object_id: Some(r.id),
-                    subkey: Some(subkey.clone()),
+                    subkey: Some(subkey.to_string()),
                     data: Some(r.data),
                     checksum,
                 },
             });
         }
-        for old in previous.iter().filter(|b| !buckets.contains(b)) {
-            self.push_remove(old, &subkey, out);
-        }
-        let mut lookups = Vec::new();
+    }
+
+    /// Parameter rows for the row's lookups with `rules`; returns where they start in `out.params`.
+    fn push_lookups(&mut self, rules: &SyncRules, table: &TableHandle, key: Uuid, row: &Row, out: &mut FlushOutput) -> usize {
+        let first = out.params.len();
         for result in rules.evaluate_parameter_row(&table.name, row) {
             match result {
                 Ok(p) => {
-                    let lookup = p.lookup.as_str().to_string();
                     let id = self.alloc();
-                    out.params.push((lookup.clone(), table.id, key, id, p.bucket_parameters));
-                    lookups.push(lookup);
+                    out.params
+                        .push((p.lookup.as_str().to_string(), table.id, key, id, p.bucket_parameters));
                 }
                 Err(e) => {
                     self.evaluation_errors += 1;
@@ -520,10 +564,7 @@ impl BucketWriter {
                 }
             }
         }
-        for old in previous_lookups.iter().filter(|l| !lookups.contains(l)) {
-            self.push_tombstone(old, table.id, key, out);
-        }
-        (buckets, lookups)
+        first
     }
 
     fn remove_all(&mut self, table: &TableHandle, key: Uuid, existing: CurrentRow, out: &mut FlushOutput) {
@@ -573,6 +614,7 @@ impl BucketWriter {
         let mut batch = Batch {
             chunks: crate::chunk::Chunks::encode(out.ops),
             params: out.params,
+            inserts: out.copied,
             persisted_op: self.next_op - 1,
             progress: self.progress.take(),
             ..Batch::default()
