@@ -36,13 +36,40 @@ pub fn chunk_column(rel: &RelationInfo) -> Option<&ColumnInfo> {
     matches!(key.type_oid, types::INT2 | types::INT4 | types::INT8 | 25 | 1043 | 2950).then_some(key)
 }
 
-/// Copy `rel` starting after `resume_key`, sending chunks of `chunk_rows` rows to `tx`.
+/// How large the chunks of a table copy are: about `text_bytes` of COPY text each, and at
+/// most `max_rows`. Each chunk is one storage transaction, so larger ones write fewer, larger
+/// op chunks and insert index entries with more locality; bounding them by bytes rather than
+/// rows keeps memory in check for wide rows.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkSize {
+    pub text_bytes: usize,
+    pub max_rows: usize,
+    /// Rows of the first chunk of a keyed table (a small one starts the pipeline sooner).
+    pub first_rows: usize,
+}
+
+impl ChunkSize {
+    /// Rows to ask for after a query of `rows` rows took `bytes` of COPY text.
+    fn next_rows(&self, rows: usize, bytes: usize) -> usize {
+        (self.text_bytes / (bytes / rows.max(1)).max(1)).clamp(1, self.max_rows)
+    }
+
+    /// Cut a COPY's rows into chunks at these bounds (a query's rows can exceed the bytes).
+    fn split(&self) -> Split {
+        Split {
+            rows: self.max_rows,
+            bytes: self.text_bytes,
+        }
+    }
+}
+
+/// Copy `rel` starting after `resume_key`, sending chunks sized by `size` to `tx`.
 /// Stops early (without error) when the receiver is dropped.
 pub async fn copy_table(
     client: &Client,
     rel: &RelationInfo,
     mut resume_key: Option<String>,
-    chunk_rows: usize,
+    size: ChunkSize,
     compat: &Compatibility,
     tx: mpsc::Sender<Result<SnapshotChunk, SourceError>>,
 ) -> Result<(), SourceError> {
@@ -50,9 +77,10 @@ pub async fn copy_table(
     let table = format!("{}.{}", quote_ident(&rel.name.schema), quote_ident(&rel.name.name));
     let Some(key) = chunk_column(rel) else {
         let query = format!("COPY (SELECT * FROM {table}) TO STDOUT");
-        return copy_query(client, &query, rel, chunk_rows, compat, None, &tx).await.map(|_| ());
+        return copy_query(client, &query, rel, size.split(), compat, None, &tx).await.map(|_| ());
     };
     let key_index = rel.columns.iter().position(|c| c.name == key.name);
+    let mut chunk_rows = size.first_rows.clamp(1, size.max_rows);
     loop {
         let filter = match &resume_key {
             Some(k) => format!("WHERE {} > {}", quote_ident(&key.name), quote_literal(k)),
@@ -62,18 +90,19 @@ pub async fn copy_table(
             "COPY (SELECT * FROM {table} {filter} ORDER BY {} LIMIT {chunk_rows}) TO STDOUT",
             quote_ident(&key.name)
         );
-        let (count, last_key) = copy_query(client, &query, rel, usize::MAX, compat, key_index, &tx).await?;
-        if count < chunk_rows || tx.is_closed() {
+        let copied = copy_query(client, &query, rel, size.split(), compat, key_index, &tx).await?;
+        if copied.rows < chunk_rows || tx.is_closed() {
             let _ = tx
                 .send(Ok(SnapshotChunk {
                     rows: Vec::new(),
-                    last_key,
+                    last_key: copied.last_key,
                     done: true,
                 }))
                 .await;
             return Ok(());
         }
-        resume_key = last_key;
+        resume_key = copied.last_key;
+        chunk_rows = size.next_rows(copied.rows, copied.bytes);
     }
 }
 
@@ -104,7 +133,7 @@ pub async fn read_chunk(
         None => (format!("COPY (SELECT * FROM {table}) TO STDOUT"), None),
     };
     let (tx, mut rx) = mpsc::channel(1);
-    let (count, last_key) = copy_query(client, &query, rel, usize::MAX, compat, key_index, &tx).await?;
+    let copied = copy_query(client, &query, rel, Split::NEVER, compat, key_index, &tx).await?;
     drop(tx);
     let rows = match rx.recv().await {
         Some(chunk) => chunk?.rows,
@@ -112,46 +141,78 @@ pub async fn read_chunk(
     };
     Ok(SnapshotChunk {
         rows,
-        last_key,
-        done: key_index.is_none() || count < chunk_rows,
+        last_key: copied.last_key,
+        done: key_index.is_none() || copied.rows < chunk_rows,
     })
 }
 
-/// Run one COPY, sending rows in chunks of at most `chunk_rows`; returns the row count and the
-/// raw key text of the last row.
+/// Where one COPY's rows are cut into chunks: at `rows` rows or `bytes` of COPY text,
+/// whichever comes first.
+#[derive(Clone, Copy)]
+struct Split {
+    rows: usize,
+    bytes: usize,
+}
+
+impl Split {
+    /// The whole COPY is one chunk.
+    const NEVER: Split = Split {
+        rows: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
+/// What one COPY read.
+struct Copied {
+    rows: usize,
+    /// COPY text, line ends included.
+    bytes: usize,
+    /// Raw text of the key of the last row.
+    last_key: Option<String>,
+}
+
+/// Run one COPY, sending its rows in chunks cut by `split`.
 async fn copy_query(
     client: &Client,
     query: &str,
     rel: &RelationInfo,
-    chunk_rows: usize,
+    split: Split,
     compat: &Compatibility,
     key_index: Option<usize>,
     tx: &mpsc::Sender<Result<SnapshotChunk, SourceError>>,
-) -> Result<(usize, Option<String>), SourceError> {
+) -> Result<Copied, SourceError> {
     let stream = client.copy_out(query).await?;
     futures::pin_mut!(stream);
     let mut buf = BytesMut::new();
     let mut rows = Vec::new();
-    let mut count = 0;
-    let mut last_key = None;
+    let mut copied = Copied {
+        rows: 0,
+        bytes: 0,
+        last_key: None,
+    };
+    let mut chunk_bytes = 0;
     while let Some(bytes) = stream.next().await {
         buf.extend_from_slice(&bytes?);
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(pos + 1);
             let fields = parse_line(&line[..pos]);
             if let Some(i) = key_index {
-                last_key = fields.get(i).cloned().flatten();
+                copied.last_key = fields.get(i).cloned().flatten();
             }
             rows.push(decode_fields(rel, fields, compat));
-            count += 1;
-            if rows.len() >= chunk_rows {
+            copied.rows += 1;
+            copied.bytes += line.len();
+            chunk_bytes += line.len();
+            if rows.len() >= split.rows || chunk_bytes >= split.bytes {
+                chunk_bytes = 0;
+                // Rows come in key order: a keyed copy can resume after this chunk's last row.
                 let chunk = SnapshotChunk {
                     rows: std::mem::take(&mut rows),
-                    last_key: None,
+                    last_key: copied.last_key.clone(),
                     done: false,
                 };
                 if tx.send(Ok(chunk)).await.is_err() {
-                    return Ok((count, last_key));
+                    return Ok(copied);
                 }
             }
         }
@@ -162,12 +223,12 @@ async fn copy_query(
     if !rows.is_empty() || key_index.is_none() {
         let chunk = SnapshotChunk {
             rows,
-            last_key: last_key.clone(),
+            last_key: copied.last_key.clone(),
             done: key_index.is_none(),
         };
         let _ = tx.send(Ok(chunk)).await;
     }
-    Ok((count, last_key))
+    Ok(copied)
 }
 
 fn decode_fields(rel: &RelationInfo, fields: Vec<Option<String>>, compat: &Compatibility) -> SourceRow {
@@ -192,4 +253,28 @@ pub async fn estimate_rows(client: &Client, oid: u32) -> Result<i64, SourceError
         .query_one("SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1", &[&oid])
         .await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChunkSize;
+
+    const SIZE: ChunkSize = ChunkSize {
+        text_bytes: 4 << 20,
+        max_rows: 50_000,
+        first_rows: 1_000,
+    };
+
+    #[test]
+    fn chunks_hold_about_the_byte_target() {
+        // 1,000 rows of 140 bytes: the next query asks for 4 MiB of them.
+        assert_eq!(SIZE.next_rows(1_000, 140_000), (4 << 20) / 140);
+        assert_eq!(SIZE.next_rows(1_000, 10_000), 50_000, "narrow rows: capped");
+        assert_eq!(SIZE.next_rows(10, 100 << 20), 1, "rows over the target: one at a time");
+        assert_eq!(
+            SIZE.next_rows(0, 0),
+            50_000,
+            "an empty query measures nothing, and does not divide by zero"
+        );
+    }
 }
