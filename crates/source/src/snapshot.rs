@@ -54,11 +54,20 @@ impl ChunkSize {
         (self.text_bytes / (bytes / rows.max(1)).max(1)).clamp(1, self.max_rows)
     }
 
-    /// Cut a COPY's rows into chunks at these bounds (a query's rows can exceed the bytes).
+    /// Where the one COPY of a table without a chunkable key is cut into chunks.
     fn split(&self) -> Split {
         Split {
             rows: self.max_rows,
             bytes: self.text_bytes,
+        }
+    }
+
+    /// Where a keyed query's rows are cut: it asks for about `text_bytes` of rows already, so
+    /// this only cuts rows much wider than the last ones measured.
+    fn split_keyed(&self) -> Split {
+        Split {
+            rows: usize::MAX,
+            bytes: self.text_bytes.saturating_mul(2),
         }
     }
 }
@@ -90,7 +99,7 @@ pub async fn copy_table(
             "COPY (SELECT * FROM {table} {filter} ORDER BY {} LIMIT {chunk_rows}) TO STDOUT",
             quote_ident(&key.name)
         );
-        let copied = copy_query(client, &query, rel, size.split(), compat, key_index, &tx).await?;
+        let copied = copy_query(client, &query, rel, size.split_keyed(), compat, key_index, &tx).await?;
         if copied.rows < chunk_rows || tx.is_closed() {
             let _ = tx
                 .send(Ok(SnapshotChunk {
@@ -257,7 +266,9 @@ pub async fn estimate_rows(client: &Client, oid: u32) -> Result<i64, SourceError
 
 #[cfg(test)]
 mod tests {
-    use super::ChunkSize;
+    use super::*;
+    use ferrosync_rules::SourceTableName;
+    use ferrosync_testkit::{PgCluster, PgOptions};
 
     const SIZE: ChunkSize = ChunkSize {
         text_bytes: 4 << 20,
@@ -276,5 +287,69 @@ mod tests {
             50_000,
             "an empty query measures nothing, and does not divide by zero"
         );
+    }
+
+    fn key_of(row: &SourceRow) -> Option<i64> {
+        match row.columns.first() {
+            Some((_, ColumnValue::Value(SqliteValue::Integer(id)))) => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// A keyed copy over rows of very different widths: chunks follow the byte target, a
+    /// query that meets rows much wider than measured is cut mid-stream, and every chunk
+    /// names its last key, so a copy resumed after any chunk neither skips nor repeats a row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_keyed_copy_is_cut_by_bytes_and_every_chunk_can_be_resumed_after() -> anyhow::Result<()> {
+        let cluster = PgCluster::start(PgOptions::default())?;
+        let client = cluster.connect("postgres").await?;
+        client
+            .batch_execute(
+                "CREATE TABLE t (id bigint PRIMARY KEY, body text NOT NULL);
+                 INSERT INTO t SELECT g, CASE WHEN g BETWEEN 41 AND 50 THEN repeat('w', 5000) ELSE 'n' END
+                 FROM generate_series(1, 100) g;",
+            )
+            .await?;
+        let oid: u32 = client.query_one("SELECT 't'::regclass::oid", &[]).await?.get(0);
+        let name = SourceTableName {
+            connection_tag: "default".into(),
+            schema: "public".into(),
+            name: "t".into(),
+        };
+        let rel = crate::setup::describe_table(&client, oid, name, b'd').await?;
+        let size = ChunkSize {
+            text_bytes: 200,
+            max_rows: 30,
+            first_rows: 5,
+        };
+        let (tx, mut rx) = mpsc::channel(1000);
+        copy_table(&client, &rel, None, size, &Compatibility::default(), tx).await?;
+        let mut copied = Vec::new();
+        let mut sizes = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk?;
+            let keys: Vec<i64> = chunk.rows.iter().filter_map(key_of).collect();
+            assert_eq!(keys.len(), chunk.rows.len());
+            if let Some(last) = keys.last() {
+                assert_eq!(
+                    chunk.last_key.as_deref(),
+                    Some(last.to_string().as_str()),
+                    "a chunk resumes after its last row"
+                );
+            }
+            sizes.push(keys.len());
+            copied.extend(keys);
+            if chunk.done {
+                break;
+            }
+        }
+        assert_eq!(copied, (1..=100).collect::<Vec<i64>>(), "every row once, in key order");
+        assert_eq!(sizes.first(), Some(&5), "the first query asks for first_rows");
+        assert!(sizes.iter().all(|&n| n <= 30), "{sizes:?}");
+        // Narrow rows ("1\tn\n" is 4-6 bytes) fill a chunk to max_rows; the 5 KB rows come one
+        // per chunk, cut at twice the byte target.
+        assert!(sizes.contains(&30), "{sizes:?}");
+        assert!(sizes.iter().filter(|&&n| n == 1).count() >= 10, "{sizes:?}");
+        Ok(())
     }
 }
