@@ -5,9 +5,8 @@
 //! one is prepared. Rows written by batches that may not be committed yet are answered from an
 //! in-memory overlay, so reads of current state never miss an in-flight write.
 
-use crate::checksum;
 use crate::error::StorageError;
-use crate::model::{Checkpoint, OpType, OplogEntry, StreamRecord, StreamState};
+use crate::model::{Checkpoint, StreamRecord, StreamState};
 use crate::row_codec;
 use crate::write_task::{self, Batch, CurrentRecord, Job, NewCheckpoint, OpRow};
 use ferrosync_rules::{Row, SourceTableName, SyncRules};
@@ -17,6 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use uuid::Uuid;
+
+mod apply;
 
 /// Records buffered before a flush: bounds memory and keeps storage transactions a few MB.
 const FLUSH_RECORDS: usize = 5_000;
@@ -363,289 +364,6 @@ impl BucketWriter {
         Ok(state)
     }
 
-    fn alloc(&mut self) -> i64 {
-        let id = self.next_op;
-        self.next_op += 1;
-        id
-    }
-
-    fn apply(&mut self, op: RecordOp, state: &mut HashMap<RowKey, Option<CurrentRow>>, out: &mut FlushOutput) {
-        match op {
-            RecordOp::Delete { table, key } => {
-                let existing = state.insert((table.id, key), None).flatten();
-                out.dirty.insert((table.id, key));
-                self.remove_all(&table, key, existing.unwrap_or_default(), out);
-            }
-            RecordOp::Backfill { table, key, row } => {
-                // A row storage does not have yet was inserted after the change stream's
-                // position: the stream will bring it, evaluated by every definition.
-                let Some(existing) = state.get(&(table.id, key)).cloned().flatten() else {
-                    return;
-                };
-                out.dirty.insert((table.id, key));
-                let next = self.backfill(&table, key, row, existing, out);
-                state.insert((table.id, key), Some(next));
-            }
-            RecordOp::Upsert {
-                table,
-                key,
-                before_key: None,
-                row,
-                unchanged,
-            } if self.snapshot && unchanged.is_empty() => self.copy_row(&table, key, row, out),
-            RecordOp::Upsert {
-                table,
-                key,
-                before_key,
-                mut row,
-                unchanged,
-            } => {
-                // A key change: unchanged TOAST values are in the image stored under the old key.
-                let mut moved_image = None;
-                if let Some(before) = before_key.filter(|b| *b != key) {
-                    let mut old = state.insert((table.id, before), None).flatten().unwrap_or_default();
-                    out.dirty.insert((table.id, before));
-                    moved_image = old.image.take();
-                    self.remove_all(&table, before, old, out);
-                }
-                let existing = state.get(&(table.id, key)).cloned().flatten().unwrap_or_default();
-                let image = moved_image.as_ref().or(existing.image.as_ref());
-                let mut complete = true;
-                for col in &unchanged {
-                    match image.and_then(|img| img.get(col)) {
-                        Some(v) => row.set(col, v.clone()),
-                        None => complete = false,
-                    }
-                }
-                out.dirty.insert((table.id, key));
-                if !complete {
-                    tracing::warn!(table = %table.name.name, "row has unchanged TOAST values but no stored image; keeping previous bucket state until a full update arrives");
-                    let image = table.store_image.then_some(row);
-                    state.insert((table.id, key), Some(CurrentRow { image, ..existing }));
-                    return;
-                }
-                let next = self.evaluate(&table, key, row, existing, out);
-                state.insert((table.id, key), Some(next));
-            }
-        }
-    }
-
-    /// Ops for a new row version: PUT in every bucket it is in, REMOVE from buckets it left,
-    /// parameter rows for its lookups and tombstones for lookups it no longer produces.
-    fn evaluate(&mut self, table: &TableHandle, key: Uuid, row: Row, existing: CurrentRow, out: &mut FlushOutput) -> CurrentRow {
-        let rules = self.rules.clone();
-        let (buckets, lookups) = self.place(&rules, table, key, &row, &existing.buckets, &existing.lookups, out);
-        CurrentRow {
-            image: (table.store_image && may_be_toasted(&row)).then_some(row),
-            buckets,
-            lookups,
-        }
-    }
-
-    /// [`RecordOp::Backfill`]: like `evaluate`, for the deploy's new definitions only; the
-    /// row's other buckets and lookups (and its image, which may be newer) stay as they are.
-    fn backfill(&mut self, table: &TableHandle, key: Uuid, row: Row, existing: CurrentRow, out: &mut FlushOutput) -> CurrentRow {
-        let Some(rules) = self.backfill.clone() else {
-            return existing;
-        };
-        let (mine, others): (Vec<BucketRef>, Vec<BucketRef>) = existing.buckets.into_iter().partition(|b| rules.owns_bucket(&b.0));
-        let (my_lookups, other_lookups): (Vec<String>, Vec<String>) = existing.lookups.into_iter().partition(|l| rules.owns_lookup(l));
-        let (buckets, lookups) = self.place(&rules, table, key, &row, &mine, &my_lookups, out);
-        let image = existing
-            .image
-            .or_else(|| (table.store_image && may_be_toasted(&row)).then_some(row));
-        CurrentRow {
-            image,
-            buckets: others.into_iter().chain(buckets).collect(),
-            lookups: other_lookups.into_iter().chain(lookups).collect(),
-        }
-    }
-
-    /// Evaluate `row` with `rules`: PUT in its buckets, REMOVE from `previous` buckets it left,
-    /// parameter rows for its lookups and tombstones for `previous_lookups` it left. Returns
-    /// the row's buckets and lookups.
-    #[allow(clippy::too_many_arguments)]
-    fn place(
-        &mut self,
-        rules: &SyncRules,
-        table: &TableHandle,
-        key: Uuid,
-        row: &Row,
-        previous: &[BucketRef],
-        previous_lookups: &[String],
-        out: &mut FlushOutput,
-    ) -> (Vec<BucketRef>, Vec<String>) {
-        let subkey = format!("{}/{}", table.id, key);
-        let puts = self.puts(rules, table, row);
-        let buckets: Vec<BucketRef> = puts.iter().map(|r| (r.bucket.clone(), r.table.clone(), r.id.clone())).collect();
-        self.push_puts(puts, &subkey, out);
-        for old in previous.iter().filter(|b| !buckets.contains(b)) {
-            self.push_remove(old, &subkey, out);
-        }
-        let first = self.push_lookups(rules, table, key, row, out);
-        let lookups: Vec<String> = out.params[first..].iter().map(|p| p.0.clone()).collect();
-        for old in previous_lookups.iter().filter(|l| !lookups.contains(l)) {
-            self.push_tombstone(old, table.id, key, out);
-        }
-        (buckets, lookups)
-    }
-
-    /// Snapshot mode: a row storage does not have yet. Its current state goes straight into
-    /// the batch in stored form: nothing to merge with, and no bucket list kept beside the ops.
-    fn copy_row(&mut self, table: &TableHandle, key: Uuid, row: Row, out: &mut FlushOutput) {
-        let rules = self.rules.clone();
-        let subkey = format!("{}/{}", table.id, key);
-        let puts = self.puts(&rules, table, &row);
-        let buckets = row_codec::encode_strings(puts.iter().flat_map(|r| [r.bucket.as_str(), r.table.as_str(), r.id.as_str()]));
-        self.push_puts(puts, &subkey, out);
-        let first = self.push_lookups(&rules, table, key, &row, out);
-        let lookups = row_codec::encode_strings(out.params[first..].iter().map(|p| p.0.as_str()));
-        out.copied.push(CurrentRecord {
-            table_id: table.id,
-            key,
-            data: (table.store_image && may_be_toasted(&row)).then(|| row_codec::encode(&row)),
-            buckets,
-            lookups,
-        });
-    }
-
-    /// The row's PUTs with `rules`, one per (bucket, output table, id): a later result for
-    /// the same one replaces the earlier.
-    fn puts(&mut self, rules: &SyncRules, table: &TableHandle, row: &Row) -> Vec<ferrosync_rules::EvaluatedRow> {
-        let mut puts: Vec<ferrosync_rules::EvaluatedRow> = Vec::new();
-        for result in rules.evaluate_row(&table.name, row) {
-            match result {
-                Ok(r) => {
-                    puts.retain(|p| (&p.bucket, &p.table, &p.id) != (&r.bucket, &r.table, &r.id));
-                    puts.push(r);
-                }
-                Err(e) => {
-                    self.evaluation_errors += 1;
-                    tracing::warn!(table = %table.name.name, error = %e, "row evaluation failed; row skipped for this query");
-                }
-            }
-        }
-        puts
-    }
-
-    fn push_puts(&mut self, puts: Vec<ferrosync_rules::EvaluatedRow>, subkey: &str, out: &mut FlushOutput) {
-        let first_put = out.ops.len();
-        for r in puts {
-            let checksum = checksum_of_put(&out.ops[first_put..], &r);
-            let op_id = self.alloc();
-            out.ops.push(OpRow {
-                bucket: r.bucket,
-                entry: OplogEntry {
-                    op_id,
-                    op: OpType::Put,
-                    object_type: Some(r.table),
-                    object_id: Some(r.id),
-                    subkey: Some(subkey.to_string()),
-                    data: Some(r.data),
-                    checksum,
-                },
-            });
-        }
-    }
-
-    /// Parameter rows for the row's lookups with `rules`; returns where they start in `out.params`.
-    fn push_lookups(&mut self, rules: &SyncRules, table: &TableHandle, key: Uuid, row: &Row, out: &mut FlushOutput) -> usize {
-        let first = out.params.len();
-        for result in rules.evaluate_parameter_row(&table.name, row) {
-            match result {
-                Ok(p) => {
-                    let id = self.alloc();
-                    out.params
-                        .push((p.lookup.as_str().to_string(), table.id, key, id, p.bucket_parameters));
-                }
-                Err(e) => {
-                    self.evaluation_errors += 1;
-                    tracing::warn!(table = %table.name.name, error = %e, "parameter evaluation failed");
-                }
-            }
-        }
-        first
-    }
-
-    fn remove_all(&mut self, table: &TableHandle, key: Uuid, existing: CurrentRow, out: &mut FlushOutput) {
-        let subkey = format!("{}/{}", table.id, key);
-        for b in &existing.buckets {
-            self.push_remove(b, &subkey, out);
-        }
-        for l in &existing.lookups {
-            self.push_tombstone(l, table.id, key, out);
-        }
-    }
-
-    fn push_remove(&mut self, (bucket, row_type, row_id): &BucketRef, subkey: &str, out: &mut FlushOutput) {
-        // A bucket of a definition an in-place deploy replaced is gone (or going): rows that
-        // still name it just forget it.
-        if !self.rules.owns_bucket(bucket) {
-            return;
-        }
-        let op_id = self.alloc();
-        out.ops.push(OpRow {
-            bucket: bucket.clone(),
-            entry: OplogEntry {
-                op_id,
-                op: OpType::Remove,
-                object_type: Some(row_type.clone()),
-                object_id: Some(row_id.clone()),
-                subkey: Some(subkey.to_string()),
-                data: None,
-                checksum: checksum::remove(subkey),
-            },
-        });
-    }
-
-    fn push_tombstone(&mut self, lookup: &str, table_id: i64, key: Uuid, out: &mut FlushOutput) {
-        if !self.rules.owns_lookup(lookup) {
-            return;
-        }
-        let id = self.alloc();
-        out.params.push((lookup.to_string(), table_id, key, id, "[]".to_string()));
-    }
-
-    /// Turn a flush's result into a write-task batch, recording the rows' new state in the overlay.
-    /// `existed`: rows storage holds (or will, once earlier batches commit) before this batch.
-    fn batch(&mut self, mut state: HashMap<RowKey, Option<CurrentRow>>, existed: &HashSet<RowKey>, out: FlushOutput) -> Batch {
-        // The write that will carry this batch (see `write`).
-        self.write_seq += 1;
-        let mut batch = Batch {
-            chunks: crate::chunk::Chunks::encode(out.ops),
-            params: out.params,
-            inserts: out.copied,
-            persisted_op: self.next_op - 1,
-            progress: self.progress.take(),
-            ..Batch::default()
-        };
-        for key in out.dirty {
-            let current = state.remove(&key).flatten();
-            let existing = existed.contains(&key);
-            match &current {
-                Some(row) => {
-                    let record = CurrentRecord {
-                        table_id: key.0,
-                        key: key.1,
-                        data: row.image.as_ref().map(row_codec::encode),
-                        buckets: row_codec::encode_strings(row.buckets.iter().flat_map(|(b, t, i)| [b.as_str(), t.as_str(), i.as_str()])),
-                        lookups: row_codec::encode_strings(row.lookups.iter().map(String::as_str)),
-                    };
-                    // New rows are COPYed; only rows storage already has need an upsert.
-                    if existing { &mut batch.updates } else { &mut batch.inserts }.push(record);
-                }
-                None if existing => batch.deletes.push(key),
-                None => {}
-            }
-            // Copied rows are read back only after the copy is drained: no overlay needed.
-            if !self.snapshot {
-                self.overlay.insert(key, (self.write_seq, current));
-            }
-        }
-        self.stream.persisted_op = batch.persisted_op;
-        batch
-    }
-
     /// Remove every row of `table` (TRUNCATE, or a table whose identity changed).
     pub async fn truncate(&mut self, table: Arc<TableHandle>) -> Result<(), StorageError> {
         loop {
@@ -794,20 +512,6 @@ impl Drop for BucketWriter {
     }
 }
 
-/// The checksum of a PUT of `r`, taken from an identical PUT of the same row to another
-/// bucket where there is one (definitions that select the same columns), else computed.
-fn checksum_of_put(same_row: &[OpRow], r: &ferrosync_rules::EvaluatedRow) -> u32 {
-    let identical = same_row.iter().find(|op| {
-        op.entry.data.as_deref() == Some(r.data.as_str())
-            && op.entry.object_id.as_deref() == Some(r.id.as_str())
-            && op.entry.object_type.as_deref() == Some(r.table.as_str())
-    });
-    match identical {
-        Some(op) => op.entry.checksum,
-        None => checksum::put(&r.table, &r.id, &r.data),
-    }
-}
-
 /// (bucket, object_type, object_id) triples, as stored by `batch`; NULL is none.
 fn decode_bucket_refs(bytes: Option<&[u8]>) -> Option<Vec<BucketRef>> {
     let Some(bytes) = bytes else { return Some(Vec::new()) };
@@ -821,29 +525,6 @@ fn decode_bucket_refs(bytes: Option<&[u8]>) -> Option<Vec<BucketRef>> {
         refs.push((bucket, object_type, object_id));
     }
     Some(refs)
-}
-
-/// Postgres stores values out of line, and then replicates them as "unchanged", only in rows
-/// over TOAST_TUPLE_THRESHOLD (~2 KB). Smaller rows never need their image for a TOAST merge,
-/// so it is not stored: for typical rows that halves current state. The estimate is taken on
-/// the replicated text form (8 bytes per number, 2 per column), with a 4x margin below the
-/// threshold because some types (arrays of small numbers, jsonb) are larger on disk than as
-/// text. A table configured with a lower `toast_tuple_target` is the exception: its
-/// incomplete updates are logged and held until a full update arrives (as for rows without
-/// any image).
-fn may_be_toasted(row: &Row) -> bool {
-    const IMAGE_MIN_BYTES: usize = 512;
-    let size: usize = row
-        .iter()
-        .map(|(_, v)| {
-            2 + match v {
-                ferrosync_rules::SqliteValue::Text(t) => t.len(),
-                ferrosync_rules::SqliteValue::Blob(b) => b.len(),
-                _ => 8,
-            }
-        })
-        .sum();
-    size >= IMAGE_MIN_BYTES
 }
 
 /// Postgres' `X/Y` text form of an LSN.
