@@ -49,8 +49,21 @@ pub fn encode<'a>(ops: impl Iterator<Item = &'a OplogEntry>) -> Vec<u8> {
                 }
             }
         }
-        compress(&raw)
+        let payload = compress(&raw);
+        if raw.capacity() > RAW_KEPT {
+            // One chunk of very wide rows must not pin its size on the thread for good.
+            *raw = Vec::new();
+        }
+        payload
     })
+}
+
+/// Largest raw buffer kept between chunks (a chunk of ordinary rows is well below).
+const RAW_KEPT: usize = 1 << 20;
+
+/// A chunk's checksum: the sum of its ops' checksums, mod 2^32.
+pub(crate) fn checksum_sum<'a>(ops: impl Iterator<Item = &'a OplogEntry>) -> u32 {
+    ops.fold(0u32, |sum, op| sum.wrapping_add(op.checksum))
 }
 
 /// Format byte, raw length and the zstd frame, compressed straight into the payload.
@@ -150,7 +163,7 @@ fn chunks_of(ops: Vec<OpRow>) -> Vec<NewChunk> {
                 first_op: ops[first].entry.op_id,
                 last_op: ops[last].entry.op_id,
                 op_count: part.len() as i32,
-                checksum: i64::from(entries().fold(0u32, |sum, op| sum.wrapping_add(op.checksum))),
+                checksum: i64::from(checksum_sum(entries())),
                 payload: encode(entries()),
             });
         }

@@ -39,7 +39,7 @@ impl Chunk {
     }
 
     pub fn checksum(&self) -> u32 {
-        self.ops.iter().fold(0u32, |sum, op| sum.wrapping_add(op.checksum))
+        crate::chunk::checksum_sum(self.ops.iter())
     }
 }
 
