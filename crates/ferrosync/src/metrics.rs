@@ -24,7 +24,8 @@ const STORAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 const STORAGE_SIZES: &str = "SELECT
     coalesce(pg_total_relation_size(to_regclass('ferrosync.current_data')), 0),
     coalesce(pg_total_relation_size(to_regclass('ferrosync.op_chunks')), 0),
-    coalesce(pg_total_relation_size(to_regclass('ferrosync.bucket_parameters')), 0)";
+    coalesce(pg_total_relation_size(to_regclass('ferrosync.bucket_parameters')), 0)
+      + coalesce(pg_total_relation_size(to_regclass('ferrosync.parameter_packs')), 0)";
 
 /// Install the recorder (fanned out to OTLP push when `telemetry.otlp` is set), keep its
 /// histograms compacted, and serve `GET /metrics` when `telemetry.prometheus_port` is set.

@@ -15,7 +15,8 @@
 //!   id and then stayed offline longer than the retention without writing again is not told
 //!   of that id any more; any later upload gets a larger one.
 //! - **Compaction markers** (`bucket_compaction`) of buckets that have no ops any more.
-//! - **Rows of forgotten source tables**: current state and parameter rows whose table record
+//! - **Rows of forgotten source tables**: current state, parameter rows and parameter packs
+//!   (see [`crate::pack`], which hold no superseded entries and need no pruning) whose table record
 //!   is gone. A re-created table's old record is only deleted once its rows were removed (see
 //!   [`crate::streams::resolve_table`]); earlier versions deleted it first, and a crash in
 //!   between left such rows behind for good.
@@ -193,8 +194,9 @@ async fn prune_compaction_markers(client: &Client, pause: Duration) -> Result<u6
     }
 }
 
-/// Delete current state of table ids the group has no record of, found by skipping through
-/// the primary key (one probe per table id, not a scan).
+/// Delete current state (and parameter packs) of table ids the group has no record of, found
+/// by skipping through the primary key (one probe per table id, not a scan). Packs go first: a
+/// table's rows are how its id is found again after an interrupted pass.
 async fn prune_orphan_rows(client: &Client, group: i64, pause: Duration) -> Result<u64, StorageError> {
     let g = group as i32;
     let orphans: Vec<i32> = client
@@ -215,18 +217,18 @@ async fn prune_orphan_rows(client: &Client, group: i64, pause: Duration) -> Resu
         .collect();
     let mut deleted = 0u64;
     for table_id in orphans {
-        loop {
-            let n = client
-                .execute(
-                    "DELETE FROM ferrosync.current_data WHERE ctid = ANY (ARRAY(
-                        SELECT ctid FROM ferrosync.current_data WHERE group_id = $1 AND table_id = $2 LIMIT $3))",
-                    &[&g, &table_id, &PAGE_ROWS],
-                )
-                .await?;
-            deleted += n;
-            tokio::time::sleep(pause).await;
-            if (n as i64) < PAGE_ROWS {
-                break;
+        for table in ["parameter_packs", "current_data"] {
+            let sql = format!(
+                "DELETE FROM ferrosync.{table} WHERE ctid = ANY (ARRAY(
+                    SELECT ctid FROM ferrosync.{table} WHERE group_id = $1 AND table_id = $2::int8 LIMIT $3))"
+            );
+            loop {
+                let n = client.execute(&sql, &[&g, &i64::from(table_id), &PAGE_ROWS]).await?;
+                deleted += n;
+                tokio::time::sleep(pause).await;
+                if (n as i64) < PAGE_ROWS {
+                    break;
+                }
             }
         }
     }

@@ -348,11 +348,13 @@ pub async fn cleanup_retired(client: &Client, group: i64, pause: std::time::Dura
             .await?;
     }
     for prefix in &lookups {
-        let sql = format!(
-            "DELETE FROM ferrosync.bucket_parameters WHERE ctid = ANY (ARRAY(SELECT ctid FROM ferrosync.bucket_parameters
-             WHERE group_id = $1 AND starts_with(lookup, $2) LIMIT {CLEANUP_BATCH}))"
-        );
-        deleted += delete_all(client, &sql, &[&g, prefix], pause).await?;
+        for table in ["bucket_parameters", "parameter_packs"] {
+            let sql = format!(
+                "DELETE FROM ferrosync.{table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM ferrosync.{table}
+                 WHERE group_id = $1 AND starts_with(lookup, $2) LIMIT {CLEANUP_BATCH}))"
+            );
+            deleted += delete_all(client, &sql, &[&g, prefix], pause).await?;
+        }
         client
             .execute(
                 "UPDATE ferrosync.sync_rules SET retired_lookups = array_remove(retired_lookups, $2) WHERE id = $1",

@@ -19,6 +19,7 @@ pub mod lease;
 pub mod lifecycle;
 pub mod model;
 pub mod notify;
+mod pack;
 pub mod reader;
 pub mod row_codec;
 pub mod schema;

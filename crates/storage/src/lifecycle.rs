@@ -14,6 +14,7 @@ const GROUP_TABLES: &[(&str, &str)] = &[
     ("op_chunks", "int4"),
     ("current_data", "int4"),
     ("bucket_parameters", "int4"),
+    ("parameter_packs", "int4"),
     ("bucket_changes", "int4"),
     ("bucket_compaction", "int4"),
     ("source_tables", "int8"),

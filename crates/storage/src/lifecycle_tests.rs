@@ -107,6 +107,7 @@ async fn terminate_deletes_every_group_row_in_batches_and_only_for_the_lease_hol
             .batch_execute(&format!(
                 "INSERT INTO ferrosync.current_data (group_id, table_id, key) VALUES ({g}, 1, gen_random_uuid());
                  INSERT INTO ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) VALUES ({g}, 'l', 1, gen_random_uuid(), 1, '[]');
+                 INSERT INTO ferrosync.parameter_packs (group_id, lookup, table_id, pack_id, entry_count, entries) VALUES ({g}, 'l', 1, 1, 0, '');
                  INSERT INTO ferrosync.bucket_changes (group_id, max_op_id, buckets, lookups) VALUES ({g}, 1, '{{}}', '{{}}');
                  INSERT INTO ferrosync.bucket_compaction (group_id, bucket, compacted_to) VALUES ({g}, 'b', 1);
                  INSERT INTO ferrosync.source_tables (group_id, relation_oid, schema_name, table_name, key_columns) VALUES ({g}, 1, 'public', 't', '{{id}}');

@@ -3,6 +3,7 @@
 use crate::chunk;
 use crate::error::StorageError;
 use crate::model::{BucketChecksum, ChangeSet, OpBatch, StreamRecord, WriteCheckpoint};
+use crate::pack;
 use crate::writer::{lsn_from_text, lsn_to_text};
 use ferrosync_pgconn::{LazyClient, PgEndpoint};
 use std::collections::{HashMap, HashSet};
@@ -253,20 +254,32 @@ impl SyncStorage for PgStorage {
             .client()
             .await?
             .query(
-                "SELECT DISTINCT ON (lookup, table_id, key) lookup, bucket_parameters FROM ferrosync.bucket_parameters
-                 WHERE group_id = $1 AND lookup = ANY($2) AND id <= $3
-                 ORDER BY lookup, table_id, key, id DESC",
+                "SELECT * FROM (
+                    SELECT DISTINCT ON (lookup, table_id, key) lookup, table_id, key, id, bucket_parameters, NULL::bytea
+                    FROM ferrosync.bucket_parameters
+                    WHERE group_id = $1 AND lookup = ANY($2) AND id <= $3
+                    ORDER BY lookup, table_id, key, id DESC) v
+                 UNION ALL
+                 SELECT lookup, table_id, NULL, pack_id, NULL, entries FROM ferrosync.parameter_packs
+                 WHERE group_id = $1 AND lookup = ANY($2) AND pack_id <= $3",
                 &[&(group as i32), &lookups, &checkpoint],
             )
             .await?;
-        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        let mut versions = Vec::with_capacity(rows.len());
         for r in rows {
-            let params: String = r.get(1);
-            if params != "[]" {
-                out.entry(r.get(0)).or_default().push(params);
+            let (lookup, table_id, id): (String, i64, i64) = (r.get(0), r.get(1), r.get(3));
+            match r.get::<_, Option<&[u8]>>(5) {
+                None => versions.push((lookup, table_id, r.get(2), id, r.get(4))),
+                Some(packed) => {
+                    let entries =
+                        pack::entries(id, packed).ok_or_else(|| StorageError::Corrupt(format!("parameter pack {lookup}/{id}")))?;
+                    for e in entries.into_iter().filter(|e| e.id <= checkpoint) {
+                        versions.push((lookup.clone(), table_id, e.key, e.id, e.json));
+                    }
+                }
             }
         }
-        Ok(out)
+        Ok(pack::live(versions))
     }
 
     async fn write_checkpoints_since(&self, seq: i64) -> Result<Vec<WriteCheckpoint>, StorageError> {

@@ -105,7 +105,7 @@ fn canonical_uuid(s: &str) -> Option<uuid::Uuid> {
     (uuid.hyphenated().encode_lower(&mut buf) == s).then_some(uuid)
 }
 
-fn push_leb128(out: &mut Vec<u8>, mut value: usize) {
+pub(crate) fn push_leb128(out: &mut Vec<u8>, mut value: usize) {
     loop {
         let byte = (value & 0x7f) as u8;
         value >>= 7;
@@ -117,7 +117,7 @@ fn push_leb128(out: &mut Vec<u8>, mut value: usize) {
     }
 }
 
-fn read_leb128(buf: &mut &[u8]) -> Option<usize> {
+pub(crate) fn read_leb128(buf: &mut &[u8]) -> Option<usize> {
     let mut value = 0usize;
     for shift in (0..35).step_by(7) {
         let [byte] = take::<1>(buf)?;

@@ -196,6 +196,23 @@ CREATE TABLE ferrosync.write_checkpoint_floor (
 INSERT INTO ferrosync.write_checkpoint_floor (pruned_to) VALUES (0);
 "#,
     ),
+    (
+        9,
+        // Parameter packs (see pack.rs): the parameter entries of the rows a snapshot batch
+        // copied, one row per (lookup, table). A row's pack_id names the pack its entries are in.
+        r#"
+CREATE TABLE ferrosync.parameter_packs (
+    group_id integer NOT NULL,
+    lookup text COLLATE "C" NOT NULL,
+    table_id bigint NOT NULL,
+    pack_id bigint NOT NULL,
+    entry_count integer NOT NULL,
+    entries bytea NOT NULL,
+    PRIMARY KEY (group_id, lookup, table_id, pack_id)
+);
+ALTER TABLE ferrosync.current_data ADD COLUMN pack_id bigint;
+"#,
+    ),
 ];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several

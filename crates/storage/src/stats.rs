@@ -113,6 +113,7 @@ async fn streams(client: &Client) -> Result<Vec<StreamStats>, StorageError> {
                     coalesce(o.ops, 0), coalesce(o.bytes, 0), coalesce(o.buckets, 0),
                     (SELECT count(*) FROM ferrosync.current_data d WHERE d.group_id = r.id),
                     (SELECT count(*) FROM ferrosync.bucket_parameters p WHERE p.group_id = r.id)
+                      + (SELECT coalesce(sum(entry_count), 0)::int8 FROM ferrosync.parameter_packs p WHERE p.group_id = r.id)
              FROM ferrosync.sync_rules r
              LEFT JOIN (SELECT group_id, sum(op_count)::int8 AS ops, sum(octet_length(ops))::int8 AS bytes,
                                count(DISTINCT bucket) AS buckets

@@ -10,6 +10,7 @@
 use crate::chunk::{Chunks, NewChunk};
 use crate::error::StorageError;
 use crate::model::{Checkpoint, OplogEntry};
+use crate::pack::{NewPack, ParamRow, Unpack};
 use crate::writer::{lsn_to_text, TableProgress, CHECKPOINT_CHANNEL};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,6 +33,8 @@ pub(crate) struct CurrentRecord {
     pub data: Option<Vec<u8>>,
     pub buckets: Option<Vec<u8>>,
     pub lookups: Option<Vec<u8>>,
+    /// The parameter pack holding the row's entries for `lookups` (see [`crate::pack`]).
+    pub pack_id: Option<i64>,
 }
 
 /// Everything one flush writes, in one transaction.
@@ -40,7 +43,11 @@ pub(crate) struct Batch {
     /// Ops, encoded (or being encoded) into chunks.
     pub chunks: Chunks,
     /// (lookup, table_id, key, id, bucket_parameters JSON)
-    pub params: Vec<(String, i64, Uuid, i64, String)>,
+    pub params: Vec<ParamRow>,
+    /// Parameter entries of copied rows, packed.
+    pub packs: Vec<NewPack>,
+    /// Entries to move out of their packs before `params` are written.
+    pub unpacks: Vec<Unpack>,
     /// Current state of rows storage lacks (COPY) and of rows it has (upsert).
     pub inserts: Vec<CurrentRecord>,
     pub updates: Vec<CurrentRecord>,
@@ -183,7 +190,10 @@ async fn write_batch(tx: &Transaction<'_>, group: i64, owner: &str, batch: Batch
     let g = group as i32;
     let chunks = batch.chunks.get().await?;
     let buckets = copy_ops(tx, g, &chunks).await?;
-    let lookups = copy_params(tx, g, &batch.params).await?;
+    let mut params = batch.params;
+    params.extend(crate::pack::unpack(tx, g, &batch.unpacks).await?);
+    let mut lookups = copy_params(tx, g, &params).await?;
+    lookups.extend(crate::pack::copy_packs(tx, g, &batch.packs).await?);
     copy_current(tx, g, &batch.inserts).await?;
     upsert_current(tx, g, &batch.updates).await?;
     delete_current(tx, g, &batch.deletes).await?;
@@ -231,11 +241,7 @@ async fn copy_ops<'a>(tx: &Transaction<'_>, group: i32, chunks: &'a [NewChunk]) 
 }
 
 /// The batch's parameter entries, by binary COPY; returns their lookups.
-async fn copy_params<'a>(
-    tx: &Transaction<'_>,
-    group: i32,
-    params: &'a [(String, i64, Uuid, i64, String)],
-) -> Result<Vec<&'a str>, StorageError> {
+async fn copy_params<'a>(tx: &Transaction<'_>, group: i32, params: &'a [ParamRow]) -> Result<Vec<&'a str>, StorageError> {
     if params.is_empty() {
         return Ok(Vec::new());
     }
@@ -264,9 +270,18 @@ async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) 
         return Ok(());
     }
     let sink = tx
-        .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups) FROM STDIN BINARY")
+        .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups, pack_id) FROM STDIN BINARY")
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::UUID, Type::BYTEA, Type::BYTEA, Type::BYTEA]);
+    let types = [
+        Type::INT4,
+        Type::INT4,
+        Type::UUID,
+        Type::BYTEA,
+        Type::BYTEA,
+        Type::BYTEA,
+        Type::INT8,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
     futures::pin_mut!(writer);
     let mut rows: Vec<&CurrentRecord> = rows.iter().collect();
     rows.sort_unstable_by_key(|r| (r.table_id, r.key));
@@ -274,7 +289,7 @@ async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) 
         let table_id = table_id(r.table_id)?;
         writer
             .as_mut()
-            .write(&[&group, &table_id, &r.key, &r.data, &r.buckets, &r.lookups])
+            .write(&[&group, &table_id, &r.key, &r.data, &r.buckets, &r.lookups, &r.pack_id])
             .await?;
     }
     writer.finish().await?;
@@ -295,11 +310,13 @@ async fn upsert_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]
     let data: Vec<Option<&[u8]>> = rows.iter().map(|r| r.data.as_deref()).collect();
     let buckets: Vec<Option<&[u8]>> = rows.iter().map(|r| r.buckets.as_deref()).collect();
     let lookups: Vec<Option<&[u8]>> = rows.iter().map(|r| r.lookups.as_deref()).collect();
+    let packs: Vec<Option<i64>> = rows.iter().map(|r| r.pack_id).collect();
     tx.execute(
-        "INSERT INTO ferrosync.current_data (group_id, table_id, key, data, buckets, lookups)
-         SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::bytea[], $6::bytea[])
-         ON CONFLICT (group_id, table_id, key) DO UPDATE SET data = excluded.data, buckets = excluded.buckets, lookups = excluded.lookups",
-        &[&group, &tables, &keys, &data, &buckets, &lookups],
+        "INSERT INTO ferrosync.current_data (group_id, table_id, key, data, buckets, lookups, pack_id)
+         SELECT $1, * FROM unnest($2::int8[], $3::uuid[], $4::bytea[], $5::bytea[], $6::bytea[], $7::int8[])
+         ON CONFLICT (group_id, table_id, key) DO UPDATE
+         SET data = excluded.data, buckets = excluded.buckets, lookups = excluded.lookups, pack_id = excluded.pack_id",
+        &[&group, &tables, &keys, &data, &buckets, &lookups, &packs],
     )
     .await?;
     Ok(())

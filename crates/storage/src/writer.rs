@@ -7,6 +7,7 @@
 
 use crate::error::StorageError;
 use crate::model::{Checkpoint, StreamRecord, StreamState};
+use crate::pack::{ParamRow, Unpack};
 use crate::row_codec;
 use crate::write_task::{self, Batch, CurrentRecord, Job, NewCheckpoint, OpRow};
 use ferrosync_rules::{Row, SourceTableName, SyncRules};
@@ -71,6 +72,8 @@ struct CurrentRow {
     image: Option<Row>,
     buckets: Vec<BucketRef>,
     lookups: Vec<String>,
+    /// The parameter pack holding the entries for `lookups` (see [`crate::pack`]).
+    packed: Option<i64>,
 }
 
 type RowKey = (i64, Uuid);
@@ -78,11 +81,16 @@ type RowKey = (i64, Uuid);
 #[derive(Default)]
 struct FlushOutput {
     ops: Vec<OpRow>,
-    params: Vec<(String, i64, Uuid, i64, String)>,
+    params: Vec<ParamRow>,
     /// Rows whose state in `state` is new (see `BucketWriter::batch`).
     dirty: HashSet<RowKey>,
     /// Current state of rows copied in snapshot mode, already in stored form.
     copied: Vec<CurrentRecord>,
+    /// Parameter entries of copied rows, to be packed under `pack_id`: the id of the first.
+    packed: Vec<ParamRow>,
+    pack_id: Option<i64>,
+    /// Entries of changed rows to move out of their packs.
+    unpacks: Vec<Unpack>,
 }
 
 /// Writes one replication stream's ops.
@@ -339,7 +347,7 @@ impl BucketWriter {
                 // An index lookup per key: as a plain join (and a LATERAL without the OFFSET 0
                 // fence is flattened into one) the planner hashed the group's whole current_data
                 // for every batch, which made incremental replication Postgres-bound.
-                "SELECT c.table_id, c.key, c.data, c.buckets, c.lookups
+                "SELECT c.table_id, c.key, c.data, c.buckets, c.lookups, c.pack_id
                  FROM unnest($2::int8[], $3::uuid[]) AS k(table_id, key)
                  CROSS JOIN LATERAL (
                     SELECT * FROM ferrosync.current_data c
@@ -358,6 +366,7 @@ impl BucketWriter {
                     .map(row_codec::decode_strings)
                     .unwrap_or(Some(Vec::new()))
                     .ok_or_else(|| StorageError::Corrupt("current_data.lookups".into()))?,
+                packed: r.get(5),
             };
             state.insert((i64::from(r.get::<_, i32>(0)), r.get(1)), Some(current));
         }

@@ -155,8 +155,24 @@ async fn rows_of_tables_without_a_record_go() -> anyhow::Result<()> {
            (1, 'L', 3, '00000000-0000-0000-0000-000000000002', 11, '[\"orphan\"]');",
     )
     .await?;
+    // A parameter pack of each table (see crate::pack): the orphan's goes with its rows.
+    for (table_id, json) in [(1i64, r#"["packed"]"#), (3, r#"["orphan pack"]"#)] {
+        let entry = (
+            String::from("L"),
+            table_id,
+            Uuid::from_u128(100 + table_id as u128),
+            12,
+            json.to_string(),
+        );
+        let packs = crate::pack::pack(vec![entry], 12);
+        db.execute(
+            "INSERT INTO ferrosync.parameter_packs (group_id, lookup, table_id, pack_id, entry_count, entries) VALUES (1, 'L', $1, 12, 1, $2)",
+            &[&table_id, &packs[0].entries],
+        )
+        .await?;
+    }
     let stats = prune(&mut db, 1, &options(35, DAY)).await?;
-    assert_eq!((stats.orphan_rows, stats.parameter_rows), (1200, 1));
+    assert_eq!((stats.orphan_rows, stats.parameter_rows), (1201, 1));
     let left: Vec<(i32, i32, i64)> = db
         .query(
             "SELECT group_id, table_id, count(*) FROM ferrosync.current_data GROUP BY 1, 2 ORDER BY 1, 2",
@@ -167,7 +183,8 @@ async fn rows_of_tables_without_a_record_go() -> anyhow::Result<()> {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(left, [(1, 1, 1200), (2, 3, 5)]);
-    assert_eq!(params_at(&s, 35).await?, [("L".to_string(), vec!["[\"kept\"]".to_string()])]);
+    let kept = vec![r#"["kept"]"#.to_string(), r#"["packed"]"#.to_string()];
+    assert_eq!(params_at(&s, 35).await?, [("L".to_string(), kept)]);
     Ok(())
 }
 

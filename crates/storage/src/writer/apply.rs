@@ -5,6 +5,7 @@
 use super::{BucketRef, BucketWriter, CurrentRow, FlushOutput, RecordOp, RowKey, TableHandle};
 use crate::checksum;
 use crate::model::{OpType, OplogEntry};
+use crate::pack::Unpack;
 use crate::row_codec;
 use crate::write_task::{Batch, CurrentRecord, OpRow};
 use ferrosync_rules::{Row, SyncRules};
@@ -21,9 +22,10 @@ impl BucketWriter {
     pub(super) fn apply(&mut self, op: RecordOp, state: &mut HashMap<RowKey, Option<CurrentRow>>, out: &mut FlushOutput) {
         match op {
             RecordOp::Delete { table, key } => {
-                let existing = state.insert((table.id, key), None).flatten();
+                let mut existing = state.insert((table.id, key), None).flatten().unwrap_or_default();
                 out.dirty.insert((table.id, key));
-                self.remove_all(&table, key, existing.unwrap_or_default(), out);
+                self.unpack(table.id, key, &mut existing, out);
+                self.remove_all(&table, key, existing, out);
             }
             RecordOp::Backfill { table, key, row } => {
                 // A row storage does not have yet was inserted after the change stream's
@@ -54,10 +56,12 @@ impl BucketWriter {
                 if let Some(before) = before_key.filter(|b| *b != key) {
                     let mut old = state.insert((table.id, before), None).flatten().unwrap_or_default();
                     out.dirty.insert((table.id, before));
+                    self.unpack(table.id, before, &mut old, out);
                     moved_image = old.image.take();
                     self.remove_all(&table, before, old, out);
                 }
-                let existing = state.get(&(table.id, key)).cloned().flatten().unwrap_or_default();
+                let mut existing = state.get(&(table.id, key)).cloned().flatten().unwrap_or_default();
+                self.unpack(table.id, key, &mut existing, out);
                 let image = moved_image.as_ref().or(existing.image.as_ref());
                 let mut complete = true;
                 for col in &unchanged {
@@ -88,15 +92,22 @@ impl BucketWriter {
             image: (table.store_image && may_be_toasted(&row)).then_some(row),
             buckets,
             lookups,
+            packed: None,
         }
     }
 
     /// [`RecordOp::Backfill`]: like `evaluate`, for the deploy's new definitions only; the
     /// row's other buckets and lookups (and its image, which may be newer) stay as they are.
-    fn backfill(&mut self, table: &TableHandle, key: Uuid, row: Row, existing: CurrentRow, out: &mut FlushOutput) -> CurrentRow {
+    fn backfill(&mut self, table: &TableHandle, key: Uuid, row: Row, mut existing: CurrentRow, out: &mut FlushOutput) -> CurrentRow {
         let Some(rules) = self.backfill.clone() else {
             return existing;
         };
+        // Packed entries are of the served definitions, which a backfill leaves alone: the row
+        // stays packed unless (say, after a retried deploy) it has entries the backfill replaces.
+        if existing.lookups.iter().any(|l| rules.owns_lookup(l)) {
+            self.unpack(table.id, key, &mut existing, out);
+        }
+        let packed = existing.packed;
         let (mine, others): (Vec<BucketRef>, Vec<BucketRef>) = existing.buckets.into_iter().partition(|b| rules.owns_bucket(&b.0));
         let (my_lookups, other_lookups): (Vec<String>, Vec<String>) = existing.lookups.into_iter().partition(|l| rules.owns_lookup(l));
         let (buckets, lookups) = self.place(&rules, table, key, &row, &mine, &my_lookups, out);
@@ -107,6 +118,7 @@ impl BucketWriter {
             image,
             buckets: others.into_iter().chain(buckets).collect(),
             lookups: other_lookups.into_iter().chain(lookups).collect(),
+            packed,
         }
     }
 
@@ -149,13 +161,33 @@ impl BucketWriter {
         self.push_puts(puts, &subkey, out);
         let first = self.push_lookups(&rules, table, key, &row, out);
         let lookups = row_codec::encode_strings(out.params[first..].iter().map(|p| p.0.as_str()));
+        // Its entries go into the batch's packs: the row is new, so none supersedes another.
+        let pack_id = out.params.get(first).map(|p| *out.pack_id.get_or_insert(p.3));
+        out.packed.extend(out.params.drain(first..));
         out.copied.push(CurrentRecord {
             table_id: table.id,
             key,
             data: (table.store_image && may_be_toasted(&row)).then(|| row_codec::encode(&row)),
             buckets,
             lookups,
+            pack_id,
         });
+    }
+
+    /// A row that changes leaves its pack: its entries move out (with their ids, see
+    /// [`crate::pack`]) in this batch, before the change's own parameter rows are written.
+    fn unpack(&mut self, table_id: i64, key: Uuid, row: &mut CurrentRow, out: &mut FlushOutput) {
+        let Some(pack_id) = row.packed.take() else {
+            return;
+        };
+        for lookup in row.lookups.iter().filter(|l| self.rules.owns_lookup(l)) {
+            out.unpacks.push(Unpack {
+                lookup: lookup.clone(),
+                table_id,
+                pack_id,
+                key,
+            });
+        }
     }
 
     /// The row's PUTs with `rules`, one per (bucket, output table, id): a later result for
@@ -263,6 +295,8 @@ impl BucketWriter {
         let mut batch = Batch {
             chunks: crate::chunk::Chunks::encode(out.ops),
             params: out.params,
+            packs: out.pack_id.map(|id| crate::pack::pack(out.packed, id)).unwrap_or_default(),
+            unpacks: out.unpacks,
             inserts: out.copied,
             persisted_op: self.next_op - 1,
             progress: self.progress.take(),
@@ -279,6 +313,7 @@ impl BucketWriter {
                         data: row.image.as_ref().map(row_codec::encode),
                         buckets: row_codec::encode_strings(row.buckets.iter().flat_map(|(b, t, i)| [b.as_str(), t.as_str(), i.as_str()])),
                         lookups: row_codec::encode_strings(row.lookups.iter().map(String::as_str)),
+                        pack_id: row.packed,
                     };
                     // New rows are COPYed; only rows storage already has need an upsert.
                     if existing { &mut batch.updates } else { &mut batch.inserts }.push(record);
