@@ -166,9 +166,15 @@ pub async fn current_lsn(client: &Client) -> Result<crate::Lsn, SourceError> {
 }
 
 /// Emit the keepalive marker the change stream turns into a checkpoint.
+///
+/// A non-transactional message is not flushed by itself, and the walsender only sends flushed
+/// WAL: on an idle source the marker waited for the WAL writer (`wal_writer_delay`, 200 ms by
+/// default) before any checkpoint could follow. The commit of a transaction that has an xid
+/// flushes the WAL up to it, marker included (Postgres 17 has a `flush` argument for this,
+/// Postgres 15 and 16 do not). pgoutput skips the empty transaction itself.
 pub async fn emit_ping(client: &Client) -> Result<(), SourceError> {
     client
-        .execute("SELECT pg_logical_emit_message(false, 'powersync', 'ping')", &[])
+        .batch_execute("BEGIN; SELECT pg_logical_emit_message(false, 'powersync', 'ping'); SELECT pg_current_xact_id(); COMMIT;")
         .await?;
     Ok(())
 }
