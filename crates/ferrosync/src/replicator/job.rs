@@ -53,6 +53,10 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
         config.clone(),
     );
     let replication = async {
+        // The slot is read from before the copy: Postgres decodes the WAL written during the
+        // copy (all of it, storage's too when storage shares the cluster) while the copy runs,
+        // rather than after it, which held the first checkpoint back.
+        let changes = repl.open_stream().await?;
         if !snapshot_done {
             config.status.set_replication(id, "snapshot", None);
             repl.initial_snapshot().await?;
@@ -60,7 +64,7 @@ pub(super) async fn replicate(config: &ReplicatorConfig, storage: &tokio_postgre
         if let (Some(deploy), Some(new_only)) = (deploy, new_only) {
             repl.start_rebuild(Rebuild::new(deploy, new_only)).await?;
         }
-        repl.stream_changes().await
+        repl.stream_changes(changes).await
     };
     // Buckets of definitions replaced by in-place deploys go in the background.
     let cleanup = async {

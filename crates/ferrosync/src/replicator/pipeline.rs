@@ -212,15 +212,20 @@ impl Replication {
 
     /// Apply the change stream until an error. An in-place deploy (see [`Rebuild`]) is built
     /// and switched to on the way.
-    pub(super) async fn stream_changes(&mut self) -> Result<()> {
-        let slot = self.writer.stream().slot_name.clone();
-        let mut stream = ChangeStream::start(StreamOptions {
+    /// Start reading the slot. Events wait (a bounded number; the connection is kept alive
+    /// meanwhile) until [`Replication::stream_changes`] takes them.
+    pub(super) async fn open_stream(&self) -> Result<ChangeStream> {
+        Ok(ChangeStream::start(StreamOptions {
             source: self.config.source_endpoint.clone(),
-            slot: slot.clone(),
+            slot: self.writer.stream().slot_name.clone(),
             connection_tag: self.config.source.tag.clone(),
             compatibility: self.rules.compatibility().clone(),
         })
-        .await?;
+        .await?)
+    }
+
+    pub(super) async fn stream_changes(&mut self, mut stream: ChangeStream) -> Result<()> {
+        let slot = self.writer.stream().slot_name.clone();
         let id = self.writer.stream().id;
         tracing::info!(stream = id, slot = %slot, "streaming changes");
         // "deploying": streaming, and building an in-place deploy beside the served config.
