@@ -6,6 +6,7 @@
 //! buckets), `migrate` (storage schema), `demo` (a local Postgres with a sample todo app, then
 //! serve).
 
+mod allocator;
 mod compact;
 mod demo;
 mod explain;
@@ -120,27 +121,8 @@ enum StorageCommand {
     },
 }
 
-/// mimalloc's defaults commit whole arenas up front and purge lazily, which doubled idle RSS.
-/// We commit on demand and return freed pages promptly instead. On a 200k-row snapshot run
-/// that took idle RSS from 38 to 17 MiB and RSS after the snapshot from 94 to 28 MiB, with the
-/// same throughput. mimalloc reads its options while the process starts, before `main`, so
-/// they are set in the environment and the binary re-executes itself once. A user's own
-/// `MIMALLOC_*` settings win.
-fn tune_allocator() {
-    use std::os::unix::process::CommandExt;
-    const OPTIONS: [(&str, &str); 2] = [("MIMALLOC_ARENA_EAGER_COMMIT", "0"), ("MIMALLOC_PURGE_DELAY", "0")];
-    if OPTIONS.iter().any(|(name, _)| std::env::var_os(name).is_some()) {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    let mut command = std::process::Command::new(exe);
-    command.args(std::env::args_os().skip(1)).envs(OPTIONS);
-    // `exec` only returns on failure; then we simply run with the defaults.
-    let _ = command.exec();
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    allocator::tune();
     let cli = Cli::parse();
     logging::init(match &cli.command {
         Command::Serve { config, .. } => logging::settings(config),

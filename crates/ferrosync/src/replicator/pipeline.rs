@@ -129,6 +129,7 @@ impl Replication {
         let stream = self.writer.stream().id;
         tracing::info!(stream, table = %rel.name.name, total_estimate = total, resume_after_rows = done_rows, "snapshotting table");
         let started = Instant::now();
+        let _bulk = crate::allocator::BulkWork::start();
         let (tx, mut rx) = mpsc::channel(2);
         // The copy runs on its own connection so reading overlaps with storage writes.
         let reader_source = connect_source(&self.config).await?;
