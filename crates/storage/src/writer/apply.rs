@@ -5,7 +5,7 @@
 use super::{BucketRef, BucketWriter, CurrentRow, FlushOutput, RecordOp, RowKey, TableHandle};
 use crate::checksum;
 use crate::model::{OpType, OplogEntry};
-use crate::pack::Unpack;
+use crate::pack::{ParamRow, Unpack};
 use crate::row_codec;
 use crate::write_task::{Batch, CurrentRecord, OpRow};
 use ferrosync_rules::{Row, SyncRules};
@@ -143,7 +143,7 @@ impl BucketWriter {
         for old in previous.iter().filter(|b| !buckets.contains(b)) {
             self.push_remove(old, &subkey, out);
         }
-        let first = self.push_lookups(rules, table, key, row, out);
+        let first = self.push_lookups(rules, table, key, row, &mut out.params);
         let lookups: Vec<String> = out.params[first..].iter().map(|p| p.0.clone()).collect();
         for old in previous_lookups.iter().filter(|l| !lookups.contains(l)) {
             self.push_tombstone(old, table.id, key, out);
@@ -159,11 +159,10 @@ impl BucketWriter {
         let puts = self.puts(&rules, table, &row);
         let buckets = row_codec::encode_strings(puts.iter().flat_map(|r| [r.bucket.as_str(), r.table.as_str(), r.id.as_str()]));
         self.push_puts(puts, &subkey, out);
-        let first = self.push_lookups(&rules, table, key, &row, out);
-        let lookups = row_codec::encode_strings(out.params[first..].iter().map(|p| p.0.as_str()));
         // Its entries go into the batch's packs: the row is new, so none supersedes another.
-        let pack_id = out.params.get(first).map(|p| *out.pack_id.get_or_insert(p.3));
-        out.packed.extend(out.params.drain(first..));
+        let first = self.push_lookups(&rules, table, key, &row, &mut out.packed);
+        let lookups = row_codec::encode_strings(out.packed[first..].iter().map(|p| p.0.as_str()));
+        let pack_id = out.packed.get(first).map(|p| *out.pack_id.get_or_insert(p.3));
         out.copied.push(CurrentRecord {
             table_id: table.id,
             key,
@@ -229,15 +228,15 @@ impl BucketWriter {
         }
     }
 
-    /// Parameter rows for the row's lookups with `rules`; returns where they start in `out.params`.
-    fn push_lookups(&mut self, rules: &SyncRules, table: &TableHandle, key: Uuid, row: &Row, out: &mut FlushOutput) -> usize {
-        let first = out.params.len();
+    /// Parameter rows for the row's lookups with `rules`, pushed to `into`; returns where they
+    /// start there.
+    fn push_lookups(&mut self, rules: &SyncRules, table: &TableHandle, key: Uuid, row: &Row, into: &mut Vec<ParamRow>) -> usize {
+        let first = into.len();
         for result in rules.evaluate_parameter_row(&table.name, row) {
             match result {
                 Ok(p) => {
                     let id = self.alloc();
-                    out.params
-                        .push((p.lookup.as_str().to_string(), table.id, key, id, p.bucket_parameters));
+                    into.push((p.lookup.as_str().to_string(), table.id, key, id, p.bucket_parameters));
                 }
                 Err(e) => {
                     self.evaluation_errors += 1;
