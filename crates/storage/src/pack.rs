@@ -150,25 +150,33 @@ pub(crate) fn live(versions: Vec<ParamRow>) -> HashMap<String, Vec<String>> {
     out
 }
 
-/// Group `params` (entries with ids ≥ `pack_id`) into packs, one per (lookup, table_id).
-pub(crate) fn pack(mut params: Vec<ParamRow>, pack_id: i64) -> Vec<NewPack> {
-    params.sort_unstable_by(|a, b| (&a.0, a.1, a.3).cmp(&(&b.0, b.1, b.3)));
+/// Group `params` (entries with ids ≥ `pack_id`, ascending) into packs, one per (lookup,
+/// table_id), in that order. Entries keep their order within a pack: only the packs are
+/// sorted, not the batch's tens of thousands of entries by their lookup text.
+pub(crate) fn pack(params: Vec<ParamRow>, pack_id: i64) -> Vec<NewPack> {
+    let mut index: HashMap<(String, i64), usize> = HashMap::new();
     let mut packs: Vec<NewPack> = Vec::new();
     for (lookup, table_id, key, id, json) in params {
-        let same = packs.last().is_some_and(|p| p.lookup == lookup && p.table_id == table_id);
-        if !same {
-            packs.push(NewPack {
-                lookup,
-                table_id,
-                pack_id,
-                entries: Vec::new(),
-                entry_count: 0,
-            });
-        }
-        let Some(p) = packs.last_mut() else { continue };
+        let group = (lookup, table_id);
+        let at = match index.get(&group) {
+            Some(&at) => at,
+            None => {
+                packs.push(NewPack {
+                    lookup: group.0.clone(),
+                    table_id,
+                    pack_id,
+                    entries: Vec::new(),
+                    entry_count: 0,
+                });
+                index.insert(group, packs.len() - 1);
+                packs.len() - 1
+            }
+        };
+        let p = &mut packs[at];
         push_entry(&mut p.entries, pack_id, key, id, &json);
         p.entry_count += 1;
     }
+    packs.sort_unstable_by(|a, b| (&a.lookup, a.table_id).cmp(&(&b.lookup, b.table_id)));
     packs
 }
 

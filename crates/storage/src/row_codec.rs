@@ -69,13 +69,35 @@ pub fn decode(mut buf: &[u8]) -> Option<Row> {
 /// repeat of the string `back` (1 to [`MAX_BACK`]) places earlier: a row's bucket list is
 /// (bucket, output table, row id) triples whose table and id are mostly the same.
 pub fn encode_strings<'a>(strings: impl IntoIterator<Item = &'a str>) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
+    // Encoded into a reused buffer and copied out at its final size: one allocation per row
+    // instead of a growing vector's several.
+    STRINGS.with(|buf| {
+        let mut out = buf.borrow_mut();
+        out.clear();
+        encode_strings_into(&mut out, strings);
+        let encoded = (!out.is_empty()).then(|| out.to_vec());
+        if out.capacity() > STRINGS_KEPT {
+            // A row in very many buckets must not pin its list's size on the thread for good.
+            *out = Vec::new();
+        }
+        encoded
+    })
+}
+
+/// Largest scratch buffer [`encode_strings`] keeps between rows.
+const STRINGS_KEPT: usize = 64 << 10;
+
+thread_local! {
+    static STRINGS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn encode_strings_into<'a>(out: &mut Vec<u8>, strings: impl IntoIterator<Item = &'a str>) {
     let mut recent: [&str; MAX_BACK] = [""; MAX_BACK];
     for (i, s) in strings.into_iter().enumerate() {
         let back = (1..=MAX_BACK.min(i)).find(|&back| recent[(i - back) % MAX_BACK] == s);
         recent[i % MAX_BACK] = s;
         if let Some(back) = back {
-            push_leb128(&mut out, back << 2 | 3);
+            push_leb128(out, back << 2 | 3);
             continue;
         }
         match canonical_uuid(s) {
@@ -84,12 +106,11 @@ pub fn encode_strings<'a>(strings: impl IntoIterator<Item = &'a str>) -> Option<
                 out.extend_from_slice(uuid.as_bytes());
             }
             None => {
-                push_leb128(&mut out, s.len() << 1);
+                push_leb128(out, s.len() << 1);
                 out.extend_from_slice(s.as_bytes());
             }
         }
     }
-    (!out.is_empty()).then_some(out)
 }
 
 /// How far back [`encode_strings`] looks for a repeat.

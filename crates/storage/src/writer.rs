@@ -93,6 +93,10 @@ struct FlushOutput {
     unpacks: Vec<Unpack>,
 }
 
+/// Bounds the op list reserved for a batch (a row in very many buckets is rare; its batch
+/// grows as it needs).
+const MAX_OPS_PER_RECORD_RESERVED: usize = 8;
+
 /// Writes one replication stream's ops.
 pub struct BucketWriter {
     /// Reads current state and runs rare statements once the pipeline is drained.
@@ -117,6 +121,8 @@ pub struct BucketWriter {
     evaluation_errors: u64,
     /// The new definitions of a pending in-place deploy, for [`RecordOp::Backfill`].
     backfill: Option<Arc<SyncRules>>,
+    /// Ops per record of the last batch, to size the next batch's op list up front.
+    ops_per_record: usize,
 }
 
 /// A table copy's position, saved in the same transaction as the rows copied up to it, so a
@@ -157,6 +163,7 @@ impl BucketWriter {
             progress: None,
             evaluation_errors: 0,
             backfill: None,
+            ops_per_record: 1,
         }
     }
 
@@ -298,9 +305,17 @@ impl BucketWriter {
             self.load_current(&ops).await?
         };
         let existed: HashSet<RowKey> = state.iter().filter(|(_, row)| row.is_some()).map(|(key, _)| *key).collect();
-        let mut out = FlushOutput::default();
+        let records = ops.len();
+        let mut out = FlushOutput {
+            ops: Vec::with_capacity(records * self.ops_per_record),
+            copied: Vec::with_capacity(if self.snapshot { records } else { 0 }),
+            ..FlushOutput::default()
+        };
         for op in ops {
             self.apply(op, &mut state, &mut out);
+        }
+        if records > 0 {
+            self.ops_per_record = out.ops.len().div_ceil(records).clamp(1, MAX_OPS_PER_RECORD_RESERVED);
         }
         Ok(Some(self.batch(state, &existed, out)))
     }

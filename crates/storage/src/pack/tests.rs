@@ -10,10 +10,11 @@ fn key(n: u8) -> Uuid {
 #[test]
 fn groups_by_lookup_and_table_and_round_trips() {
     let params = vec![
-        ("b".to_string(), 1, key(1), 12, r#"[{"0":"x"}]"#.to_string()),
-        ("a".to_string(), 1, key(2), 11, "[]".to_string()),
+        // In id order, as the writer allocates them; the lookups are not in order.
         ("b".to_string(), 1, key(3), 10, r#"[{"0":"y"}]"#.to_string()),
-        ("b".to_string(), 2, key(4), 13, r#"[{"0":"z"}]"#.to_string()),
+        ("b".to_string(), 2, key(4), 11, r#"[{"0":"z"}]"#.to_string()),
+        ("a".to_string(), 1, key(2), 12, "[]".to_string()),
+        ("b".to_string(), 1, key(1), 13, r#"[{"0":"x"}]"#.to_string()),
     ];
     let packs = pack(params, 10);
     let summary: Vec<(&str, i64, i32)> = packs.iter().map(|p| (p.lookup.as_str(), p.table_id, p.entry_count)).collect();
@@ -29,7 +30,7 @@ fn groups_by_lookup_and_table_and_round_trips() {
             },
             Entry {
                 key: key(1),
-                id: 12,
+                id: 13,
                 json: r#"[{"0":"x"}]"#.into()
             },
         ]

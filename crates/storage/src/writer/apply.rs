@@ -10,6 +10,7 @@ use crate::row_codec;
 use crate::write_task::{Batch, CurrentRecord, OpRow};
 use ferrosync_rules::{Row, SyncRules};
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
 use uuid::Uuid;
 
 impl BucketWriter {
@@ -136,7 +137,7 @@ impl BucketWriter {
         previous_lookups: &[String],
         out: &mut FlushOutput,
     ) -> (Vec<BucketRef>, Vec<String>) {
-        let subkey = format!("{}/{}", table.id, key);
+        let subkey = subkey(table.id, key);
         let puts = self.puts(rules, table, row);
         let buckets: Vec<BucketRef> = puts.iter().map(|r| (r.bucket.clone(), r.table.clone(), r.id.clone())).collect();
         self.push_puts(puts, &subkey, out);
@@ -155,7 +156,7 @@ impl BucketWriter {
     /// the batch in stored form: nothing to merge with, and no bucket list kept beside the ops.
     fn copy_row(&mut self, table: &TableHandle, key: Uuid, row: Row, out: &mut FlushOutput) {
         let rules = self.rules.clone();
-        let subkey = format!("{}/{}", table.id, key);
+        let subkey = subkey(table.id, key);
         let puts = self.puts(&rules, table, &row);
         let buckets = row_codec::encode_strings(puts.iter().flat_map(|r| [r.bucket.as_str(), r.table.as_str(), r.id.as_str()]));
         self.push_puts(puts, &subkey, out);
@@ -192,7 +193,7 @@ impl BucketWriter {
     /// The row's PUTs with `rules`, one per (bucket, output table, id): a later result for
     /// the same one replaces the earlier.
     fn puts(&mut self, rules: &SyncRules, table: &TableHandle, row: &Row) -> Vec<ferrosync_rules::EvaluatedRow> {
-        let mut puts: Vec<ferrosync_rules::EvaluatedRow> = Vec::new();
+        let mut puts: Vec<ferrosync_rules::EvaluatedRow> = Vec::with_capacity(4);
         for result in rules.evaluate_row(&table.name, row) {
             match result {
                 Ok(r) => {
@@ -248,7 +249,7 @@ impl BucketWriter {
     }
 
     fn remove_all(&mut self, table: &TableHandle, key: Uuid, existing: CurrentRow, out: &mut FlushOutput) {
-        let subkey = format!("{}/{}", table.id, key);
+        let subkey = subkey(table.id, key);
         for b in &existing.buckets {
             self.push_remove(b, &subkey, out);
         }
@@ -342,6 +343,16 @@ fn checksum_of_put(same_row: &[OpRow], r: &ferrosync_rules::EvaluatedRow) -> u32
         Some(op) => op.entry.checksum,
         None => checksum::put(&r.table, &r.id, &r.data),
     }
+}
+
+/// A row's subkey, `table_id/key`: written for every op, so without the formatting machinery.
+fn subkey(table_id: i64, key: Uuid) -> String {
+    let mut uuid = Uuid::encode_buffer();
+    let uuid = key.hyphenated().encode_lower(&mut uuid);
+    let mut out = String::with_capacity(21 + uuid.len());
+    let _ = write!(out, "{table_id}/");
+    out.push_str(uuid);
+    out
 }
 
 /// Postgres stores values out of line, and then replicates them as "unchanged", only in rows
