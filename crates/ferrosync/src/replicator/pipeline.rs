@@ -84,7 +84,14 @@ impl Replication {
     pub(super) async fn register_table(&mut self, rel: &RelationInfo, initial: bool) -> Result<bool> {
         let keys = rel.key_column_names();
         let group = self.writer.stream().id;
-        self.writer.sync().await?;
+        if self.writer.stream().snapshot_done {
+            self.writer.sync().await?;
+        } else {
+            // Only rows saved before are evaluated before the writer switches to snapshot
+            // mode: in the initial snapshot nothing reads storage before `mark_snapshot_done`
+            // drains the writer, so the last table's writes go on while this one is read.
+            self.writer.flush().await?;
+        }
         let identity = streams::TableIdentity {
             oid: rel.oid,
             schema: &rel.name.schema,
@@ -166,9 +173,13 @@ impl Replication {
             }
         }
         reader.await.context("snapshot reader task")??;
-        // Checkpoints wait for the stream to pass the copy before the table counts as done.
-        let lsn = setup::current_lsn(&self.source).await?;
-        self.writer.block_checkpoints_until(lsn.0).await?;
+        // Checkpoints wait for the stream to pass the copy before the table counts as done
+        // (in the initial snapshot there are none yet: `mark_snapshot_done` blocks them up to
+        // a position after every table's copy).
+        if self.writer.stream().snapshot_done {
+            let lsn = setup::current_lsn(&self.source).await?;
+            self.writer.block_checkpoints_until(lsn.0).await?;
+        }
         self.writer
             .flush_snapshot_chunk(TableProgress {
                 table_id: table.id,
