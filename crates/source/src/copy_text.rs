@@ -1,16 +1,22 @@
 //! Parser for COPY ... TO STDOUT text format: tab-separated fields, `\N` for NULL,
 //! backslash escapes, one row per line.
 
-/// Split one COPY text line into fields (`None` = NULL).
-pub fn parse_line(line: &[u8]) -> Vec<Option<String>> {
+use std::borrow::Cow;
+
+/// Split one COPY text line into fields (`None` = NULL). Fields without escapes borrow
+/// from the line: most are decoded into another form (a number, a timestamp) anyway.
+pub fn parse_line(line: &[u8]) -> Vec<Option<Cow<'_, str>>> {
     line.split(|&b| b == b'\t')
         .map(|field| if field == b"\\N" { None } else { Some(unescape(field)) })
         .collect()
 }
 
-fn unescape(field: &[u8]) -> String {
+fn unescape(field: &[u8]) -> Cow<'_, str> {
     if !field.contains(&b'\\') {
-        return String::from_utf8_lossy(field).into_owned();
+        return match std::str::from_utf8(field) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(field),
+        };
     }
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
@@ -53,7 +59,7 @@ fn unescape(field: &[u8]) -> String {
             other => out.push(other),
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
@@ -64,6 +70,6 @@ mod tests {
     fn fields_and_escapes() {
         let fields = parse_line(b"1\t\\N\ta\\tb\\nc\\\\d\t\\x41\\101");
         assert_eq!(fields, vec![Some("1".into()), None, Some("a\tb\nc\\d".into()), Some("AA".into())]);
-        assert_eq!(parse_line(b""), vec![Some(String::new())]);
+        assert_eq!(parse_line(b""), vec![Some("".into())]);
     }
 }

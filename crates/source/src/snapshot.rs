@@ -10,9 +10,10 @@ use crate::error::SourceError;
 use crate::relation::{ColumnInfo, ColumnValue, RelationInfo, SourceRow};
 use crate::setup::{quote_ident, quote_literal};
 use crate::types::{self, decode_text};
-use bytes::{Buf, BytesMut};
+use bytes::{Bytes, BytesMut};
 use ferrosync_rules::{Compatibility, SqliteValue};
 use futures::StreamExt;
+use std::borrow::Cow;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
@@ -192,7 +193,7 @@ async fn copy_query(
 ) -> Result<Copied, SourceError> {
     let stream = client.copy_out(query).await?;
     futures::pin_mut!(stream);
-    let mut buf = BytesMut::new();
+    let mut pending = Lines::default();
     let mut rows = Vec::new();
     let mut copied = Copied {
         rows: 0,
@@ -200,21 +201,21 @@ async fn copy_query(
         last_key: None,
     };
     let mut chunk_bytes = 0;
+    // The last row's line: its key is parsed again only where a chunk ends.
+    let mut last_line = Bytes::new();
     while let Some(bytes) = stream.next().await {
-        buf.extend_from_slice(&bytes?);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line = buf.split_to(pos + 1);
-            let fields = parse_line(&line[..pos]);
-            if let Some(i) = key_index {
-                copied.last_key = fields.get(i).cloned().flatten();
-            }
-            rows.push(decode_fields(rel, fields, compat));
+        let mut lines = pending.push(bytes?);
+        while let Some(pos) = lines.iter().position(|&b| b == b'\n') {
+            let line = lines.split_to(pos + 1);
+            rows.push(decode_fields(rel, parse_line(&line[..pos]), compat));
             copied.rows += 1;
             copied.bytes += line.len();
             chunk_bytes += line.len();
+            last_line = line;
             if rows.len() >= split.rows || chunk_bytes >= split.bytes {
                 chunk_bytes = 0;
                 // Rows come in key order: a keyed copy can resume after this chunk's last row.
+                copied.last_key = line_key(&last_line, key_index);
                 let chunk = SnapshotChunk {
                     rows: std::mem::take(&mut rows),
                     last_key: copied.last_key.clone(),
@@ -226,7 +227,8 @@ async fn copy_query(
             }
         }
     }
-    if buf.has_remaining() {
+    copied.last_key = line_key(&last_line, key_index).or(copied.last_key);
+    if !pending.partial.is_empty() {
         return Err(SourceError::decode("COPY output ended mid-row"));
     }
     if !rows.is_empty() || key_index.is_none() {
@@ -240,7 +242,34 @@ async fn copy_query(
     Ok(copied)
 }
 
-fn decode_fields(rel: &RelationInfo, fields: Vec<Option<String>>, compat: &Compatibility) -> SourceRow {
+/// Complete lines out of COPY messages. Postgres sends each row as one message, which is
+/// parsed where it lies; only a message that ends mid-line is buffered.
+#[derive(Default)]
+struct Lines {
+    partial: BytesMut,
+}
+
+impl Lines {
+    /// The complete lines `message` finishes (possibly none).
+    fn push(&mut self, message: Bytes) -> Bytes {
+        if self.partial.is_empty() && message.last() == Some(&b'\n') {
+            return message;
+        }
+        self.partial.extend_from_slice(&message);
+        match self.partial.iter().rposition(|&b| b == b'\n') {
+            Some(end) => self.partial.split_to(end + 1).freeze(),
+            None => Bytes::new(),
+        }
+    }
+}
+
+/// The raw text of the key column of a COPY line (line end included).
+fn line_key(line: &[u8], key_index: Option<usize>) -> Option<String> {
+    let text = line.strip_suffix(b"\n")?;
+    parse_line(text).into_iter().nth(key_index?).flatten().map(Cow::into_owned)
+}
+
+fn decode_fields(rel: &RelationInfo, fields: Vec<Option<Cow<'_, str>>>, compat: &Compatibility) -> SourceRow {
     let columns = rel
         .columns
         .iter()
@@ -275,6 +304,25 @@ mod tests {
         max_rows: 50_000,
         first_rows: 1_000,
     };
+
+    #[test]
+    fn lines_are_taken_whole_and_split_messages_are_joined() {
+        let mut lines = Lines::default();
+        assert_eq!(lines.push(Bytes::from_static(b"1\ta\n")), &b"1\ta\n"[..]);
+        assert_eq!(lines.push(Bytes::from_static(b"2\t")), &b""[..]);
+        assert_eq!(lines.push(Bytes::from_static(b"b\n3\tc")), &b"2\tb\n"[..]);
+        assert_eq!(&lines.partial[..], b"3\tc");
+        assert_eq!(lines.push(Bytes::from_static(b"\n")), &b"3\tc\n"[..]);
+        assert!(lines.partial.is_empty());
+    }
+
+    #[test]
+    fn the_key_is_read_back_from_the_last_line() {
+        assert_eq!(line_key(b"7\tx\\ty\n", Some(1)).as_deref(), Some("x\ty"));
+        assert_eq!(line_key(b"7\t\\N\n", Some(1)), None);
+        assert_eq!(line_key(b"", Some(0)), None, "no row read");
+        assert_eq!(line_key(b"7\n", None), None, "no key column");
+    }
 
     #[test]
     fn chunks_hold_about_the_byte_target() {
