@@ -3,6 +3,7 @@
 //! (number formatting, `sqliteBool`, comparisons and casts).
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 /// A value with one of the SQLite storage classes.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,7 +55,8 @@ impl From<bool> for SqliteValue {
 /// An ordered set of named column values (one source row).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Row {
-    columns: Vec<(String, SqliteValue)>,
+    // Shared names: every row of a table carries the same ones (from the table's columns).
+    columns: Vec<(Arc<str>, SqliteValue)>,
 }
 
 impl Row {
@@ -71,18 +73,18 @@ impl Row {
     }
 
     /// Appends a column (no duplicate check; use [`Row::set`] to replace).
-    pub fn push(&mut self, name: impl Into<String>, value: SqliteValue) {
+    pub fn push(&mut self, name: impl Into<Arc<str>>, value: SqliteValue) {
         self.columns.push((name.into(), value));
     }
 
     /// The value of the first column called `name`.
     pub fn get(&self, name: &str) -> Option<&SqliteValue> {
-        self.columns.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.columns.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
     }
 
     /// Iterates over the columns in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SqliteValue)> + Clone {
-        self.columns.iter().map(|(n, v)| (n.as_str(), v))
+        self.columns.iter().map(|(n, v)| (&**n, v))
     }
 
     /// Number of columns.
@@ -97,9 +99,9 @@ impl Row {
 
     /// Replaces the value of `name` in place, or appends it.
     pub fn set(&mut self, name: &str, value: SqliteValue) {
-        match self.columns.iter_mut().find(|(n, _)| n == name) {
+        match self.columns.iter_mut().find(|(n, _)| &**n == name) {
             Some(slot) => slot.1 = value,
-            None => self.columns.push((name.to_string(), value)),
+            None => self.columns.push((name.into(), value)),
         }
     }
 }

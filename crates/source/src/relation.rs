@@ -1,11 +1,13 @@
 //! Table descriptions and decoded rows as they come from the source.
 
 use ferrosync_rules::{Row, SourceTableName, SqliteValue};
+use std::sync::Arc;
 
 /// One column of a replicated table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnInfo {
-    pub name: String,
+    /// Shared with every row read from the table.
+    pub name: Arc<str>,
     pub type_oid: u32,
     /// Part of the replica identity (primary key, identity index, or all columns for FULL).
     pub is_key: bool,
@@ -28,7 +30,7 @@ impl RelationInfo {
 
     /// Names of replica-identity columns, in column order.
     pub fn key_column_names(&self) -> Vec<String> {
-        self.key_columns().map(|c| c.name.clone()).collect()
+        self.key_columns().map(|c| c.name.to_string()).collect()
     }
 }
 
@@ -42,7 +44,7 @@ pub enum ColumnValue {
 /// A row from the source, column order as in the table.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SourceRow {
-    pub columns: Vec<(String, ColumnValue)>,
+    pub columns: Vec<(Arc<str>, ColumnValue)>,
 }
 
 impl SourceRow {
@@ -53,7 +55,7 @@ impl SourceRow {
         for (name, value) in self.columns {
             match value {
                 ColumnValue::Value(v) => row.push(name, v),
-                ColumnValue::UnchangedToast => unchanged.push(name),
+                ColumnValue::UnchangedToast => unchanged.push(name.to_string()),
             }
         }
         (row, unchanged)
@@ -89,7 +91,7 @@ impl SourceRow {
             }
             name.extend_from_slice(col.as_bytes());
             name.push(b'=');
-            match self.columns.iter().find(|(c, _)| c == col).map(|(_, v)| v) {
+            match self.columns.iter().find(|(c, _)| &**c == col.as_str()).map(|(_, v)| v) {
                 Some(ColumnValue::Value(SqliteValue::Integer(n))) => name.extend_from_slice(n.to_string().as_bytes()),
                 Some(ColumnValue::Value(SqliteValue::Real(f))) => name.extend_from_slice(f.to_string().as_bytes()),
                 Some(ColumnValue::Value(SqliteValue::Text(t))) => name.extend_from_slice(t.as_bytes()),

@@ -118,7 +118,7 @@ pub async fn describe_table(client: &Client, oid: u32, name: SourceTableName, re
             let name: String = r.get(0);
             let is_key = replica_identity == b'f' || keys.contains(&name);
             ColumnInfo {
-                name,
+                name: name.into(),
                 type_oid: r.get(1),
                 is_key,
             }

@@ -230,7 +230,7 @@ impl Decoder {
                         .columns
                         .into_iter()
                         .map(|(flags, name, type_oid)| ColumnInfo {
-                            name,
+                            name: name.into(),
                             type_oid,
                             is_key: flags & 1 == 1,
                         })
