@@ -213,6 +213,28 @@ CREATE TABLE ferrosync.parameter_packs (
 ALTER TABLE ferrosync.current_data ADD COLUMN pack_id bigint;
 "#,
     ),
+    (
+        10,
+        // Values over ~2 KB (a snapshot batch's larger parameter packs, row images, long bucket
+        // lists, a batch's changed buckets) are compressed by Postgres. pglz took a tenth of the storage backend's time in
+        // a snapshot; lz4 compresses the packs to the same size in less than half the time.
+        // A Postgres built without lz4 keeps pglz.
+        r#"
+DO $$
+BEGIN
+    ALTER TABLE ferrosync.parameter_packs ALTER COLUMN entries SET COMPRESSION lz4;
+    ALTER TABLE ferrosync.current_data
+        ALTER COLUMN data SET COMPRESSION lz4,
+        ALTER COLUMN buckets SET COMPRESSION lz4,
+        ALTER COLUMN lookups SET COMPRESSION lz4;
+    ALTER TABLE ferrosync.bucket_changes
+        ALTER COLUMN buckets SET COMPRESSION lz4,
+        ALTER COLUMN lookups SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    RAISE NOTICE 'this Postgres has no lz4: storage values stay compressed with pglz';
+END $$
+"#,
+    ),
 ];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several
