@@ -248,6 +248,11 @@ pub async fn migrate(client: &Client) -> Result<(), StorageError> {
         )
         .await?;
     let result = apply(client).await;
+    if result.is_err() {
+        // A failed migration leaves its transaction open (and aborted): end it, or the
+        // unlock below fails too and hides the migration's error.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
     client.batch_execute("SELECT pg_advisory_unlock(7283910)").await?;
     result
 }
@@ -259,15 +264,19 @@ async fn apply(client: &Client) -> Result<(), StorageError> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (version, sql) in MIGRATIONS {
-        if applied.contains(version) {
-            continue;
-        }
-        client
-            .batch_execute(&format!(
-                "BEGIN; {sql}; INSERT INTO ferrosync.migrations (version) VALUES ({version}); COMMIT;"
-            ))
-            .await?;
+    let pending: Vec<&(i32, &str)> = MIGRATIONS.iter().filter(|(version, _)| !applied.contains(version)).collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    // One transaction for all of them: a fresh storage database starts with one commit (one
+    // WAL flush) instead of one per migration, and a failed one leaves none applied.
+    let mut batch = String::from("BEGIN;");
+    for (version, sql) in &pending {
+        batch.push_str(&format!("{sql}; INSERT INTO ferrosync.migrations (version) VALUES ({version});"));
+    }
+    batch.push_str("COMMIT;");
+    client.batch_execute(&batch).await?;
+    for (version, _) in pending {
         tracing::info!(version, "applied storage migration");
     }
     Ok(())

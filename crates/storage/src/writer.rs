@@ -493,31 +493,29 @@ impl BucketWriter {
 
     /// Checkpoints stay blocked until the stream passes `lsn` (the WAL position after a table copy).
     pub async fn block_checkpoints_until(&mut self, lsn: u64) -> Result<(), StorageError> {
+        self.fence_checkpoints(lsn, self.stream.snapshot_done).await
+    }
+
+    /// All tables are copied: checkpoints may be created once the stream passes `lsn`.
+    pub async fn mark_snapshot_done(&mut self, lsn: u64) -> Result<(), StorageError> {
+        self.fence_checkpoints(lsn, true).await?;
+        self.stream.snapshot_done = true;
+        Ok(())
+    }
+
+    /// Drain the writer, then record (in one statement) that checkpoints wait for `lsn` and
+    /// whether the snapshot is done.
+    async fn fence_checkpoints(&mut self, lsn: u64, snapshot_done: bool) -> Result<(), StorageError> {
         self.sync().await?;
         self.stream.no_checkpoint_before = self.stream.no_checkpoint_before.max(lsn);
         let fenced = self
             .client
             .execute(
-                "UPDATE ferrosync.sync_rules SET no_checkpoint_before = $2::text::pg_lsn WHERE id = $1 AND lock_owner = $3",
-                &[&self.stream.id, &lsn_to_text(self.stream.no_checkpoint_before), &self.owner],
+                "UPDATE ferrosync.sync_rules SET no_checkpoint_before = $2::text::pg_lsn, snapshot_done = $4 WHERE id = $1 AND lock_owner = $3",
+                &[&self.stream.id, &lsn_to_text(self.stream.no_checkpoint_before), &self.owner, &snapshot_done],
             )
             .await?;
         write_task::check_lease(fenced, self.stream.id)
-    }
-
-    /// All tables are copied: checkpoints may be created once the stream passes `lsn`.
-    pub async fn mark_snapshot_done(&mut self, lsn: u64) -> Result<(), StorageError> {
-        self.block_checkpoints_until(lsn).await?;
-        let fenced = self
-            .client
-            .execute(
-                "UPDATE ferrosync.sync_rules SET snapshot_done = true WHERE id = $1 AND lock_owner = $2",
-                &[&self.stream.id, &self.owner],
-            )
-            .await?;
-        write_task::check_lease(fenced, self.stream.id)?;
-        self.stream.snapshot_done = true;
-        Ok(())
     }
 }
 
