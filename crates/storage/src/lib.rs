@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod chunk;
 pub mod compact;
 pub mod compactor;
+mod copy_in;
 pub mod error;
 pub mod hygiene;
 pub mod incremental;

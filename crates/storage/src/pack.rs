@@ -17,11 +17,10 @@
 //! Entries layout: per entry, the 16 key bytes, the id as LEB128 after `pack_id`, and the
 //! parameters JSON as a LEB128 length and its bytes.
 
+use crate::copy_in::CopyIn;
 use crate::error::StorageError;
 use crate::row_codec::{push_leb128, read_leb128, take};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
@@ -51,16 +50,22 @@ pub(crate) async fn copy_packs<'a>(tx: &Transaction<'_>, group: i32, packs: &'a 
     if packs.is_empty() {
         return Ok(Vec::new());
     }
-    let sink = tx
-        .copy_in("COPY ferrosync.parameter_packs (group_id, lookup, table_id, pack_id, entry_count, entries) FROM STDIN BINARY")
-        .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT, Type::INT8, Type::INT8, Type::INT4, Type::BYTEA]);
-    futures::pin_mut!(writer);
+    let mut copy = CopyIn::start(
+        tx,
+        "COPY ferrosync.parameter_packs (group_id, lookup, table_id, pack_id, entry_count, entries) FROM STDIN BINARY",
+    )
+    .await?;
     for p in packs {
-        let row: [&(dyn ToSql + Sync); 6] = [&group, &p.lookup, &p.table_id, &p.pack_id, &p.entry_count, &p.entries];
-        writer.as_mut().write(&row).await?;
+        copy.row(6);
+        copy.int4(group);
+        copy.bytes(p.lookup.as_bytes())?;
+        copy.int8(p.table_id);
+        copy.int8(p.pack_id);
+        copy.int4(p.entry_count);
+        copy.bytes(&p.entries)?;
+        copy.end_row().await?;
     }
-    writer.finish().await?;
+    copy.finish().await?;
     let mut lookups: Vec<&str> = packs.iter().map(|p| p.lookup.as_str()).collect();
     lookups.dedup();
     Ok(lookups)

@@ -8,14 +8,13 @@
 //! acknowledge it.
 
 use crate::chunk::{Chunks, NewChunk};
+use crate::copy_in::CopyIn;
 use crate::error::StorageError;
 use crate::model::{Checkpoint, OplogEntry};
 use crate::pack::{NewPack, ParamRow, Unpack};
 use crate::writer::{lsn_to_text, TableProgress, CHECKPOINT_CHANNEL};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
@@ -224,17 +223,23 @@ async fn copy_ops<'a>(tx: &Transaction<'_>, group: i32, chunks: &'a [NewChunk]) 
     if chunks.is_empty() {
         return Ok(Vec::new());
     }
-    let sink = tx
-        .copy_in("COPY ferrosync.op_chunks (group_id, bucket, last_op, first_op, op_count, checksum, ops) FROM STDIN BINARY")
-        .await?;
-    let types = [Type::INT4, Type::TEXT, Type::INT8, Type::INT8, Type::INT4, Type::INT8, Type::BYTEA];
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    futures::pin_mut!(writer);
+    let mut copy = CopyIn::start(
+        tx,
+        "COPY ferrosync.op_chunks (group_id, bucket, last_op, first_op, op_count, checksum, ops) FROM STDIN BINARY",
+    )
+    .await?;
     for c in chunks {
-        let row: [&(dyn ToSql + Sync); 7] = [&group, &c.bucket, &c.last_op, &c.first_op, &c.op_count, &c.checksum, &c.payload];
-        writer.as_mut().write(&row).await?;
+        copy.row(7);
+        copy.int4(group);
+        copy.bytes(c.bucket.as_bytes())?;
+        copy.int8(c.last_op);
+        copy.int8(c.first_op);
+        copy.int4(c.op_count);
+        copy.int8(c.checksum);
+        copy.bytes(&c.payload)?;
+        copy.end_row().await?;
     }
-    writer.finish().await?;
+    copy.finish().await?;
     let mut buckets: Vec<&str> = chunks.iter().map(|c| c.bucket.as_str()).collect();
     buckets.dedup();
     Ok(buckets)
@@ -245,20 +250,24 @@ async fn copy_params<'a>(tx: &Transaction<'_>, group: i32, params: &'a [ParamRow
     if params.is_empty() {
         return Ok(Vec::new());
     }
-    let sink = tx
-        .copy_in("COPY ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) FROM STDIN BINARY")
-        .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::TEXT, Type::INT8, Type::UUID, Type::INT8, Type::TEXT]);
-    futures::pin_mut!(writer);
+    let mut copy = CopyIn::start(
+        tx,
+        "COPY ferrosync.bucket_parameters (group_id, lookup, table_id, key, id, bucket_parameters) FROM STDIN BINARY",
+    )
+    .await?;
     let mut params: Vec<_> = params.iter().collect();
     params.sort_unstable_by(|a, b| (&a.0, a.1, a.2, a.3).cmp(&(&b.0, b.1, b.2, b.3)));
     for (lookup, table_id, key, id, bucket_parameters) in &params {
-        writer
-            .as_mut()
-            .write(&[&group, lookup, table_id, key, id, bucket_parameters])
-            .await?;
+        copy.row(6);
+        copy.int4(group);
+        copy.bytes(lookup.as_bytes())?;
+        copy.int8(*table_id);
+        copy.uuid(key);
+        copy.int8(*id);
+        copy.bytes(bucket_parameters.as_bytes())?;
+        copy.end_row().await?;
     }
-    writer.finish().await?;
+    copy.finish().await?;
     let mut lookups: Vec<&str> = params.iter().map(|p| p.0.as_str()).collect();
     lookups.dedup();
     Ok(lookups)
@@ -269,30 +278,25 @@ async fn copy_current(tx: &Transaction<'_>, group: i32, rows: &[CurrentRecord]) 
     if rows.is_empty() {
         return Ok(());
     }
-    let sink = tx
-        .copy_in("COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups, pack_id) FROM STDIN BINARY")
-        .await?;
-    let types = [
-        Type::INT4,
-        Type::INT4,
-        Type::UUID,
-        Type::BYTEA,
-        Type::BYTEA,
-        Type::BYTEA,
-        Type::INT8,
-    ];
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    futures::pin_mut!(writer);
+    let mut copy = CopyIn::start(
+        tx,
+        "COPY ferrosync.current_data (group_id, table_id, key, data, buckets, lookups, pack_id) FROM STDIN BINARY",
+    )
+    .await?;
     let mut rows: Vec<&CurrentRecord> = rows.iter().collect();
     rows.sort_unstable_by_key(|r| (r.table_id, r.key));
     for r in rows {
-        let table_id = table_id(r.table_id)?;
-        writer
-            .as_mut()
-            .write(&[&group, &table_id, &r.key, &r.data, &r.buckets, &r.lookups, &r.pack_id])
-            .await?;
+        copy.row(7);
+        copy.int4(group);
+        copy.int4(table_id(r.table_id)?);
+        copy.uuid(&r.key);
+        copy.opt_bytes(r.data.as_deref())?;
+        copy.opt_bytes(r.buckets.as_deref())?;
+        copy.opt_bytes(r.lookups.as_deref())?;
+        copy.opt_int8(r.pack_id);
+        copy.end_row().await?;
     }
-    writer.finish().await?;
+    copy.finish().await?;
     Ok(())
 }
 
