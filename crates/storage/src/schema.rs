@@ -215,10 +215,10 @@ ALTER TABLE ferrosync.current_data ADD COLUMN pack_id bigint;
     ),
     (
         10,
-        // Values over ~2 KB (a snapshot batch's larger parameter packs, row images, long bucket
-        // lists, a batch's changed buckets) are compressed by Postgres. pglz took a tenth of the storage backend's time in
-        // a snapshot; lz4 compresses the packs to the same size in less than half the time.
-        // A Postgres built without lz4 keeps pglz.
+        // Values over ~2 KB (a snapshot batch's larger parameter packs, row images, long
+        // bucket lists, a batch's changed buckets) are compressed by Postgres. pglz took a
+        // tenth of the storage backend's time in a snapshot; lz4 compresses the packs to the
+        // same size in less than half the time. A Postgres built without lz4 keeps pglz.
         r#"
 DO $$
 BEGIN

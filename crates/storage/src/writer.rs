@@ -493,7 +493,7 @@ impl BucketWriter {
 
     /// Checkpoints stay blocked until the stream passes `lsn` (the WAL position after a table copy).
     pub async fn block_checkpoints_until(&mut self, lsn: u64) -> Result<(), StorageError> {
-        self.fence_checkpoints(lsn, self.stream.snapshot_done).await
+        self.fence_checkpoints(lsn, false).await
     }
 
     /// All tables are copied: checkpoints may be created once the stream passes `lsn`.
@@ -503,15 +503,15 @@ impl BucketWriter {
         Ok(())
     }
 
-    /// Drain the writer, then record (in one statement) that checkpoints wait for `lsn` and
-    /// whether the snapshot is done.
+    /// Drain the writer, then record (in one statement) that checkpoints wait for `lsn`, and
+    /// that the snapshot is done if `snapshot_done`.
     async fn fence_checkpoints(&mut self, lsn: u64, snapshot_done: bool) -> Result<(), StorageError> {
         self.sync().await?;
         self.stream.no_checkpoint_before = self.stream.no_checkpoint_before.max(lsn);
         let fenced = self
             .client
             .execute(
-                "UPDATE ferrosync.sync_rules SET no_checkpoint_before = $2::text::pg_lsn, snapshot_done = $4 WHERE id = $1 AND lock_owner = $3",
+                "UPDATE ferrosync.sync_rules SET no_checkpoint_before = $2::text::pg_lsn, snapshot_done = snapshot_done OR $4 WHERE id = $1 AND lock_owner = $3",
                 &[&self.stream.id, &lsn_to_text(self.stream.no_checkpoint_before), &self.owner, &snapshot_done],
             )
             .await?;

@@ -87,9 +87,10 @@ impl Replication {
         if self.writer.stream().snapshot_done {
             self.writer.sync().await?;
         } else {
-            // Only rows saved before are evaluated before the writer switches to snapshot
-            // mode: in the initial snapshot nothing reads storage before `mark_snapshot_done`
-            // drains the writer, so the last table's writes go on while this one is read.
+            // Rows saved before are evaluated before the writer switches to snapshot mode, but
+            // need not be committed: in the initial snapshot nothing reads storage before
+            // `mark_snapshot_done` drains the writer, so the previous table's writes go on
+            // while this one is read.
             self.writer.flush().await?;
         }
         let identity = streams::TableIdentity {
