@@ -66,15 +66,11 @@ impl Drop for BulkWork {
         // First purge what the copies freed: a forced collection purges the arenas regardless
         // of the delay, but only while the delay is positive (with 0, mimalloc assumes nothing
         // is left scheduled).
-        collect();
+        // SAFETY: `mi_collect` may be called from any thread at any time.
+        unsafe { mi_collect(true) };
         // SAFETY: as above.
         unsafe { mi_option_set(PURGE_DELAY, bulk.1) };
     }
-}
-
-fn collect() {
-    // SAFETY: `mi_collect` may be called from any thread at any time.
-    unsafe { mi_collect(true) };
 }
 
 #[cfg(test)]

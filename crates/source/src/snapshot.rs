@@ -227,7 +227,7 @@ async fn copy_query(
             }
         }
     }
-    copied.last_key = line_key(&last_line, key_index).or(copied.last_key);
+    copied.last_key = line_key(&last_line, key_index);
     if !pending.partial.is_empty() {
         return Err(SourceError::decode("COPY output ended mid-row"));
     }

@@ -345,7 +345,8 @@ fn checksum_of_put(same_row: &[OpRow], r: &ferrosync_rules::EvaluatedRow) -> u32
     }
 }
 
-/// A row's subkey, `table_id/key`: written for every op, so without the formatting machinery.
+/// A row's subkey, `table_id/key`: made for every row a batch evaluates, so without the
+/// formatting machinery.
 fn subkey(table_id: i64, key: Uuid) -> String {
     let mut uuid = Uuid::encode_buffer();
     let uuid = key.hyphenated().encode_lower(&mut uuid);
