@@ -171,6 +171,8 @@ pub(crate) struct RowScratch {
     data: Vec<(usize, String, String)>,
     /// Bucket ids of the data source being evaluated.
     buckets: Vec<String>,
+    /// The bucket id being built: copied out (at its exact size) only when it is new.
+    key: String,
     /// Bucket rows found so far: (bucket, index into `data`, output table).
     pending: Vec<(String, usize, String)>,
 }
@@ -217,17 +219,18 @@ impl DataSource {
         let RowScratch {
             data: cache,
             buckets,
+            key,
             pending,
         } = scratch;
         buckets.clear();
         self.plan.rows.for_each(row, t, fixed_json, &mut |ctx| {
-            let mut bucket = String::with_capacity(self.prefix.len() + 48);
-            bucket.push_str(&self.prefix);
-            bucket.push('[');
-            if push_keys(&mut bucket, &self.plan.keys, ctx, push_param)? {
-                bucket.push(']');
-                if !buckets.contains(&bucket) {
-                    buckets.push(bucket);
+            key.clear();
+            key.push_str(&self.prefix);
+            key.push('[');
+            if push_keys(key, &self.plan.keys, ctx, push_param)? {
+                key.push(']');
+                if !buckets.contains(key) {
+                    buckets.push(key.clone());
                 }
             }
             Ok(())
