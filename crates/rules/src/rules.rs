@@ -312,8 +312,15 @@ impl SyncRules {
 
     /// Replication time: the buckets a source row belongs to.
     pub fn evaluate_row(&self, t: &SourceTableName, row: &Row) -> Vec<Result<EvaluatedRow, EvaluationError>> {
+        let mut out = Vec::new();
+        self.evaluate_row_into(t, row, &mut out);
+        out
+    }
+
+    /// [`SyncRules::evaluate_row`] appending to `out`: a replicator reuses one list for all
+    /// its rows (a fresh list per row showed in profiles).
+    pub fn evaluate_row_into(&self, t: &SourceTableName, row: &Row, out: &mut Vec<Result<EvaluatedRow, EvaluationError>>) {
         let fixed = self.compatibility.fixed_json_extract;
-        let mut out = Vec::with_capacity(8);
         for d in &self.definitions {
             for q in d.data_queries.iter().filter(|q| q.pattern.matches(t)) {
                 match q.evaluate(t, row, &d.prefix, fixed) {
@@ -322,8 +329,7 @@ impl SyncRules {
                 }
             }
         }
-        self.streams.evaluate_row(t, row, &mut out);
-        out
+        self.streams.evaluate_row(t, row, out);
     }
 
     /// Replication time: the parameter lookup entries of a source row.

@@ -123,6 +123,8 @@ pub struct BucketWriter {
     backfill: Option<Arc<SyncRules>>,
     /// Ops per record of the last batch, to size the next batch's op list up front.
     ops_per_record: usize,
+    /// Evaluation results of the row being applied, reused from row to row.
+    results: Vec<Result<ferrosync_rules::EvaluatedRow, ferrosync_rules::EvaluationError>>,
 }
 
 /// A table copy's position, saved in the same transaction as the rows copied up to it, so a
@@ -164,6 +166,7 @@ impl BucketWriter {
             evaluation_errors: 0,
             backfill: None,
             ops_per_record: 1,
+            results: Vec::new(),
         }
     }
 

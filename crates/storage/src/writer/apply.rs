@@ -193,8 +193,10 @@ impl BucketWriter {
     /// The row's PUTs with `rules`, one per (bucket, output table, id): a later result for
     /// the same one replaces the earlier.
     fn puts(&mut self, rules: &SyncRules, table: &TableHandle, row: &Row) -> Vec<ferrosync_rules::EvaluatedRow> {
-        let mut puts: Vec<ferrosync_rules::EvaluatedRow> = Vec::with_capacity(4);
-        for result in rules.evaluate_row(&table.name, row) {
+        let mut results = std::mem::take(&mut self.results);
+        rules.evaluate_row_into(&table.name, row, &mut results);
+        let mut puts: Vec<ferrosync_rules::EvaluatedRow> = Vec::with_capacity(results.len());
+        for result in results.drain(..) {
             match result {
                 Ok(r) => {
                     puts.retain(|p| (&p.bucket, &p.table, &p.id) != (&r.bucket, &r.table, &r.id));
@@ -206,6 +208,7 @@ impl BucketWriter {
                 }
             }
         }
+        self.results = results;
         puts
     }
 
