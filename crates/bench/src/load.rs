@@ -39,7 +39,10 @@ pub struct FanoutOptions {
 
 /// State shared by the stream tasks and the driver.
 struct Shared {
-    /// Marker prefix in list names: `fan-<run>-`, followed by the round id and '-'.
+    /// Marker prefix in list names: `fan-<run>-<transport>-`, followed by the round id and '-'.
+    /// Each pool counts its rounds from 1, so the transport keeps them apart: the restart
+    /// before a pool may replay the previous pool's last round (Postgres re-sends what was not
+    /// yet acknowledged), and a new stream would take that for its own round.
     prefix: Vec<u8>,
     /// Streams that should be alive (pool size).
     expected: AtomicUsize,
@@ -291,7 +294,7 @@ pub async fn fanout(t: &mut Target, opts: &FanoutOptions, report: &mut Report) -
         endpoint: Arc::new(Endpoint::new(&t.endpoint.url, t.endpoint.auth.clone())?),
         transport: opts.transport,
         shared: Arc::new(Shared {
-            prefix: format!("fan-{}-", opts.run_id).into_bytes(),
+            prefix: format!("fan-{}-{}-", opts.run_id, opts.transport.name().to_lowercase().replace(' ', "-")).into_bytes(),
             expected: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
