@@ -8,6 +8,9 @@ source scripts/node-env.sh
 # playwright-core only: the dashboard test drives the distribution's Chromium, nothing is downloaded.
 (cd clients/dashboard-test && npm ci --no-audit --no-fund)
 cargo test --workspace -- --test-threads=2
+# The fuzz crate has a workspace of its own (it is built with nightly): make sure it still
+# compiles against the crates it fuzzes.
+cargo check -q --manifest-path fuzz/Cargo.toml --all-targets
 # The benchmark tool, end to end at a tiny scale (numbers are meaningless here; it must run).
 # Its report (with the service's WARN/ERROR log lines) is shown only when a phase fails.
 if ! cargo run -q -p ferrosync-bench -- --bin target/debug/ferrosync --no-append \

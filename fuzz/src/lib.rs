@@ -40,6 +40,7 @@ fn options(versioned: bool) -> SyncRulesOptions {
         default_schema: "public".to_string(),
         sync_rules_id: 7,
         default_storage_version: if versioned { 2 } else { 1 },
+        prefix_ids: Default::default(),
     }
 }
 
