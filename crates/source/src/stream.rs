@@ -22,6 +22,11 @@ pub struct StreamOptions {
     pub slot: String,
     pub connection_tag: String,
     pub compatibility: Compatibility,
+    /// Storage holds every transaction that committed before this position (`Lsn(0)`: none
+    /// known). Postgres starts at it or at the slot's confirmed position, whichever is later,
+    /// and does not re-send those transactions: the confirmation of the last ones may not
+    /// have reached it before a crash or restart, and re-applying them writes every op again.
+    pub start_lsn: Lsn,
 }
 
 /// A decoded change-stream event.
@@ -71,11 +76,12 @@ pub struct ChangeStream {
 }
 
 impl ChangeStream {
-    /// Start streaming the slot from its confirmed position.
+    /// Start streaming the slot from its confirmed position or `options.start_lsn`.
     pub async fn start(options: StreamOptions) -> Result<ChangeStream, SourceError> {
         let config = options
             .source
             .replication_config(&options.slot, PUBLICATION)?
+            .with_start_lsn(pgwire_replication::Lsn(options.start_lsn.0))
             .with_options(STARTUP_OPTIONS)
             .with_status_interval(Duration::from_secs(1))
             .with_application_name("ferrosync");

@@ -223,8 +223,6 @@ impl Replication {
         }
     }
 
-    /// Apply the change stream until an error. An in-place deploy (see [`Rebuild`]) is built
-    /// and switched to on the way.
     /// Start reading the slot. Events wait (a bounded number; the connection is kept alive
     /// meanwhile) until [`Replication::stream_changes`] takes them.
     pub(super) async fn open_stream(&self) -> Result<ChangeStream> {
@@ -233,10 +231,33 @@ impl Replication {
             slot: self.writer.stream().slot_name.clone(),
             connection_tag: self.config.source.tag.clone(),
             compatibility: self.rules.compatibility().clone(),
+            start_lsn: self.resume_lsn().await?,
         })
         .await?)
     }
 
+    /// Where the change stream starts at the earliest: the last checkpoint's LSN, since a
+    /// checkpoint is stored with its batch, after every batch before it. Not when the source's
+    /// WAL is behind it (a source restored from a backup): then the slot alone decides.
+    async fn resume_lsn(&self) -> Result<Lsn> {
+        let stored = Lsn(self.writer.stream().checkpoint.lsn);
+        if stored.0 == 0 {
+            return Ok(stored);
+        }
+        let current = setup::current_lsn(&self.source).await?;
+        if stored > current {
+            tracing::warn!(
+                stored = %stored,
+                current = %current,
+                "the last checkpoint is ahead of the source's WAL (restored from a backup?); resuming from the slot's own position"
+            );
+            return Ok(Lsn(0));
+        }
+        Ok(stored)
+    }
+
+    /// Apply the change stream until an error. An in-place deploy (see [`Rebuild`]) is built
+    /// and switched to on the way.
     pub(super) async fn stream_changes(&mut self, mut stream: ChangeStream) -> Result<()> {
         let slot = self.writer.stream().slot_name.clone();
         let id = self.writer.stream().id;

@@ -71,6 +71,82 @@ async fn kill_9_converges(identity_full: bool) -> Result<()> {
     clients_converge(&svc, &db).await
 }
 
+/// Postgres re-sends what the slot has not confirmed, and the confirmation of the last
+/// transactions goes out about once a second: a kill -9 right after a checkpoint usually beats
+/// it. Those transactions are in storage already and are not applied again, so a client that
+/// synced them downloads nothing for them after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_right_after_a_checkpoint_replays_nothing() -> Result<()> {
+    let mut svc = Service::new().await?;
+    let db = svc.source().await?;
+    seed(&db, 1, 5, &["u1"]).await?;
+    svc.start().await?;
+    let mut state = ClientState::default();
+    let mut attempt = 0;
+    // Until a kill lands before the slot confirmed the insert, so that Postgres re-sends it.
+    let replayable = loop {
+        attempt += 1;
+        let mut s = RawStream::open(&svc.url(), &token("u1"), json!({"buckets": state.resume_positions()})).await?;
+        s.sync_until(&mut state, T, |_| true).await?;
+        let description = format!("synced before the kill {attempt}");
+        // Before the insert's commit record: a slot confirmed up to here will re-send it.
+        let before: String = db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
+        db.execute(
+            "INSERT INTO todos (description, owner_id, list_id) SELECT $1, 'u1', id FROM lists LIMIT 1",
+            &[&description],
+        )
+        .await?;
+        s.sync_until(&mut state, T, |s| client_todos(s).values().any(|d| *d == description))
+            .await
+            .with_context(|| svc.log())?;
+        svc.kill();
+        let unconfirmed: bool = db
+            .query_one(
+                "SELECT bool_and(confirmed_flush_lsn <= $1::text::pg_lsn) FROM pg_replication_slots WHERE slot_name LIKE 'powersync%'",
+                &[&before],
+            )
+            .await?
+            .get(0);
+        if unconfirmed {
+            break description;
+        }
+        if attempt == 10 {
+            bail!("the slot confirmed the insert before every one of 10 kills: nothing to replay");
+        }
+        svc.start().await?;
+    };
+    let replayable_id = client_todos(&state)
+        .into_iter()
+        .find(|(_, d)| *d == replayable)
+        .map(|(id, _)| id)
+        .context("the client has the row")?;
+    svc.start().await?;
+    // A new row makes a new checkpoint: the only row the client should get after its position.
+    db.execute(
+        "INSERT INTO todos (description, owner_id, list_id) SELECT 'after the restart', 'u1', id FROM lists LIMIT 1",
+        &[],
+    )
+    .await?;
+    let mut s = RawStream::open(&svc.url(), &token("u1"), json!({"buckets": state.resume_positions()})).await?;
+    let mut downloaded = Vec::new();
+    let deadline = Instant::now() + T;
+    while !(state.complete && client_todos(&state).values().any(|d| d == "after the restart")) {
+        let line = s
+            .next_line(deadline.saturating_duration_since(Instant::now()))
+            .await
+            .with_context(|| svc.log())?;
+        for op in line["data"]["data"].as_array().into_iter().flatten() {
+            downloaded.push(op["object_id"].as_str().unwrap_or_default().to_string());
+        }
+        state.apply(&line)?;
+    }
+    assert!(
+        !downloaded.contains(&replayable_id),
+        "the row synced before the kill was written again after the restart (ops for {downloaded:?})"
+    );
+    clients_converge(&svc, &db).await
+}
+
 /// Table-copy chunks commit without waiting for the WAL flush: a crash of Postgres may lose
 /// the last ones, with their saved progress. The copy resumes from what survived, and nothing
 /// is missing.
