@@ -102,7 +102,7 @@ async fn kill_9_right_after_a_checkpoint_replays_nothing() -> Result<()> {
         svc.kill();
         let unconfirmed: bool = db
             .query_one(
-                "SELECT bool_and(confirmed_flush_lsn <= $1::text::pg_lsn) FROM pg_replication_slots WHERE slot_name LIKE 'powersync%'",
+                "SELECT coalesce(bool_and(confirmed_flush_lsn <= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name LIKE 'powersync%'",
                 &[&before],
             )
             .await?
