@@ -330,37 +330,28 @@ pub async fn cleanup_retired(client: &Client, group: i64, pause: std::time::Dura
     let (buckets, lookups): (Vec<String>, Vec<String>) = (row.get(0), row.get(1));
     let g = group as i32;
     let mut deleted = 0;
-    for prefix in &buckets {
-        // Bucket ids sort bytewise (COLLATE "C"): the prefix's range is one index scan.
-        let upper = format!("{}\\", &prefix[..prefix.len().saturating_sub(1)]);
-        for table in ["op_chunks", "bucket_compaction"] {
-            let sql = format!(
-                "DELETE FROM ferrosync.{table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM ferrosync.{table}
-                 WHERE group_id = $1 AND bucket >= $2 AND bucket < $3 AND starts_with(bucket, $2) LIMIT {CLEANUP_BATCH}))"
-            );
-            deleted += delete_all(client, &sql, &[&g, prefix, &upper], pause).await?;
+    let queues = [
+        ("retired_buckets", "bucket", ["op_chunks", "bucket_compaction"], buckets),
+        ("retired_lookups", "lookup", ["bucket_parameters", "parameter_packs"], lookups),
+    ];
+    for (queue, column, tables, prefixes) in queues {
+        for prefix in &prefixes {
+            // The column sorts bytewise (COLLATE "C"): the prefix's range is one index scan.
+            let end = prefix_end(prefix);
+            for table in tables {
+                let sql = format!(
+                    "DELETE FROM ferrosync.{table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM ferrosync.{table}
+                     WHERE group_id = $1 AND {column} >= $2 AND {column} < $3 AND starts_with({column}, $2) LIMIT {CLEANUP_BATCH}))"
+                );
+                deleted += delete_all(client, &sql, &[&g, prefix, &end], pause).await?;
+            }
+            client
+                .execute(
+                    &format!("UPDATE ferrosync.sync_rules SET {queue} = array_remove({queue}, $2) WHERE id = $1"),
+                    &[&group, prefix],
+                )
+                .await?;
         }
-        client
-            .execute(
-                "UPDATE ferrosync.sync_rules SET retired_buckets = array_remove(retired_buckets, $2) WHERE id = $1",
-                &[&group, prefix],
-            )
-            .await?;
-    }
-    for prefix in &lookups {
-        for table in ["bucket_parameters", "parameter_packs"] {
-            let sql = format!(
-                "DELETE FROM ferrosync.{table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM ferrosync.{table}
-                 WHERE group_id = $1 AND starts_with(lookup, $2) LIMIT {CLEANUP_BATCH}))"
-            );
-            deleted += delete_all(client, &sql, &[&g, prefix], pause).await?;
-        }
-        client
-            .execute(
-                "UPDATE ferrosync.sync_rules SET retired_lookups = array_remove(retired_lookups, $2) WHERE id = $1",
-                &[&group, prefix],
-            )
-            .await?;
     }
     if deleted > 0 {
         tracing::info!(
@@ -370,6 +361,15 @@ pub async fn cleanup_retired(client: &Client, group: i64, pause: std::time::Dura
         );
     }
     Ok(deleted)
+}
+
+/// The end of the range of texts that start with `prefix`, in bytewise order: the prefix with
+/// its last character raised by one (retired prefixes end in `[` or `,`).
+fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_string();
+    let last = end.pop().map_or(0, u32::from);
+    end.extend(char::from_u32(last + 1));
+    end
 }
 
 async fn delete_all(

@@ -116,6 +116,17 @@ async fn cleanup_deletes_only_retired_prefixes() -> anyhow::Result<()> {
         assert_eq!(left(kept).await?, 2500, "{kept}");
     }
     assert_eq!(rows(&client, "SELECT count(*) FROM ferrosync.bucket_parameters").await?, 1);
+    // The range scans above are right only where these columns sort bytewise (migration 11
+    // for bucket_parameters).
+    let not_c = rows(
+        &client,
+        "SELECT count(*) FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation
+         WHERE a.attrelid IN ('ferrosync.op_chunks'::regclass, 'ferrosync.bucket_compaction'::regclass,
+                              'ferrosync.bucket_parameters'::regclass, 'ferrosync.parameter_packs'::regclass)
+           AND a.attname IN ('bucket', 'lookup') AND c.collname <> 'C'",
+    )
+    .await?;
+    assert_eq!(not_c, 0, "a bucket or lookup column is not COLLATE \"C\"");
     let queued = rows(
         &client,
         "SELECT (cardinality(retired_buckets) + cardinality(retired_lookups))::int8 FROM ferrosync.sync_rules",

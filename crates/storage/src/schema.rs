@@ -235,6 +235,15 @@ EXCEPTION WHEN feature_not_supported THEN
 END $$
 "#,
     ),
+    (
+        11,
+        // Lookups compare bytewise, as bucket ids and packed lookups already do: the database's
+        // default collation (often en_US.UTF-8) compares through the locale on every request's
+        // lookups, and a replaced definition's lookups are a prefix range only in "C".
+        r#"
+ALTER TABLE ferrosync.bucket_parameters ALTER COLUMN lookup TYPE text COLLATE "C";
+"#,
+    ),
 ];
 
 /// Create the schema and apply pending migrations. Serialised with an advisory lock so several
