@@ -62,7 +62,11 @@ pub async fn snapshot(t: &mut Target, rows: i64) -> Result<Row> {
     t.own_service()?.start()?;
     first_complete(t, "u1", SNAPSHOT_LIMIT).await.context("waiting for the snapshot")?;
     let secs = started.elapsed().as_secs_f64();
-    let value = format!("{secs:.2} s = {} rows/s", rate(total as f64 / secs));
+    let mut value = format!("{secs:.2} s = {} rows/s", rate(total as f64 / secs));
+    // The copy is where the service's memory peaks: worth a figure beside the idle RSS.
+    if let Some(peak) = t.service_pid().and_then(procstat::peak_rss_kib) {
+        value += &format!("; service peak RSS {}", mib(peak));
+    }
     Ok(Row::new(metric, value, &report::SNAPSHOT, Some(t.cpu().since(&cpu0))))
 }
 
