@@ -59,8 +59,7 @@ pub fn rules_eval(rows: usize) -> Result<Row> {
         .map(|i| (table("lists"), list(i)))
         .chain((0..rows).map(|i| (table("todos"), todo(i))))
         .collect();
-    // Best of three passes, like the downloads: the machine is shared with Postgres, which may
-    // still be writing back the freshly seeded tables.
+    // Best of three passes, like the downloads: one pass may meet a busy moment of the machine.
     let mut best = f64::MAX;
     let (mut bucket_rows, mut lookups) = (0usize, 0usize);
     for _ in 0..3 {
