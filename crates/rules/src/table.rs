@@ -50,7 +50,9 @@ impl TablePattern {
                 None => pattern == actual,
             }
         }
-        self.connection_tag == t.connection_tag && part(&self.schema, &t.schema) && part(&self.table, &t.name)
+        // The table name first: it is what tells the patterns of one config apart, and this runs
+        // for every pattern on every replicated row.
+        part(&self.table, &t.name) && part(&self.schema, &t.schema) && self.connection_tag == t.connection_tag
     }
 
     /// The schema as written (may end with `%`).
